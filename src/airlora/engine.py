@@ -1,0 +1,325 @@
+"""The cloud/edge round engine (design section 1).
+
+One round: draw the round's batches and measure their complexity, set the rank vector, train
+K server steps, send the active adapter and the head through the link, rebuild the edge's
+copy from what arrived, evaluate it on the edge's fixed evaluation subset.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from airlora.config import DataConfig, ModelConfig, TrainConfig
+from airlora.data import (
+    ComplexityFeatures,
+    ComplexityMeter,
+    EncodedSplit,
+    TaskData,
+    TrainStream,
+    collate,
+    encode,
+    eval_batches,
+    load_task,
+)
+from airlora.link import Link, LinkReport
+from airlora.model import RankedLoRAModel, load_model
+
+
+@dataclass(frozen=True)
+class EncodedTask:
+    """Tokenised splits; ``edge_eval`` is the fixed subset the edge scores every round."""
+
+    train: EncodedSplit
+    validation: EncodedSplit
+    test: EncodedSplit
+    edge_eval: EncodedSplit
+    num_labels: int
+    source: str
+
+
+def encode_task(task: TaskData, tokenizer, config: DataConfig) -> EncodedTask:
+    validation = encode(tokenizer, task.validation, config.max_length)
+    n_edge = min(config.edge_eval_size, len(task.validation))
+    edge = encode(tokenizer, task.validation.subset(np.arange(n_edge)), config.max_length)
+    return EncodedTask(
+        train=encode(tokenizer, task.train, config.max_length),
+        validation=validation,
+        test=encode(tokenizer, task.test, config.max_length),
+        edge_eval=edge,
+        num_labels=task.num_labels,
+        source=task.source,
+    )
+
+
+@dataclass(frozen=True)
+class RoundMetrics:
+    """What one round measured. Times in seconds, payload in parameters and bits."""
+
+    round: int
+    snr_db: float
+    rank_vector: list[int]
+    accuracy: float
+    eval_loss: float
+    train_loss: float
+    complexity: dict[str, float]
+    adapter_params: int
+    head_params: int
+    payload_params: int
+    payload_bits: int
+    max_payload_params: int
+    airtime_s: float
+    train_time_s: float
+    transmit_time_s: float
+    eval_time_s: float
+    link: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lr_lambda(config: TrainConfig):
+    total = config.rounds * config.steps_per_round
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - config.warmup_steps))
+
+    return factor
+
+
+class RoundEngine:
+    """Runs rounds of remote fine-tuning between a server model and an edge copy.
+
+    Parameters
+    ----------
+    server:
+        The cloud's rank-masked LoRA model (trained).
+    edge:
+        The edge's copy (same frozen base; rebuilt from received tensors every round).
+    task:
+        Tokenised splits.
+    link:
+        Carries the adapter to the edge (:class:`~airlora.link.PerfectLink` by default).
+    train_config:
+        Optimiser, schedule and the number of local steps K per round.
+    pad_token_id, vocab_size, special_ids:
+        From the tokenizer; for batching and the complexity features.
+    seed:
+        Seeds the batch order and torch.
+    eval_batch_size:
+        Batch size of edge evaluation. Default 64.
+    measure_model_loss:
+        Include the server model's loss on the round's first batch in the complexity
+        features (one extra forward pass per round). Default true.
+    """
+
+    def __init__(
+        self,
+        server: RankedLoRAModel,
+        edge: RankedLoRAModel,
+        task: EncodedTask,
+        link: Link,
+        train_config: TrainConfig,
+        pad_token_id: int,
+        vocab_size: int,
+        special_ids: set[int],
+        max_length: int,
+        batch_size: int,
+        seed: int = 0,
+        eval_batch_size: int = 64,
+        measure_model_loss: bool = True,
+        protect_head: bool = True,
+    ) -> None:
+        self.server = server
+        self.edge = edge
+        self.task = task
+        self.link = link
+        self.config = train_config
+        self.pad_token_id = pad_token_id
+        self.eval_batch_size = eval_batch_size
+        self.measure_model_loss = measure_model_loss
+        self.protect_head = protect_head
+        self.stream = TrainStream(task.train, batch_size, seed, pad_token_id)
+        self.meter = ComplexityMeter(task.train, vocab_size, max_length, special_ids)
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": server.lora_parameters(), "lr": train_config.learning_rate},
+                {"params": server.head_parameters(), "lr": train_config.head_learning_rate},
+            ],
+            weight_decay=train_config.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(train_config))
+        self.round_index = 0
+        self.steps_done = 0
+        self._pending: list[np.ndarray] | None = None
+        self._pending_complexity: ComplexityFeatures | None = None
+        self.last_accuracy = float("nan")
+
+    # ------------------------------------------------------------------ set-up helper
+
+    @classmethod
+    def build(
+        cls,
+        data: DataConfig,
+        model: ModelConfig,
+        train: TrainConfig,
+        link: Link,
+        seed: int,
+        measure_model_loss: bool = True,
+    ) -> RoundEngine:
+        """Load the task and the model, wrap them, and make the edge's copy.
+
+        Raises :class:`~airlora.data.DataError` or :class:`~airlora.model.ModelError` on bad
+        input, before anything is written anywhere.
+        """
+        if train.threads:
+            torch.set_num_threads(train.threads)
+        torch.manual_seed(seed)
+        task = load_task(data, seed)
+        loaded = load_model(model.name_or_path, task.num_labels, seed)
+        encoded = encode_task(task, loaded.tokenizer, data)
+        edge_base = copy.deepcopy(loaded.model)
+        server = RankedLoRAModel.from_base(
+            loaded.model, model.r_max, model.lora_alpha, model.lora_dropout, model.target_modules
+        )
+        edge = RankedLoRAModel.from_base(
+            edge_base, model.r_max, model.lora_alpha, 0.0, model.target_modules
+        )
+        tok = loaded.tokenizer
+        return cls(
+            server,
+            edge,
+            encoded,
+            link,
+            train,
+            pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            special_ids=set(tok.all_special_ids) - {tok.unk_token_id},
+            max_length=data.max_length,
+            batch_size=data.batch_size,
+            seed=seed,
+            eval_batch_size=data.eval_batch_size,
+            measure_model_loss=measure_model_loss,
+        )
+
+    # ------------------------------------------------------------------ one round
+
+    def observe_round(self) -> ComplexityFeatures:
+        """Draw the next round's batches and measure their complexity (before acting)."""
+        if self._pending is None:
+            self._pending = self.stream.take(self.config.steps_per_round)
+            loss = float("nan")
+            if self.measure_model_loss:
+                loss = self._loss_on(self._pending[0])
+            per_batch = [self.meter.measure(self.task.train, idx) for idx in self._pending]
+            mean = ComplexityFeatures.mean(per_batch)
+            self._pending_complexity = ComplexityFeatures(
+                mean.length, mean.type_token_ratio, mean.rarity, mean.tokens_per_word, loss
+            )
+        assert self._pending_complexity is not None
+        return self._pending_complexity
+
+    @torch.no_grad()
+    def _loss_on(self, index: np.ndarray) -> float:
+        model = self.server.peft_model
+        model.eval()
+        batch = collate(self.task.train, index, self.pad_token_id)
+        return float(model(**batch).loss)
+
+    def train_steps(self, batches: Sequence[np.ndarray]) -> float:
+        """K optimiser steps on the server; returns the mean training loss."""
+        model = self.server.peft_model
+        model.train()
+        params = self.server.lora_parameters() + self.server.head_parameters()
+        losses = []
+        for index in batches:
+            batch = collate(self.task.train, index, self.pad_token_id)
+            loss = model(**batch).loss
+            loss.backward()
+            if self.config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.server.restore_inactive()
+            losses.append(float(loss.detach()))
+            self.steps_done += 1
+        return float(np.mean(losses))
+
+    @torch.no_grad()
+    def evaluate(self, model: RankedLoRAModel, split: EncodedSplit) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy of ``model`` on ``split``."""
+        net = model.peft_model
+        net.eval()
+        correct, loss_sum = 0, 0.0
+        for index in eval_batches(split, self.eval_batch_size):
+            batch = collate(split, index, self.pad_token_id)
+            out = net(**batch)
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            loss_sum += float(out.loss) * len(index)
+        return correct / len(split), loss_sum / len(split)
+
+    def run_round(self, rank_vector: Sequence[int], snr_db: float) -> RoundMetrics:
+        """One full round with the given ranks at the given SNR (Es/N0, dB)."""
+        ranks = self.server.check_rank_vector(rank_vector)
+        complexity = self.observe_round()
+        batches, self._pending = self._pending, None
+        assert batches is not None
+
+        start = time.perf_counter()
+        self.server.set_rank_vector(ranks)
+        train_loss = self.train_steps(batches)
+        train_time = time.perf_counter() - start
+
+        start = time.perf_counter()
+        sent = self.server.active_tensors()
+        protected = self.server.head_tensor_names() if self.protect_head else []
+        received, report = self.link.transmit(sent, snr_db, protected)
+        self.edge.load_active_tensors(received, ranks)
+        transmit_time = time.perf_counter() - start
+
+        start = time.perf_counter()
+        accuracy, eval_loss = self.evaluate(self.edge, self.task.edge_eval)
+        eval_time = time.perf_counter() - start
+
+        self.round_index += 1
+        self.last_accuracy = accuracy
+        payload = self.server.payload(ranks)
+        return RoundMetrics(
+            round=self.round_index,
+            snr_db=float(snr_db),
+            rank_vector=ranks,
+            accuracy=accuracy,
+            eval_loss=eval_loss,
+            train_loss=train_loss,
+            complexity={k: _finite(v) for k, v in complexity.as_dict().items()},
+            adapter_params=payload.adapter_params,
+            head_params=payload.head_params,
+            payload_params=payload.total_params,
+            payload_bits=report.payload_bits,
+            max_payload_params=payload.max_total_params,
+            airtime_s=report.airtime_s,
+            train_time_s=train_time,
+            transmit_time_s=transmit_time,
+            eval_time_s=eval_time,
+            link=_link_dict(report),
+        )
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _link_dict(report: LinkReport) -> dict:
+    d = report.as_dict()
+    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in d.items()}

@@ -1,0 +1,80 @@
+"""`airlora finetune`: one episode of remote fine-tuning with fixed ranks, top to bottom.
+
+Check every input, then create the run folder, then run T rounds (set ranks, train K steps,
+transmit, rebuild at the edge, evaluate), then score the edge's final model on the test split
+and export its adapter as a PEFT folder.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from airlora.config import FinetuneConfig
+from airlora.engine import RoundEngine, RoundMetrics
+from airlora.link import build_link
+from airlora.runs import RunFolder
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    rounds: list[RoundMetrics]
+    test_accuracy: float | None
+    test_loss: float | None
+    train_samples_per_s: float
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    on_round: Callable[[RoundMetrics], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> FinetuneResult:
+    """Run one fixed-rank episode and write its run folder. Returns the round metrics."""
+    started = time.perf_counter()
+    engine = RoundEngine.build(
+        config.data, config.model, config.train, build_link(config.link), config.seed
+    )
+    ranks = config.rank_vector or [config.rank] * engine.server.num_projections
+    engine.server.check_rank_vector(ranks)  # a wrong length fails before any folder exists
+
+    name = config.run_name or f"finetune-{datetime.now():%Y%m%d-%H%M%S}-seed{config.seed}"
+    run = RunFolder.create(config.out_dir, name, config, config.seed, kind="finetune")
+    rounds: list[RoundMetrics] = []
+    try:
+        for _ in range(config.train.rounds):
+            metrics = engine.run_round(ranks, config.link.snr_db)
+            rounds.append(metrics)
+            run.append_metrics(metrics.as_dict())
+            if on_step:
+                on_step(config.train.steps_per_round)
+            if on_round:
+                on_round(metrics)
+        test_acc = test_loss = None
+        if config.final_test:
+            test_acc, test_loss = engine.evaluate(engine.edge, engine.task.test)
+        engine.edge.export_peft(run.path / "adapter")
+        train_time = sum(r.train_time_s for r in rounds)
+        samples = engine.steps_done * config.data.batch_size
+        result = FinetuneResult(
+            run.path, rounds, test_acc, test_loss, samples / train_time if train_time else 0.0
+        )
+        run.finish(
+            {
+                "final_edge_accuracy": rounds[-1].accuracy,
+                "test_accuracy": test_acc,
+                "test_loss": test_loss,
+                "training_steps": engine.steps_done,
+                "train_samples_per_s": result.train_samples_per_s,
+                "total_payload_params": sum(r.payload_params for r in rounds),
+                "total_airtime_s": sum(r.airtime_s for r in rounds),
+            },
+            started,
+        )
+    except BaseException as err:
+        run.fail(err)
+        raise
+    return result

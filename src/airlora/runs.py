@@ -1,0 +1,146 @@
+"""Run folders: config, per-round metrics, manifest, written so that nothing is half-written.
+
+A run folder holds ``config.yaml`` (re-runnable), ``metrics.jsonl`` (one JSON object per
+round, appended and flushed as rounds finish), ``manifest.json`` (seed, versions, code
+revision, status) and whatever the run exports (``adapter/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from airlora.config import dump_config
+
+TRACKED_PACKAGES = (
+    "airlora",
+    "torch",
+    "transformers",
+    "peft",
+    "numpy",
+    "safetensors",
+    "datasets",
+    "tokenizers",
+    "pydantic",
+)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers see old or new."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def code_revision() -> dict[str, object]:
+    """Git commit of the airlora source tree, and whether it had uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        return {"commit": commit, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def config_hash(config: BaseModel) -> str:
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class RunFolder:
+    """A run's folder. Create it only once the inputs have been checked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, out_dir: Path, name: str, config: BaseModel, seed: int, kind: str) -> RunFolder:
+        path = Path(out_dir) / name
+        if path.exists():
+            raise FileExistsError(f"run folder {path} already exists; choose another run name")
+        path.mkdir(parents=True)
+        run = cls(path)
+        atomic_write_text(path / "config.yaml", dump_config(config))
+        run._manifest = {
+            "kind": kind,
+            "status": "running",
+            "seed": seed,
+            "config_hash": config_hash(config),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": sys.argv,
+            "versions": package_versions(),
+            "code_revision": code_revision(),
+            "platform": platform.platform(),
+        }
+        run._write_manifest()
+        return run
+
+    def _write_manifest(self) -> None:
+        atomic_write_text(self.path / "manifest.json", json.dumps(self._manifest, indent=2) + "\n")
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def finish(self, summary: dict, started: float) -> None:
+        self._manifest.update(
+            status="completed",
+            finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            wall_time_s=round(time.perf_counter() - started, 3),
+            summary=summary,
+        )
+        self._write_manifest()
+
+    def fail(self, error: BaseException) -> None:
+        self._manifest.update(status="failed", error=f"{type(error).__name__}: {error}")
+        self._write_manifest()
+
+    def read_metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny randomly initialised BERT and tiny data files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = {
+    0: "war election minister government troops peace treaty president parliament vote",
+    1: "goal match team season coach league player win score cup",
+    2: "stocks market profit shares bank oil prices earnings economy trade",
+    3: "software computer internet chip space nasa research google phone data",
+}
+FILLER = "the a of in on and to for with at by from is was"
+
+
+def make_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 4
+        words = WORDS[label].split()
+        filler = FILLER.split()
+        text = " ".join(rng.choice(words if rng.random() < 0.6 else filler) for _ in range(12))
+        rows.append((text, label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, int]], header=("text", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with a word-level vocabulary, saved as a model folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += sorted({w for ws in WORDS.values() for w in ws.split()} | set(FILLER.split()))
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz")
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=4,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """A data directory holding `tiny/train.csv` (400 rows) and `tiny/test.csv` (80 rows)."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "tiny").mkdir()
+    write_csv(root / "tiny" / "train.csv", make_rows(400, seed=1))
+    write_csv(root / "tiny" / "test.csv", make_rows(80, seed=2))
+    return root
+
+
+@pytest.fixture
+def tiny_finetune_config(tiny_model_dir, tiny_data_dir, tmp_path):
+    from airlora.config import FinetuneConfig
+
+    return FinetuneConfig.model_validate(
+        {
+            "data": {
+                "source": "tiny",
+                "data_dir": str(tiny_data_dir),
+                "validation_size": 40,
+                "edge_eval_size": 32,
+                "batch_size": 8,
+                "max_length": 24,
+            },
+            "model": {"name_or_path": str(tiny_model_dir), "r_max": 4},
+            "train": {
+                "rounds": 3,
+                "steps_per_round": 4,
+                "warmup_steps": 0,
+                "learning_rate": 1e-2,
+                "head_learning_rate": 1e-2,
+            },
+            "rank": 4,
+            "out_dir": str(tmp_path / "runs"),
+            "run_name": "tiny",
+        }
+    )
+
+
+def shared_ag_news() -> Path | None:
+    root = os.environ.get("AIRLORA_DATA_DIR")
+    if root and (Path(root) / "ag_news" / "train.csv").is_file():
+        return Path(root)
+    return None
