@@ -90,7 +90,7 @@ def tiny_finetune_config(tiny_model_dir, tiny_data_dir, tmp_path):
                 "batch_size": 8,
                 "max_length": 24,
             },
-            "model": {"name_or_path": str(tiny_model_dir), "r_max": 4},
+            "model": {"name_or_path": str(tiny_model_dir), "r_max": 4, "lora_alpha": 8},
             "train": {
                 "rounds": 3,
                 "steps_per_round": 4,

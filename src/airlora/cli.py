@@ -11,11 +11,12 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from airlora import __version__
-from airlora.config import DATA_DIR_ENV, FinetuneConfig, load_config
+from airlora.config import DATA_DIR_ENV, FinetuneConfig, read_yaml_mapping
 
 app = typer.Typer(
     name="airlora",
@@ -49,7 +50,7 @@ def main(
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -180,7 +181,7 @@ def finetune(
     ] = None,
     label_column: Annotated[str | None, typer.Option(help="Integer label column.")] = None,
     rank: Annotated[
-        int | None, typer.Option(help="Rank of every adapted projection (0..r_max). [8]")
+        int | None, typer.Option(help="Rank of every adapted projection (0..r_max). [r_max]")
     ] = None,
     rank_vector: Annotated[
         str | None, typer.Option(help="Comma-separated rank per projection; overrides --rank.")
@@ -209,10 +210,9 @@ def finetune(
     versions, code revision) and adapter/ (a PEFT adapter folder).
     """
     try:
-        base = load_config(config_file).model_dump() if config_file else {}
-    except (FileNotFoundError, ValueError, ValidationError) as err:
-        msg = _config_errors(err) if isinstance(err, ValidationError) else str(err)
-        raise _fail(msg) from err
+        base = read_yaml_mapping(config_file) if config_file else {}
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
     for path, value in [
         ("model.name_or_path", model),
         ("data.source", data),
@@ -236,8 +236,6 @@ def finetune(
         _set(base, path, value)
     if no_test:
         base["final_test"] = False
-    if rmax is not None and rank is None and rank_vector is None and "rank" not in base:
-        base["rank"] = min(rmax, FinetuneConfig.model_fields["rank"].default)
     try:
         config = FinetuneConfig.model_validate(base)
     except ValidationError as err:

@@ -169,7 +169,7 @@ class FinetuneConfig(_Strict):
     Parameters
     ----------
     rank:
-        Rank of every adapted projection (``0..model.r_max``). Default 8.
+        Rank of every adapted projection (``0..model.r_max``). Default: ``model.r_max`` (8).
     rank_vector:
         One rank per adapted projection; overrides ``rank`` when given.
     seed:
@@ -186,7 +186,7 @@ class FinetuneConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     link: LinkConfig = LinkConfig()
-    rank: int = Field(default=8, ge=0)
+    rank: int | None = Field(default=None, ge=0)
     rank_vector: list[int] | None = None
     seed: int = 0
     final_test: bool = True
@@ -200,10 +200,17 @@ class FinetuneConfig(_Strict):
             raise ValueError(f"rank_vector entries must be >= 0, got {v}")
         return v
 
+    def rank_vector_for(self, num_projections: int) -> list[int]:
+        """The rank vector this config asks for, given the model's projection count."""
+        if self.rank_vector is not None:
+            return list(self.rank_vector)
+        rank = self.model.r_max if self.rank is None else self.rank
+        return [rank] * num_projections
+
     @model_validator(mode="after")
     def _within_r_max(self) -> FinetuneConfig:
         r_max = self.model.r_max
-        if self.rank > r_max:
+        if self.rank is not None and self.rank > r_max:
             raise ValueError(f"rank {self.rank} exceeds model.r_max {r_max}")
         if self.rank_vector is not None and any(r > r_max for r in self.rank_vector):
             raise ValueError(f"rank_vector {self.rank_vector} has entries above r_max {r_max}")
@@ -212,6 +219,11 @@ class FinetuneConfig(_Strict):
 
 def load_config(path: Path, cls: type[_Strict] = FinetuneConfig) -> _Strict:
     """Read a YAML file into a config model (safe loader; unknown keys are an error)."""
+    return cls.model_validate(read_yaml_mapping(path))
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """The mapping in a YAML file, read with the safe loader."""
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError as err:
@@ -220,7 +232,7 @@ def load_config(path: Path, cls: type[_Strict] = FinetuneConfig) -> _Strict:
         raise ValueError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping at top level")
-    return cls.model_validate(raw)
+    return raw
 
 
 def dump_config(config: BaseModel) -> str:

@@ -29,7 +29,7 @@ from airlora.data import (
     load_task,
 )
 from airlora.link import Link, LinkReport
-from airlora.model import RankedLoRAModel, load_model
+from airlora.model import RankedLoRAModel, load_model, resolve_model_source
 
 
 @dataclass(frozen=True)
@@ -184,6 +184,7 @@ class RoundEngine:
         """
         if train.threads:
             torch.set_num_threads(train.threads)
+        resolve_model_source(model.name_or_path)  # a missing model folder fails before data work
         torch.manual_seed(seed)
         task = load_task(data, seed)
         loaded = load_model(model.name_or_path, task.num_labels, seed)

@@ -38,7 +38,7 @@ def run_finetune(
     engine = RoundEngine.build(
         config.data, config.model, config.train, build_link(config.link), config.seed
     )
-    ranks = config.rank_vector or [config.rank] * engine.server.num_projections
+    ranks = config.rank_vector_for(engine.server.num_projections)
     engine.server.check_rank_vector(ranks)  # a wrong length fails before any folder exists
 
     name = config.run_name or f"finetune-{datetime.now():%Y%m%d-%H%M%S}-seed{config.seed}"

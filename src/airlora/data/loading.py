@@ -296,19 +296,32 @@ def load_task(config: DataConfig, seed: int) -> TaskData:
     test: TextExamples | None
     if source.is_file():
         train, test = read_file(source, config), None
-        origin = str(source)
+        origin = test_origin = str(source)
     elif source.is_dir() or (data_dir is not None and (data_dir / config.source).is_dir()):
         folder = source if source.is_dir() else data_dir / config.source  # type: ignore[operator]
         train_path, test_path = _split_files(folder)
         train = read_file(train_path, config)
         test = read_file(test_path, config) if test_path else None
-        origin = str(folder)
+        origin, test_origin = str(train_path), str(test_path)
     elif source.suffix.lower() in FILE_SUFFIXES:
         raise DataError(source, "no such file")
     else:
         train, test = _load_hub(config)
-        origin = f"hub:{config.source}"
+        origin, test_origin = f"hub:{config.source}[train]", f"hub:{config.source}[test]"
 
+    num_labels = config.num_labels or int(train.labels.max()) + 1
+    for name, split in (("train", train), ("test", test)):
+        if split is None:
+            continue
+        bad = np.flatnonzero((split.labels < 0) | (split.labels >= num_labels))
+        if bad.size:
+            raise DataError(
+                origin if name == "train" else test_origin,
+                f"label {int(split.labels[bad[0]])} out of range 0..{num_labels - 1}",
+                int(bad[0]) + 1,
+            )
+    if num_labels < 2:
+        raise DataError(origin, "a classification task needs at least 2 classes")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train))
     n_val = config.validation_size
@@ -327,15 +340,4 @@ def load_task(config: DataConfig, seed: int) -> TaskData:
         rest = rest[: config.max_train_samples]
     train_split = train.subset(rest)
 
-    num_labels = config.num_labels or int(train.labels.max()) + 1
-    for name, split in (("train", train), ("test", test)):
-        bad = np.flatnonzero((split.labels < 0) | (split.labels >= num_labels))
-        if bad.size:
-            raise DataError(
-                origin if name == "train" else f"{origin} (test)",
-                f"label {int(split.labels[bad[0]])} out of range 0..{num_labels - 1}",
-                int(bad[0]) + 1,
-            )
-    if num_labels < 2:
-        raise DataError(origin, "a classification task needs at least 2 classes")
     return TaskData(train_split, validation, test, num_labels, origin)

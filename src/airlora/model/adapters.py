@@ -245,7 +245,9 @@ class RankedLoRAModel:
         """Parameters sent for a rank vector (default: the current one)."""
         ranks = self.check_rank_vector(ranks) if ranks is not None else self._ranks
         return Payload(
-            per_projection=tuple(p.params_at(r) for p, r in zip(self.projections, ranks)),
+            per_projection=tuple(
+                p.params_at(r) for p, r in zip(self.projections, ranks, strict=True)
+            ),
             head_params=sum(p.numel() for p in self.head_parameters()),
             max_adapter_params=sum(p.params_at(self.r_max) for p in self.projections),
         )
