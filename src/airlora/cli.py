@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,6 +48,8 @@ def main(
 ) -> None:
     """airlora: AirLLM and its baselines for LoRA fine-tuning over the air."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices from inside transformers/PEFT say nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:

@@ -75,6 +75,7 @@ def load_model(name_or_path: str, num_labels: int, seed: int = 0) -> LoadedModel
     """
     source = resolve_model_source(name_or_path)
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         with torch.random.fork_rng(devices=[]):
