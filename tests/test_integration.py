@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import shared_ag_news
 from peft import PeftModel
 
 from airlora.config import FinetuneConfig
 from airlora.finetune import run_finetune
 from airlora.model import RankedLoRAModel, load_model
+from conftest import shared_ag_news
 
 pytestmark = pytest.mark.integration
 

@@ -30,6 +30,8 @@ bench_app = typer.Typer(help="Benchmarks: the project against its peer, in the s
 app.add_typer(bench_app, name="bench")
 
 console = Console()
+if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+    console = Console(width=160)
 err_console = Console(stderr=True)
 
 
@@ -84,7 +86,10 @@ def _set(d: dict, path: str, value: Any) -> None:
 
 
 def _round_table(rows: list) -> Table:
-    table = Table(title="Rounds (edge accuracy on its evaluation subset)", title_justify="left")
+    table = Table(
+        title="Rounds (rank: mean over projections; acc: edge accuracy on its evaluation subset)",
+        title_justify="left",
+    )
     for col, justify in [
         ("round", "right"),
         ("SNR dB", "right"),
