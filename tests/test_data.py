@@ -147,3 +147,23 @@ def test_collate_pads_to_the_longest_in_batch(tiny_model_dir):
     assert batch["input_ids"].shape == (2, 6)
     assert batch["attention_mask"].sum(1).tolist() == [3, 6]
     assert batch["labels"].tolist() == [0, 1]
+
+
+def test_hub_loader_reads_a_dataset_folder(tiny_data_dir, tmp_path, monkeypatch):
+    """The hub code path (datasets.load_dataset) on a local dataset folder, as when offline."""
+    from airlora.data.loading import _load_hub
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    train, test = _load_hub(cfg(source=str(tiny_data_dir / "tiny")))
+    assert len(train) == 400 and test is not None and len(test) == 80
+    assert train.texts[0] == make_rows(400, seed=1)[0][0]
+
+
+def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:  # read at import; `make test` sets HF_HUB_OFFLINE=1
+        pytest.skip("needs HF_HUB_OFFLINE=1 from the start (else it waits on the network)")
+    monkeypatch.delenv("AIRLORA_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="could not be loaded"):
+        load_task(cfg(source="no-such-user/no-such-dataset"), seed=0)
