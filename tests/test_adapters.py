@@ -168,3 +168,55 @@ def test_model_folder_without_weights_is_refused(tmp_path, tiny_model_dir):
         load_model(str(folder), 4)
     with pytest.raises(ModelError, match="does not exist"):
         load_model(str(tmp_path / "missing"), 4)
+
+
+def _tiny_decoder(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if family == "gpt2":
+        from transformers import GPT2Config, GPT2ForSequenceClassification
+
+        config = GPT2Config(
+            vocab_size=50,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            num_labels=3,
+            pad_token_id=0,
+        )
+        return GPT2ForSequenceClassification(config)
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("family, expected", [("gpt2", 4), ("llama", 8)])
+def test_decoder_families_get_default_targets_and_export_exactly(family, expected, tmp_path):
+    base = _tiny_decoder(family)
+    base_copy = copy.deepcopy(base)
+    model = RankedLoRAModel.from_base(base, r_max=4, lora_alpha=8)
+    assert model.num_projections == expected
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.lora_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    ranks = [(i % 4) + 1 for i in range(expected)]
+    ranks[0] = 0
+    model.set_rank_vector(ranks)
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+    }
+    expected_logits = logits(model.peft_model, batch)
+    loaded = PeftModel.from_pretrained(base_copy, str(model.export_peft(tmp_path / "a")))
+    torch.testing.assert_close(logits(loaded, batch), expected_logits, atol=1e-5, rtol=0)
