@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks: the project against its peer, in the same run.")
 app.add_typer(bench_app, name="bench")
+link_app = typer.Typer(help="The link model on its own: BER against theory, curves.")
+app.add_typer(link_app, name="link")
 
 console = Console()
 if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
@@ -202,7 +204,27 @@ def finetune(
     lr: Annotated[float | None, typer.Option(help="LoRA learning rate. [2e-3]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Training batch size. [16]")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per text. [64]")] = None,
+    link: Annotated[
+        str | None,
+        typer.Option(help="Link scheme: perfect, analog, digital or coded. [perfect]"),
+    ] = None,
     snr_db: Annotated[float | None, typer.Option(help="Es/N0 of the downlink, dB. [10]")] = None,
+    snr_process: Annotated[
+        str | None, typer.Option(help="fixed, uniform, gauss_markov or trace. [fixed]")
+    ] = None,
+    snr_trace: Annotated[
+        Path | None, typer.Option(help="CSV of per-round SNRs in dB (snr-process trace).")
+    ] = None,
+    channel: Annotated[str | None, typer.Option(help="awgn, rayleigh or rician. [awgn]")] = None,
+    modulation: Annotated[
+        str | None, typer.Option(help="bpsk, qpsk, 16qam, 64qam or adaptive. [qpsk]")
+    ] = None,
+    quant_bits: Annotated[int | None, typer.Option(help="Quantiser bits, 2..16. [8]")] = None,
+    packet_bits: Annotated[int | None, typer.Option(help="Data bits per packet. [8192]")] = None,
+    arq_retries: Annotated[int | None, typer.Option(help="ARQ retransmissions. [0]")] = None,
+    no_crc: Annotated[
+        bool, typer.Option("--no-crc", help="Keep corrupted packets instead of erasing them.")
+    ] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the whole run. [0]")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")] = None,
@@ -244,6 +266,8 @@ def finetune(
         _set(base, path, value)
     if no_test:
         base["final_test"] = False
+    if no_crc:
+        _set(base, "link.crc_check", False)
     try:
         config = FinetuneConfig.model_validate(base)
     except ValidationError as err:
@@ -294,6 +318,65 @@ def bench_train_cmd(
             threads=threads,
         )
     _print_bench(result, as_json)
+
+
+@bench_app.command("link")
+def bench_link_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    n_params: Annotated[int, typer.Option(help="float32 parameters sent.")] = 1_000_000,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per chain.")] = 5,
+) -> None:
+    """Bit/s of the uncoded digital chain (8-bit, QPSK, AWGN 5 dB) against Sionna's chain."""
+    from airlora.bench.link import bench_link
+
+    with err_console.status("benchmarking the digital chain (project, Sionna, naive NumPy)"):
+        result = bench_link(n_params=n_params, repeats=repeats)
+    _print_bench(result, as_json)
+
+
+@link_app.command("simulate")
+def link_simulate(
+    modulation: Annotated[str, typer.Option(help="bpsk, qpsk, 16qam or 64qam.")] = "qpsk",
+    snr_db: Annotated[float, typer.Option(help="Es/N0 in dB (energy per symbol).")] = 6.0,
+    n_bits: Annotated[int, typer.Option(help="Bits to send.")] = 1_000_000,
+    channel: Annotated[str, typer.Option(help="awgn, rayleigh or rician.")] = "awgn",
+    rician_k: Annotated[float, typer.Option(help="Rician K factor (linear).")] = 4.0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    fast_path: Annotated[
+        bool, typer.Option(help="Draw bit errors directly where exact (BPSK/QPSK, AWGN).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Measure the BER of mapper -> channel -> hard demapper and compare it with theory."""
+    from airlora.link.simulate import simulate_ber
+
+    try:
+        result = simulate_ber(modulation, snr_db, n_bits, channel, rician_k, seed, fast_path)
+    except ValueError as err:
+        raise _fail(str(err)) from err
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    table = Table(show_header=False, title="BER: measured against theory", title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@link_app.command("plot")
+def link_plot(
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("ber_curves.png"),
+    n_bits: Annotated[int, typer.Option(help="Bits per simulated point.")] = 200_000,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Draw measured against theoretical BER for every modulation, AWGN and Rayleigh."""
+    from airlora.link.simulate import plot_ber_curves
+
+    with err_console.status("simulating BER curves"):
+        path = plot_ber_curves(out, n_bits=n_bits, seed=seed)
+    console.print(f"wrote {path}")
 
 
 def _print_bench(result: dict, as_json: bool) -> None:

@@ -121,6 +121,8 @@ class RoundEngine:
     measure_model_loss:
         Include the server model's loss on the round's first batch in the complexity
         features (one extra forward pass per round). Default true.
+    protect_head:
+        Name the task head's tensors as protected control data to the link. Default true.
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class RoundEngine:
         link: Link,
         seed: int,
         measure_model_loss: bool = True,
+        protect_head: bool = True,
     ) -> RoundEngine:
         """Load the task and the model, wrap them, and make the edge's copy.
 
@@ -211,6 +214,7 @@ class RoundEngine:
             seed=seed,
             eval_batch_size=data.eval_batch_size,
             measure_model_loss=measure_model_loss,
+            protect_head=protect_head,
         )
 
     # ------------------------------------------------------------------ one round

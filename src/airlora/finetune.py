@@ -15,7 +15,7 @@ from pathlib import Path
 
 from airlora.config import FinetuneConfig
 from airlora.engine import RoundEngine, RoundMetrics
-from airlora.link import build_link
+from airlora.link import build_link, build_snr_process
 from airlora.runs import RunFolder
 
 
@@ -35,8 +35,15 @@ def run_finetune(
 ) -> FinetuneResult:
     """Run one fixed-rank episode and write its run folder. Returns the round metrics."""
     started = time.perf_counter()
+    link = build_link(config.link, seed=config.seed)
+    snr_process = build_snr_process(config.link, seed=config.seed)
     engine = RoundEngine.build(
-        config.data, config.model, config.train, build_link(config.link), config.seed
+        config.data,
+        config.model,
+        config.train,
+        link,
+        config.seed,
+        protect_head=config.link.protect_head,
     )
     ranks = config.rank_vector_for(engine.server.num_projections)
     engine.server.check_rank_vector(ranks)  # a wrong length fails before any folder exists
@@ -46,7 +53,7 @@ def run_finetune(
     rounds: list[RoundMetrics] = []
     try:
         for _ in range(config.train.rounds):
-            metrics = engine.run_round(ranks, config.link.snr_db)
+            metrics = engine.run_round(ranks, snr_process.next())
             rounds.append(metrics)
             run.append_metrics(metrics.as_dict())
             if on_step:

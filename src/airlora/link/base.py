@@ -24,10 +24,20 @@ class LinkReport:
     scheme: name of the link scheme.
     snr_db: Es/N0 of the transmission in dB.
     params: parameters sent (adapter and head).
-    payload_bits: bits sent, before any retransmission.
-    airtime_s: seconds on air at the configured bandwidth.
-    shannon_airtime_s: seconds the same bits would need at Shannon capacity B log2(1 + SNR).
-    extra: scheme-specific figures (symbols, packets, erasures, measured BER, ...).
+    payload_bits: information bits of the parameters (after quantisation), once.
+    airtime_s: seconds on air at the configured bandwidth, retransmissions and control data
+        included.
+    shannon_airtime_s: seconds the payload bits would need at the AWGN capacity
+        B log2(1 + SNR).
+    energy_j: transmit energy, transmit power times airtime.
+    symbols: channel symbols sent, retransmissions and control data included.
+    packets: packets in the first transmission.
+    erasures: packets still lost after the last retransmission.
+    retransmissions: packets sent again by ARQ.
+    erased_params: parameters the receiver had to fill in.
+    measured_ber: bit errors over bits sent on the noisy channel (first transmission), or
+        None where no bits were exposed to noise.
+    extra: scheme-specific figures (modulation, quantisation bits, control bits, ...).
     """
 
     scheme: str
@@ -36,6 +46,13 @@ class LinkReport:
     payload_bits: int
     airtime_s: float
     shannon_airtime_s: float
+    energy_j: float = 0.0
+    symbols: int = 0
+    packets: int = 0
+    erasures: int = 0
+    retransmissions: int = 0
+    erased_params: int = 0
+    measured_ber: float | None = None
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -63,13 +80,17 @@ class PerfectLink:
     ----------
     bandwidth_hz: channel bandwidth in Hz. Default 1 MHz.
     bits_per_param: bits per parameter (32 for float32). Default 32.
+    tx_power_w: transmit power in W, for the energy figure. Default 0.1.
     """
 
     name = "perfect"
 
-    def __init__(self, bandwidth_hz: float = 1e6, bits_per_param: int = 32) -> None:
+    def __init__(
+        self, bandwidth_hz: float = 1e6, bits_per_param: int = 32, tx_power_w: float = 0.1
+    ) -> None:
         self.bandwidth_hz = bandwidth_hz
         self.bits_per_param = bits_per_param
+        self.tx_power_w = tx_power_w
 
     def transmit(
         self, tensors: dict[str, torch.Tensor], snr_db: float, protected: Collection[str] = ()
@@ -77,5 +98,7 @@ class PerfectLink:
         params = sum(t.numel() for t in tensors.values())
         bits = params * self.bits_per_param
         airtime = shannon_airtime(bits, snr_db, self.bandwidth_hz)
-        report = LinkReport(self.name, snr_db, params, bits, airtime, airtime)
+        report = LinkReport(
+            self.name, snr_db, params, bits, airtime, airtime, energy_j=airtime * self.tx_power_w
+        )
         return {k: v.clone() for k, v in tensors.items()}, report

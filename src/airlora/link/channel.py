@@ -26,14 +26,15 @@ class ChannelModel:
     ----------
     kind: ``awgn``, ``rayleigh`` or ``rician``.
     rician_k: Rician K factor (linear power ratio of line-of-sight to scatter). Default 4.
-    block: ``packet`` draws a gain per packet, ``round`` one per transmission.
+    block: ``packet`` draws a gain per packet, ``round`` one per transmission, ``symbol``
+        one per symbol (fast fading; what BER-versus-theory curves average over).
     csi: ``perfect`` or ``estimated`` (least-squares from one pilot per block).
     pilot_snr_db: SNR of the pilot; default: the data SNR.
     """
 
     kind: ChannelKind = "awgn"
     rician_k: float = 4.0
-    block: Literal["packet", "round"] = "packet"
+    block: Literal["packet", "round", "symbol"] = "packet"
     csi: Literal["perfect", "estimated"] = "perfect"
     pilot_snr_db: float | None = None
 
