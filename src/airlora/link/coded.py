@@ -63,7 +63,7 @@ class CodedLink(WirelessLink):
         crc_enc, crc_dec, ldpc_enc, ldpc_dec, mapper, demapper = _sionna()
         k_bits = self.modulation_at(0.0).bits_per_symbol
         self.k = config.packet_bits
-        n = int(round(self.k / config.code_rate))
+        n = round(self.k / config.code_rate)
         n += (-n) % k_bits  # whole symbols per codeword
         self.n = n
         self.bits_per_symbol = k_bits

@@ -103,7 +103,7 @@ class PacketChannel:
         if self.uses_fast_path:
             p = float(self.modulation.ber_awgn(snr_db))
             return _error_positions_iid(n * self.frame_bits, p, rng)
-        mod, k = self.modulation, self.modulation.bits_per_symbol
+        mod = self.modulation
         tx = np.empty((n, self.padded_bits), dtype=np.uint8)
         tx[:, : self.packet_bits] = np.unpackbits(tx_bytes, axis=1)
         tx[:, self.packet_bits :] = rng.integers(

@@ -80,10 +80,10 @@ class WirelessLink:
         if not erased.any():
             return values
         previous = self._previous.get(name)
-        if self.config.erasure_fill == "previous" and previous is not None:
-            if previous.shape == values.shape:
-                values[erased] = previous[erased]
-                return values
+        usable = previous is not None and previous.shape == values.shape
+        if self.config.erasure_fill == "previous" and usable:
+            values[erased] = previous[erased]
+            return values
         values[erased] = 0.0
         return values
 
