@@ -49,6 +49,12 @@ def _error_positions_iid(n_bits: int, p: float, rng: np.random.Generator) -> np.
     if p >= 1.0:
         return np.arange(n_bits, dtype=np.int64)
     expected = n_bits * p
+    if expected < 64:
+        # Few errors: draw their number, then their places (geometric gaps could overflow).
+        count = int(rng.binomial(n_bits, p))
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.sort(rng.choice(n_bits, size=count, replace=False)).astype(np.int64)
     chunks, position, draw = [], -1, int(expected + 6.0 * math.sqrt(expected) + 16)
     while True:
         gaps = rng.geometric(p, size=draw)
