@@ -171,3 +171,31 @@ def test_help_and_version():
     assert result.exit_code == 0 and result.output.startswith("airlora ")
     result = runner.invoke(app, ["finetune", "--help"])
     assert "--rank-vector" in result.output and "--snr-db" in result.output
+
+
+def test_cli_link_options_reach_the_run(tiny_finetune_config, tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("data:\n  validation_size: 40\n  edge_eval_size: 16\n")
+    args = [
+        *_cli_args(tiny_finetune_config),
+        "--config",
+        str(config_file),
+        "--no-test",
+        "--link",
+        "digital",
+        "--modulation",
+        "16qam",
+        "--snr-db",
+        "-5",
+        "--quant-bits",
+        "6",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = tiny_finetune_config.out_dir / "cli"
+    saved = yaml.safe_load((run / "config.yaml").read_text())["link"]
+    assert (saved["scheme"], saved["modulation"], saved["quant_bits"]) == ("digital", "16qam", 6)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["link"]["scheme"] == "digital" and row["link"]["measured_ber"] > 0.1
+    # at -5 dB every uncoded packet fails its CRC: the edge received no adapter at all
+    assert row["link"]["erased_params"] == row["adapter_params"]
