@@ -21,7 +21,12 @@ import torch
 from airlora.config import LinkConfig
 from airlora.link.base import LinkReport, shannon_airtime
 from airlora.link.digital import erased_items
-from airlora.link.quantization import CONTROL_BITS_PER_TENSOR, dequantize, quantize
+from airlora.link.quantization import (
+    CONTROL_BITS_PER_TENSOR,
+    bits_to_codes,
+    dequantize,
+    quantize,
+)
 from airlora.link.wireless import CONTROL_CODE_RATE, WirelessLink
 
 CRC_NAME = "CRC24A"
@@ -123,8 +128,7 @@ class CodedLink(WirelessLink):
         lost = ~crc_ok.numpy().reshape(-1).astype(bool)
         erased = erased_items(lost, n_items, bits, info_bits)
         bit_errors = int((decoded.numpy().astype(np.uint8) != tx.numpy().astype(np.uint8)).sum())
-        weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint32)
-        codes_all = (rx.reshape(-1, bits) * weights).sum(axis=1)
+        codes_all = bits_to_codes(rx, bits)
         offset = 0
         for name, q in quantized.items():
             count = q.codes.size
