@@ -24,8 +24,8 @@ frozen (SB3 sees the denoiser as part of the environment), then a denoiser phase
 (state, coarse, fine, reward) tuples collected so far: a ridge regression separates the part of
 each reward that the residual earned from what the state and the coarse decision explain
 (:func:`refinement_gain`); the tuples whose residual earned the most (the ``elite_fraction``)
-are the training set, with the condition dropped at random (classifier-free guidance). Greedy decisions start the DDIM
-chain from x_T = 0.
+are the training set, with the condition dropped at random (classifier-free guidance).
+Greedy decisions start the DDIM chain from x_T = 0.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def _quadratic(x: np.ndarray) -> np.ndarray:
 def refinement_gain(cond: np.ndarray, residual: np.ndarray, rewards: np.ndarray) -> np.ndarray:
     """Estimated reward that each sample's residual added to its coarse decision.
 
-    A ridge regression (standardised features, penalty 1) models the reward as quadratic in the condition (state and
-    coarse decision) plus, for the residual x: linear and squared terms and x's products with
+    A ridge regression (standardised features, penalty 1) models the reward as quadratic in the
+    condition (state and coarse decision) plus, for the residual x: linear and squared terms and x's products with
     the condition. The residual terms' part of the fit is the estimate; the condition-only part
     soaks up what the state and the coarse decision explain, which would otherwise swamp the
     refinement's own effect.
@@ -254,7 +254,7 @@ class AirLLMPolicy(RankPolicy):
         cond = self.condition(obs, coarse)
         residual = self.center((fine - self.expand(coarse)) / self.residual_scale)
         gain = refinement_gain(cond.astype(np.float64), residual, reward)
-        keep = np.argsort(gain)[-max(1, int(round(cfg.elite_fraction * len(gain)))) :]
+        keep = np.argsort(gain)[-max(1, round(cfg.elite_fraction * len(gain))) :]
         loss = self.sampler.train(residual[keep], cond[keep], cfg.updates_per_phase, cfg.batch_size)
         self.denoiser_losses.append(loss)
         return loss

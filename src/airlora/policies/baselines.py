@@ -41,7 +41,7 @@ class HeuristicPolicy(RankPolicy):
     def rank_at(self, snr_db: float) -> int:
         rate = math.log2(1.0 + 10.0 ** (snr_db / 10.0))
         ref = math.log2(1.0 + 10.0 ** (self.full_rank_snr_db / 10.0))
-        return int(round(self.layout.r_max * min(1.0, rate / ref)))
+        return round(self.layout.r_max * min(1.0, rate / ref))
 
     def act_batch(self, observations: np.ndarray, deterministic: bool = True) -> np.ndarray:
         snrs = [denormalise_snr(o[0], self.layout.env) for o in np.asarray(observations)]
