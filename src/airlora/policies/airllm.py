@@ -95,8 +95,8 @@ def refinement_gain(cond: np.ndarray, residual: np.ndarray, rewards: np.ndarray)
     """Estimated reward that each sample's residual added to its coarse decision.
 
     A ridge regression (standardised features, penalty 1) models the reward as quadratic in the
-    condition (state and coarse decision) plus, for the residual x: linear and squared terms and x's products with
-    the condition. The residual terms' part of the fit is the estimate; the condition-only part
+    condition (state and coarse decision) plus, for the residual x: linear and squared terms and
+    x's products with the condition. The residual terms' part of the fit is the estimate; the condition-only part
     soaks up what the state and the coarse decision explain, which would otherwise swamp the
     refinement's own effect.
     """
