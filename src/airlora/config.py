@@ -460,8 +460,9 @@ class PolicyTrainConfig(_Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig(rounds=5, steps_per_round=8, warmup_steps=4)
-    link: LinkConfig = LinkConfig(scheme="analog", snr_process="uniform", snr_low_db=-5.0,
-                                  snr_high_db=25.0)
+    link: LinkConfig = LinkConfig(
+        scheme="analog", snr_process="uniform", snr_low_db=-5.0, snr_high_db=25.0
+    )
     env: EnvConfig = EnvConfig()
     ppo: PPOConfig = PPOConfig()
     airllm: AirLLMConfig = AirLLMConfig()

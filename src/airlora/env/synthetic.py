@@ -14,11 +14,12 @@ model-loss feature goes from 0.8 to 1.6, drawn with the other complexity feature
 ``w_i`` (importance) and ``s_i`` (noise sensitivity) are a product of a per-type and a per-layer
 factor: deeper layers matter more (x0.75..1.25), earlier ones are more sensitive (x1.3..0.7:
 their errors propagate); W = sum_i w_i. The first term is the diminishing return of rank, the
-second the analog noise on the rebuilt update (it grows with the rank and falls with the SNR, as in design section 1),
-the third the payload cost with the same lambda as the real reward. The chance-level
-accuracy a_chance is left out of the reward, so that 95 % of the optimum means 95 % of the
-achievable improvement over the unadapted model rather than of a constant. The reward is separable,
-so the optimum of every round is found exactly by enumerating 0..r_max per projection:
+second the analog noise on the rebuilt update (it grows with the rank and falls with the SNR, as
+in design section 1), the third the payload cost with the same lambda as the real reward. The
+chance-level accuracy a_chance is left out of the reward, so that 95 % of the optimum means 95 %
+of the achievable improvement over the unadapted model rather than of a constant. The reward is
+separable, so the optimum of every round is found exactly by enumerating 0..r_max per
+projection:
 ``info["optimal_reward"]`` and ``optimal_rank_vector``.
 """
 

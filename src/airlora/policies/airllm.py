@@ -96,9 +96,9 @@ def refinement_gain(cond: np.ndarray, residual: np.ndarray, rewards: np.ndarray)
 
     A ridge regression (standardised features, penalty 1) models the reward as quadratic in the
     condition (state and coarse decision) plus, for the residual x: linear and squared terms and
-    x's products with the condition. The residual terms' part of the fit is the estimate; the condition-only part
-    soaks up what the state and the coarse decision explain, which would otherwise swamp the
-    refinement's own effect.
+    x's products with the condition. The residual terms' part of the fit is the estimate; the
+    condition-only part soaks up what the state and the coarse decision explain, which would
+    otherwise swamp the refinement's own effect.
     """
     base = _quadratic(cond)
     res = np.concatenate(
@@ -173,9 +173,7 @@ class AirLLMPolicy(RankPolicy):
         self.group_index = np.asarray(groups, dtype=np.int64)
         self.coarse_space = rank_space(len(self.group_names), layout.r_max)
         cond_dim = len(OBSERVATION_FIELDS) + len(self.group_names)
-        self.sampler = DDIMSampler(
-            layout.num_projections, cond_dim, self.airllm_config, seed=seed
-        )
+        self.sampler = DDIMSampler(layout.num_projections, cond_dim, self.airllm_config, seed=seed)
         # x = +-1 means +-r_max/2 ranks: a finer grid than +-r_max for the same model error.
         self.residual_scale = layout.r_max / 2.0
         self.buffer = TransitionBuffer(self.airllm_config.buffer_size)
@@ -215,7 +213,9 @@ class AirLLMPolicy(RankPolicy):
     def _agent(self) -> PPO:
         if self.agent is None:
             self.agent = new_ppo(
-                SpacesOnlyEnv(observation_space(), self.coarse_space), self.ppo_config, self.seed,
+                SpacesOnlyEnv(observation_space(), self.coarse_space),
+                self.ppo_config,
+                self.seed,
                 None,
             )
         return self.agent
@@ -307,9 +307,7 @@ class AirLLMPolicy(RankPolicy):
 
     @classmethod
     def _from_saved(cls, layout, seed, config, folder):
-        policy = cls(
-            layout, seed, PPOConfig(**config["ppo"]), AirLLMConfig(**config["airllm"])
-        )
+        policy = cls(layout, seed, PPOConfig(**config["ppo"]), AirLLMConfig(**config["airllm"]))
         policy.agent = load_ppo(folder / PPO_FILE, policy.coarse_space, policy.ppo_config, seed)
         path = folder / DENOISER_FILE
         if not path.is_file():
@@ -317,5 +315,3 @@ class AirLLMPolicy(RankPolicy):
         policy.sampler.load_state_dict(load_file(str(path)))
         policy._warm_started = True
         return policy
-
-

@@ -161,8 +161,10 @@ class DDIMSampler:
             c = torch.as_tensor(cond, dtype=torch.float32).reshape(-1, self.cond_dim)
             n = len(c)
             present = torch.ones(n)
-        x = noise if noise is not None else torch.randn(
-            n, self.sample_dim, generator=generator or self.generator
+        x = (
+            noise
+            if noise is not None
+            else torch.randn(n, self.sample_dim, generator=generator or self.generator)
         )
         x = x.clone().float()
         self.denoiser.eval()
@@ -175,7 +177,9 @@ class DDIMSampler:
                 eps = self.denoiser(x, tt, c, present)
             else:
                 both = self.denoiser(
-                    torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([c, c]),
+                    torch.cat([x, x]),
+                    torch.cat([tt, tt]),
+                    torch.cat([c, c]),
                     torch.cat([null, present]),
                 )
                 eps_u, eps_c = both[:n], both[n:]
