@@ -151,21 +151,41 @@ class RoundEngine:
         self.eval_batch_size = eval_batch_size
         self.measure_model_loss = measure_model_loss
         self.protect_head = protect_head
-        self.stream = TrainStream(task.train, batch_size, seed, pad_token_id)
+        self.batch_size = batch_size
         self.meter = ComplexityMeter(task.train, vocab_size, max_length, special_ids)
+        self._initial = (server.snapshot(), edge.snapshot())
+        self._initial_accuracy: float | None = None
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        """Start a new episode: the fresh adapter and head of construction time, a new
+        optimiser and schedule, and a batch order drawn from ``seed``."""
+        self.server.restore(self._initial[0])
+        self.edge.restore(self._initial[1])
+        self.stream = TrainStream(self.task.train, self.batch_size, seed, self.pad_token_id)
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": server.lora_parameters(), "lr": train_config.learning_rate},
-                {"params": server.head_parameters(), "lr": train_config.head_learning_rate},
+                {"params": self.server.lora_parameters(), "lr": self.config.learning_rate},
+                {"params": self.server.head_parameters(), "lr": self.config.head_learning_rate},
             ],
-            weight_decay=train_config.weight_decay,
+            weight_decay=self.config.weight_decay,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(train_config))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.config))
+        self.episode_seed = seed
         self.round_index = 0
         self.steps_done = 0
         self._pending: list[np.ndarray] | None = None
         self._pending_complexity: ComplexityFeatures | None = None
         self.last_accuracy = float("nan")
+
+    def initial_accuracy(self) -> float:
+        """Edge accuracy of the unadapted model (a_0), measured once."""
+        if self._initial_accuracy is None:
+            current = self.edge.snapshot()
+            self.edge.restore(self._initial[1])
+            self._initial_accuracy = self.evaluate(self.edge, self.task.edge_eval)[0]
+            self.edge.restore(current)
+        return self._initial_accuracy
 
     # ------------------------------------------------------------------ set-up helper
 
@@ -283,7 +303,11 @@ class RoundEngine:
 
         start = time.perf_counter()
         self.server.set_rank_vector(ranks)
-        train_loss = self.train_steps(batches)
+        # Dropout draws from a private stream: a round depends on (episode seed, round) only,
+        # and the caller's global RNG (a policy sampling actions, say) is left untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.episode_seed * 100_003 + self.round_index)
+            train_loss = self.train_steps(batches)
         train_time = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -220,6 +220,37 @@ class RankedLoRAModel:
                 a.weight[r:].copy_(a.saved_weight[r:])
                 b.weight[:, r:].copy_(b.saved_weight[:, r:])
 
+    @torch.no_grad()
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of everything training and rank changes touch (factors, saved values, masks,
+        head), for :meth:`restore`."""
+        out: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self._layers):
+            a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+            out[f"{i}.A"] = a.weight.detach().clone()
+            out[f"{i}.B"] = b.weight.detach().clone()
+            out[f"{i}.A_saved"] = a.saved_weight.clone()
+            out[f"{i}.B_saved"] = b.saved_weight.clone()
+            out[f"{i}.mask"] = a.rank_mask.clone()
+        for j, param in enumerate(self.head_parameters()):
+            out[f"head.{j}"] = param.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Return to a :meth:`snapshot` in place (no re-allocation: optimisers keep their
+        parameter references)."""
+        for i, layer in enumerate(self._layers):
+            a, b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+            a.weight.copy_(snapshot[f"{i}.A"])
+            b.weight.copy_(snapshot[f"{i}.B"])
+            a.saved_weight.copy_(snapshot[f"{i}.A_saved"])
+            b.saved_weight.copy_(snapshot[f"{i}.B_saved"])
+            a.rank_mask.copy_(snapshot[f"{i}.mask"])
+        for j, param in enumerate(self.head_parameters()):
+            param.copy_(snapshot[f"head.{j}"])
+        self._ranks = [int(a.rank_mask.sum().item()) for a in self._lora_As()]
+
     # ------------------------------------------------------------------ parameters
 
     def lora_parameters(self) -> list[nn.Parameter]:

@@ -1,0 +1,167 @@
+"""Environments: Gymnasium's checker, rewards, episode resets and the surrogate's fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from airlora.config import EnvConfig, LinkConfig
+from airlora.env import OBSERVATION_FIELDS, SyntheticRankEnv, projection_groups
+from airlora.env.real import RankSelectionEnv
+from airlora.env.reward import round_reward
+from airlora.env.surrogate import (
+    ROUNDS_FILE,
+    AccuracyModel,
+    collect_rounds,
+    fit_surrogate,
+    read_rounds,
+    write_rounds,
+)
+
+
+@pytest.fixture
+def real_env(tiny_finetune_config):
+    cfg = tiny_finetune_config
+    link = LinkConfig(scheme="analog", snr_process="uniform", snr_low_db=0.0, snr_high_db=20.0)
+    return RankSelectionEnv.build(cfg.data, cfg.model, cfg.train, link, EnvConfig(), seed=0)
+
+
+def _payload_layout(env: RankSelectionEnv) -> tuple[list[int], int]:
+    server = env.engine.server
+    return [p.d_in + p.d_out for p in server.projections], server.payload().head_params
+
+
+def test_real_env_passes_gymnasium_checker(real_env):
+    check_env(real_env, skip_render_check=True)
+
+
+def test_real_env_episode_reward_and_reset(real_env):
+    obs, info = real_env.reset(seed=5)
+    assert obs.shape == (len(OBSERVATION_FIELDS),) and obs.dtype == np.float32
+    m = real_env.action_space.shape[0]
+    rewards, infos = [], []
+    done = False
+    while not done:
+        obs, reward, done, truncated, info = real_env.step(np.full(m, 2))
+        rewards.append(reward)
+        infos.append(info)
+        assert not truncated
+    assert len(rewards) == real_env.episode_rounds
+    for reward, info in zip(rewards, infos, strict=True):
+        metrics = info["metrics"]
+        expected = (
+            metrics["accuracy"] - 0.5 * metrics["payload_params"] / metrics["max_payload_params"]
+        )
+        assert reward == pytest.approx(expected)
+        assert metrics["link"]["scheme"] == "analog"
+    # A new episode starts from the fresh adapter: same seed, same first observation and reward.
+    first = real_env.reset(seed=5)[0]
+    again = real_env.step(np.full(m, 2))[1]
+    assert np.array_equal(first, real_env.reset(seed=5)[0])
+    assert real_env.step(np.full(m, 2))[1] == pytest.approx(again)
+
+
+def test_gain_reward_form():
+    cfg = EnvConfig(cost_weight=0.2, reward_form="gain")
+    assert round_reward(0.8, 0.7, 50, 100, cfg) == pytest.approx(0.1 - 0.1)
+    assert round_reward(0.8, 0.7, 50, 100, EnvConfig(cost_weight=0.2)) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="previous accuracy"):
+        round_reward(0.8, float("nan"), 50, 100, cfg)
+
+
+def test_surrogate_fits_logged_rounds_and_passes_checker(real_env, tmp_path):
+    rows = collect_rounds(real_env, episodes=4, seed=0)
+    assert len(rows) == 4 * real_env.episode_rounds
+    write_rounds(rows, tmp_path / ROUNDS_FILE)
+    assert read_rounds(tmp_path / ROUNDS_FILE) == rows
+    per_rank, head = _payload_layout(real_env)
+    env = fit_surrogate(
+        rows,
+        real_env.projection_names,
+        real_env.r_max,
+        per_rank,
+        head,
+        real_env.link_config,
+        EnvConfig(),
+        holdout_fraction=0.25,
+    )
+    fit = env.model.metrics
+    assert set(fit) >= {"holdout_r2", "holdout_mae"}
+    assert 0.0 <= fit["holdout_mae"] < 1.0
+    check_env(env, skip_render_check=True)
+    # Payload bookkeeping agrees with the real model's.
+    ranks = np.full(len(per_rank), 3)
+    _, _, _, _, info = env.step(ranks)
+    assert (
+        info["payload_params"] == real_env.engine.server.payload([3] * len(per_rank)).total_params
+    )
+
+
+def test_accuracy_model_recovers_a_known_law():
+    names = [f"enc.layer.{i}.{t}" for i in range(2) for t in ("q", "v")]
+    model = AccuracyModel(names, r_max=4)
+    rng = np.random.default_rng(0)
+    from airlora.env.surrogate import LoggedRound
+
+    rows = []
+    for ep in range(12):
+        for t in range(4):
+            ranks = rng.integers(0, 5, size=4)
+            snr = float(rng.uniform(-5, 20))
+            acc = 0.4 + 0.1 * ranks.mean() - 0.05 * ranks.mean() / (1 + 10 ** (snr / 10))
+            rows.append(
+                LoggedRound(
+                    ep,
+                    t,
+                    4,
+                    snr,
+                    {
+                        "length": 0.5,
+                        "type_token_ratio": 0.7,
+                        "rarity": 0.4,
+                        "tokens_per_word": 1.2,
+                        "model_loss": None,
+                    },
+                    ranks.tolist(),
+                    0.3,
+                    float(acc),
+                    10,
+                    20,
+                )
+            )
+    fit = model.fit(rows)
+    assert fit["holdout_r2"] > 0.95
+
+
+def test_read_rounds_names_the_bad_line(tmp_path):
+    path = tmp_path / ROUNDS_FILE
+    path.write_text('{"episode": 0}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        read_rounds(path)
+
+
+def test_synthetic_env_optimum_is_exact_and_snr_dependent():
+    env = SyntheticRankEnv()
+    check_env(env, skip_render_check=True)
+    low, _ = env.optimum(-5.0, 0.9)
+    high, best = env.optimum(25.0, 0.9)
+    assert low.sum() < high.sum()
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # no rank vector beats the enumerated optimum
+        assert env.reward_of(rng.integers(0, 9, 24), 25.0, 0.9) <= best + 1e-12
+    _obs, info = env.reset(seed=1)
+    _, reward, _, _, _step_info = env.step(info["optimal_rank_vector"])
+    assert reward == pytest.approx(info["optimal_reward"])
+
+
+def test_projection_groups_by_type_and_depth_band():
+    names = [
+        f"bert.encoder.layer.{i}.attention.self.{t}" for i in range(4) for t in ("query", "key")
+    ]
+    groups, index = projection_groups(names)
+    assert len(groups) == 2 and index == [0, 1] * 4
+    groups, index = projection_groups(names, depth_bands=2)
+    assert len(groups) == 4 and index == [0, 1, 0, 1, 2, 3, 2, 3]
+    with pytest.raises(ValueError, match="depth_bands"):
+        projection_groups(names, depth_bands=0)
