@@ -51,7 +51,7 @@ def test_real_env_episode_reward_and_reset(real_env):
     for reward, info in zip(rewards, infos, strict=True):
         metrics = info["metrics"]
         expected = (
-            metrics["accuracy"] - 0.5 * metrics["payload_params"] / metrics["max_payload_params"]
+            metrics["accuracy"] - 0.1 * metrics["payload_params"] / metrics["max_payload_params"]
         )
         assert reward == pytest.approx(expected)
         assert metrics["link"]["scheme"] == "analog"

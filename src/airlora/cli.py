@@ -387,6 +387,248 @@ def link_plot(
     console.print(f"wrote {path}")
 
 
+@app.command("train-policy")
+def train_policy(
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="YAML file with a PolicyTrainConfig.")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="airllm, ppo, random or heuristic. [airllm]")
+    ] = None,
+    rmax: Annotated[int | None, typer.Option(help="r_max: largest rank. [8]")] = None,
+    surrogate: Annotated[
+        bool | None,
+        typer.Option(
+            "--surrogate/--real",
+            help="Train on a reward model fitted to logged real rounds, or on real rounds.",
+        ),
+    ] = None,
+    surrogate_episodes: Annotated[
+        int | None, typer.Option(help="Real episodes logged to fit the surrogate. [8]")
+    ] = None,
+    total_steps: Annotated[
+        int | None, typer.Option(help="Environment steps (rounds) of training. [20000]")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds T per episode. [5]")] = None,
+    steps_per_round: Annotated[
+        int | None, typer.Option(help="Server training steps K per round. [8]")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="'default', a model folder or a hub id.")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Data set (see finetune --help).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help=f"Folder of local data copies [env: {DATA_DIR_ENV}].")
+    ] = None,
+    link: Annotated[
+        str | None, typer.Option(help="Link scheme: perfect, analog, digital or coded.")
+    ] = None,
+    snr_low_db: Annotated[
+        float | None, typer.Option(help="Lowest SNR of the uniform SNR process, dB. [-5]")
+    ] = None,
+    snr_high_db: Annotated[
+        float | None, typer.Option(help="Highest SNR of the uniform SNR process, dB. [25]")
+    ] = None,
+    deadline_s: Annotated[
+        float | None, typer.Option(help="Per-round airtime deadline, s. [0.25]")
+    ] = None,
+    cost_weight: Annotated[
+        float | None, typer.Option(help="lambda of the payload cost in the reward. [0.5]")
+    ] = None,
+    reward_form: Annotated[str | None, typer.Option(help="accuracy or gain. [accuracy]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed. [0]")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also log to TensorBoard in the run folder.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Name of this run's folder.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a rank policy on the real environment or a fitted surrogate; save it.
+
+    The run folder holds config.yaml, manifest.json, episodes.jsonl (one line per finished
+    episode), with --surrogate rounds.jsonl and surrogate/ (the logged real rounds and the
+    fit's held-out R^2 and MAE), and policy/ (policy.json, ppo.zip, denoiser.safetensors).
+    """
+    from airlora.config import PolicyTrainConfig
+
+    try:
+        base = read_yaml_mapping(config_file) if config_file else {}
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    for path, value in [
+        ("method", method),
+        ("model.r_max", rmax),
+        ("total_steps", total_steps),
+        ("train.rounds", rounds),
+        ("train.steps_per_round", steps_per_round),
+        ("model.name_or_path", model),
+        ("data.source", data),
+        ("data.data_dir", data_dir),
+        ("link.scheme", link),
+        ("link.snr_low_db", snr_low_db),
+        ("link.snr_high_db", snr_high_db),
+        ("link.deadline_s", deadline_s),
+        ("env.cost_weight", cost_weight),
+        ("env.reward_form", reward_form),
+        ("seed", seed),
+        ("train.threads", threads),
+        ("out_dir", out),
+        ("run_name", run_name),
+    ]:
+        _set(base, path, value)
+    if tensorboard:
+        base["tensorboard"] = True
+    if surrogate is True or surrogate_episodes is not None:
+        sur = base.get("surrogate") or {}
+        if surrogate_episodes is not None:
+            sur["real_episodes"] = surrogate_episodes
+        base["surrogate"] = sur
+    elif surrogate is False:
+        base["surrogate"] = None
+    try:
+        config = PolicyTrainConfig.model_validate(base)
+    except ValidationError as err:
+        raise _fail(_config_errors(err)) from err
+    _run_train_policy_cli(config, quiet)
+
+
+def _run_train_policy_cli(config, quiet: bool) -> None:
+    from airlora.data import DataError
+    from airlora.model import ModelError
+    from airlora.train_policy import run_train_policy
+
+    progress = Progress(
+        TextColumn("[bold]train-policy[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("env steps"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+    )
+    try:
+        with progress:
+            task = progress.add_task("steps", total=config.total_steps)
+            result = run_train_policy(
+                config,
+                on_status=lambda m: err_console.print(m) if not quiet else None,
+                on_steps=lambda n: progress.update(task, completed=min(n, config.total_steps)),
+            )
+    except (DataError, ModelError, FileExistsError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    returns = result.episode_returns
+    table = Table(show_header=False, title="Policy training", title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("method", config.method)
+    table.add_row("episodes", str(len(returns)))
+    if returns:
+        k = max(1, min(20, len(returns) // 5))
+        table.add_row(f"mean return, first {k} episodes", f"{sum(returns[:k]) / k:.4f}")
+        table.add_row(f"mean return, last {k} episodes", f"{sum(returns[-k:]) / k:.4f}")
+    if result.surrogate_fit:
+        fit = result.surrogate_fit
+        table.add_row("surrogate held-out R^2", f"{fit['holdout_r2']:.3f}")
+        table.add_row("surrogate held-out MAE", f"{fit['holdout_mae']:.4f}")
+    table.add_row("run folder", str(result.run_dir))
+    console.print(table)
+
+
+@app.command("evaluate-policy")
+def evaluate_policy(
+    run_dir: Annotated[Path, typer.Argument(help="A train-policy run folder.")],
+    snr_db: Annotated[float, typer.Option(help="Es/N0 of every round, dB.")] = 10.0,
+    episodes: Annotated[int, typer.Option(help="Real episodes to play.", min=1)] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the first episode.")] = 10_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Play real episodes (real fine-tuning, real link) at a fixed SNR with a saved policy.
+
+    Writes RUN_DIR/eval/snr<S>dB.json (every round and a summary).
+    """
+    from airlora.data import DataError
+    from airlora.model import ModelError
+    from airlora.train_policy import run_evaluate_policy
+
+    def on_round(row: dict) -> None:
+        if not as_json:
+            ranks = ",".join(str(r) for r in row["rank_vector"])
+            err_console.print(
+                f"episode {row['episode']} round {row['round']}: accuracy {row['accuracy']:.4f}, "
+                f"reward {row['reward']:.4f}, ranks {ranks}"
+            )
+
+    try:
+        summary = run_evaluate_policy(run_dir, snr_db, episodes, seed, on_round)
+    except (DataError, ModelError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    table = Table(
+        show_header=False, title=f"evaluate-policy at {snr_db:g} dB", title_justify="left"
+    )
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in (
+        "method",
+        "episodes",
+        "mean_rank",
+        "mean_reward",
+        "final_accuracy",
+        "mean_payload_params",
+    ):
+        value = summary[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    table.add_row("mean rank vector", " ".join(f"{r:.1f}" for r in summary["mean_rank_vector"]))
+    console.print(table)
+
+
+@bench_app.command("policy")
+def bench_policy_cmd(
+    decisions: Annotated[int, typer.Option(help="Decisions timed.")] = 50,
+    rounds: Annotated[int, typer.Option(help="Real rounds timed.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Wall time of one AirLLM decision (PPO + full DDIM sampling) against one real round."""
+    from airlora.bench.policy import bench_policy
+
+    try:
+        with err_console.status("benchmarking a decision against a real round"):
+            result = bench_policy(decisions=decisions, rounds=rounds)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    _print_bench(result, as_json)
+
+
+@bench_app.command("convergence")
+def bench_convergence_cmd(
+    seeds: Annotated[int, typer.Option(help="Evaluation seeds per method.", min=1)] = 5,
+    budget: Annotated[int, typer.Option(help="Environment steps per run at most.")] = 30_000,
+    search: Annotated[
+        bool, typer.Option(help="Run the hyper-parameter grid for both methods first.")
+    ] = True,
+    ablation: Annotated[
+        bool, typer.Option(help="Also run airllm with the denoiser frozen (coarse only).")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Steps to 95 % of the optimum on the synthetic environment: airllm against ppo."""
+    from airlora.bench.convergence import bench_convergence
+
+    with err_console.status("benchmarking convergence") as status:
+        result = bench_convergence(
+            seeds=seeds,
+            budget=budget,
+            search=search,
+            ablation=ablation,
+            progress=lambda m: status.update(f"benchmarking convergence: {m}"),
+        )
+    _print_bench(result, as_json)
+
+
 def _print_bench(result: dict, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

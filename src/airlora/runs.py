@@ -33,6 +33,10 @@ TRACKED_PACKAGES = (
     "datasets",
     "tokenizers",
     "pydantic",
+    "gymnasium",
+    "stable-baselines3",
+    "diffusers",
+    "scikit-learn",
 )
 
 
@@ -121,7 +125,11 @@ class RunFolder:
         atomic_write_text(self.path / "manifest.json", json.dumps(self._manifest, indent=2) + "\n")
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        self.append_record("metrics.jsonl", record)
+
+    def append_record(self, filename: str, record: dict) -> None:
+        """Append one JSON line to a log file of the run, flushed to disk."""
+        with open(self.path / filename, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, allow_nan=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -15,7 +15,7 @@ model-loss feature goes from 0.8 to 1.6, drawn with the other complexity feature
 factor: deeper layers matter more (x0.75..1.25), earlier ones are more sensitive (x1.3..0.7:
 their errors propagate); W = sum_i w_i. The first term is the diminishing return of rank, the
 second the analog noise on the rebuilt update (it grows with the rank and falls with the SNR, as
-in design section 1), the third the payload cost with the same lambda as the real reward. The
+in design section 1), the third the payload cost (lambda as in the real reward). The
 chance-level accuracy a_chance is left out of the reward, so that 95 % of the optimum means 95 %
 of the achievable improvement over the unadapted model rather than of a constant. The reward is
 separable, so the optimum of every round is found exactly by enumerating 0..r_max per
@@ -66,7 +66,9 @@ class SyntheticRankEnv(gym.Env):
     noise_scale:
         Multiplies the noise term. Default 1.
     env_config:
-        lambda (``cost_weight``) and the observation's SNR scaling. Default ``EnvConfig()``.
+        lambda (``cost_weight``) and the observation's SNR scaling. Default
+        ``EnvConfig(cost_weight=0.5)``: this accuracy proxy spans a wider range than a real
+        round's accuracy, so its cost weight is larger.
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 - gymnasium's convention
@@ -85,7 +87,7 @@ class SyntheticRankEnv(gym.Env):
     ) -> None:
         if r_max <= 0:
             raise ValueError(f"r_max must be positive, got {r_max}")
-        self.config = env_config or EnvConfig()
+        self.config = env_config or EnvConfig(cost_weight=0.5)
         self.r_max = r_max
         self.episode_rounds = episode_rounds
         self.snr_range = (snr_low_db, snr_high_db)

@@ -1,0 +1,187 @@
+"""`airlora train-policy` and `airlora evaluate-policy`, top to bottom.
+
+train-policy: check the inputs by building the real environment (model, data, link), create
+the run folder, optionally log real rounds and fit the surrogate (its held-out R^2 and MAE
+go to the manifest and the console), train the policy on the surrogate or on real rounds
+(episode returns to ``episodes.jsonl``, TensorBoard when asked), save it to ``policy/``.
+
+evaluate-policy: load a saved policy and its run's config, fix the SNR, and play real
+episodes (never the surrogate) greedily; write every round and a summary under
+``RUN_DIR/eval/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from airlora.config import PolicyTrainConfig, load_config
+from airlora.env.real import RankSelectionEnv
+from airlora.env.surrogate import SurrogateEnv, collect_rounds, fit_surrogate
+from airlora.policies import ActionLayout, RankPolicy, load_policy, make_policy
+from airlora.runs import RunFolder, atomic_write_text
+
+POLICY_DIR = "policy"
+EPISODES_FILE = "episodes.jsonl"
+
+
+@dataclass
+class PolicyTrainResult:
+    run_dir: Path
+    policy: RankPolicy
+    episode_returns: list[float]
+    surrogate_fit: dict | None
+
+
+def run_train_policy(
+    config: PolicyTrainConfig,
+    on_status: Callable[[str], None] | None = None,
+    on_steps: Callable[[int], None] | None = None,
+) -> PolicyTrainResult:
+    """Train a rank policy; see the module docstring. Returns the run folder and the policy."""
+    say = on_status or (lambda _m: None)
+    started = time.perf_counter()
+    real = RankSelectionEnv.build(
+        config.data, config.model, config.train, config.link, config.env, config.seed
+    )
+    layout = ActionLayout.of_env(real)
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    name = config.run_name or f"policy-{config.method}-{stamp}-seed{config.seed}"
+    run = RunFolder.create(config.out_dir, name, config, config.seed, kind="train-policy")
+    try:
+        fit = None
+        if config.surrogate is not None:
+            n = config.surrogate.real_episodes
+            say(f"logging {n} real episodes of {real.episode_rounds} rounds for the surrogate")
+            rows = collect_rounds(
+                real,
+                n,
+                seed=config.seed,
+                on_round=lambda r: run.append_record("rounds.jsonl", r.__dict__),
+            )
+            server = real.engine.server
+            per_rank = [p.d_in + p.d_out for p in server.projections]
+            head = server.payload().head_params
+            surrogate = fit_surrogate(
+                rows,
+                layout.projection_names,
+                layout.r_max,
+                per_rank,
+                head,
+                config.link,
+                config.env,
+                config.surrogate.holdout_fraction,
+                config.seed,
+            )
+            surrogate.save(run.path / "surrogate", rows)
+            fit = surrogate.model.metrics
+            say(
+                f"surrogate fit on held-out episodes: R^2 {fit['holdout_r2']:.3f}, "
+                f"MAE {fit['holdout_mae']:.4f} ({fit['holdout_rounds']} rounds)"
+            )
+
+            def make_env(seed: int) -> SurrogateEnv:
+                return SurrogateEnv(
+                    surrogate.model, rows, config.link, config.env, per_rank, head, seed
+                )
+
+            n_envs = config.ppo.n_envs
+        else:
+
+            def make_env(seed: int) -> RankSelectionEnv:
+                return real  # one model in memory: real rounds run one at a time
+
+            n_envs = 1
+
+        policy = make_policy(config.method, layout, config.seed, config.ppo, config.airllm)
+        returns: list[float] = []
+
+        def on_episode(steps: int, episode_return: float) -> None:
+            returns.append(episode_return)
+            run.append_record(
+                EPISODES_FILE, {"steps": steps, "episode": len(returns), "return": episode_return}
+            )
+
+        tensorboard = run.path / "tensorboard" if config.tensorboard else None
+        say(f"training {config.method} for {config.total_steps} environment steps")
+        policy.learn(make_env, config.total_steps, n_envs, on_episode, on_steps, tensorboard)
+        policy.save(run.path / POLICY_DIR)
+        summary = {
+            "episodes": len(returns),
+            "first_returns_mean": _mean(returns[:20]),
+            "last_returns_mean": _mean(returns[-20:]),
+            "surrogate_fit": fit,
+        }
+        run.finish(summary, started)
+    except BaseException as err:
+        run.fail(err)
+        raise
+    return PolicyTrainResult(run.path, policy, returns, fit)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def run_evaluate_policy(
+    run_dir: Path,
+    snr_db: float,
+    episodes: int = 1,
+    seed: int = 10_000,
+    on_round: Callable[[dict], None] | None = None,
+) -> dict:
+    """Play ``episodes`` real episodes at a fixed SNR with the run's saved policy (greedy)."""
+    run_dir = Path(run_dir)
+    if not math.isfinite(snr_db):
+        raise ValueError(f"SNR must be a finite number of dB, got {snr_db}")
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a train-policy run folder (no config.yaml)")
+    config = load_config(config_path, PolicyTrainConfig)
+    policy = load_policy(run_dir / POLICY_DIR)
+    link = config.link.model_copy(update={"snr_process": "fixed", "snr_db": snr_db})
+    env = RankSelectionEnv.build(config.data, config.model, config.train, link, config.env, seed)
+    if list(env.projection_names) != list(policy.layout.projection_names):
+        raise ValueError("the saved policy was trained for other projections than this model's")
+    rounds: list[dict] = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            ranks = policy.act(obs, deterministic=True)
+            obs, reward, done, _, _ = env.step(ranks)
+            row = {"episode": episode, "reward": reward, **env.last_metrics.as_dict()}
+            rounds.append(row)
+            if on_round:
+                on_round(row)
+    ranks = np.asarray([r["rank_vector"] for r in rounds], dtype=np.float64)
+    summary = {
+        "snr_db": snr_db,
+        "episodes": episodes,
+        "method": policy.method,
+        "mean_rank_vector": ranks.mean(axis=0).round(3).tolist(),
+        "mean_rank": float(ranks.mean()),
+        "mean_reward": float(np.mean([r["reward"] for r in rounds])),
+        "final_accuracy": float(
+            np.mean([r["accuracy"] for r in rounds if r["round"] == config.train.rounds])
+        ),
+        "mean_payload_params": float(np.mean([r["payload_params"] for r in rounds])),
+        "projection_names": list(policy.layout.projection_names),
+    }
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    tag = f"snr{snr_db:g}dB"
+    atomic_write_text(
+        out / f"{tag}.json", json.dumps({"summary": summary, "rounds": rounds}, indent=1) + "\n"
+    )
+    return summary

@@ -1,0 +1,255 @@
+"""Policies: the guided DDIM sampler, AirLLM's pieces, baselines, save/load, the commands."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import DDIMScheduler
+from typer.testing import CliRunner
+
+from airlora.cli import app
+from airlora.config import AirLLMConfig, EnvConfig, PPOConfig
+from airlora.env import OBSERVATION_FIELDS, SyntheticRankEnv
+from airlora.env.observation import normalise_snr
+from airlora.policies import (
+    ActionLayout,
+    AirLLMPolicy,
+    DDIMSampler,
+    HeuristicPolicy,
+    RandomPolicy,
+    load_policy,
+    make_policy,
+)
+from airlora.policies.airllm import refinement_gain
+
+runner = CliRunner()
+SMALL_PPO = PPOConfig(n_steps=32, n_envs=2, batch_size=32, n_epochs=2)
+SMALL_AIRLLM = AirLLMConfig(updates_per_phase=20, warm_start_updates=50, inference_steps=5)
+
+
+def _layout() -> ActionLayout:
+    return ActionLayout.of_env(SyntheticRankEnv())
+
+
+# ----------------------------------------------------------------------------- DDIM sampler
+
+
+def test_guidance_weight_zero_equals_the_unconditional_sample():
+    sampler = DDIMSampler(6, 3, AirLLMConfig(train_timesteps=50, inference_steps=10), seed=0)
+    rng = np.random.default_rng(0)
+    sampler.train(rng.uniform(-1, 1, (256, 6)), rng.uniform(-1, 1, (256, 3)), 30, 64)
+    cond = rng.uniform(-1, 1, (8, 3))
+    noise = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    guided_zero = sampler.sample(cond, guidance_weight=0.0, noise=noise)
+    unconditional = sampler.sample(None, n=8, noise=noise)
+    conditional = sampler.sample(cond, guidance_weight=1.0, noise=noise)
+    assert torch.equal(guided_zero, unconditional)
+    assert not torch.allclose(conditional, unconditional)
+
+
+def test_sampler_follows_diffusers_ddim_schedule():
+    """One guided step of our sampler is exactly DDIMScheduler.step on the mixed prediction."""
+    cfg = AirLLMConfig(train_timesteps=40, inference_steps=1, guidance_weight=2.0)
+    sampler = DDIMSampler(4, 2, cfg, seed=0)
+    cond = torch.ones(3, 2)
+    noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    ours = sampler.sample(cond, noise=noise)
+    ref = DDIMScheduler(
+        num_train_timesteps=40,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=True,
+        set_alpha_to_one=True,
+    )
+    ref.set_timesteps(1)
+    t = int(ref.timesteps[0])
+    tt = torch.full((3,), t)
+    with torch.no_grad():
+        eps_u = sampler.denoiser(noise, tt, cond, torch.zeros(3))
+        eps_c = sampler.denoiser(noise, tt, cond, torch.ones(3))
+    expected = ref.step(eps_u + 2.0 * (eps_c - eps_u), t, noise).prev_sample.clamp(-1, 1)
+    assert torch.allclose(ours, expected, atol=1e-6)
+
+
+def test_trained_denoiser_recovers_a_conditional_distribution():
+    sampler = DDIMSampler(4, 1, AirLLMConfig(guidance_weight=1.0), seed=0)
+    rng = np.random.default_rng(0)
+    cond = rng.choice([-1.0, 1.0], size=(4000, 1))
+    x0 = np.clip(0.5 * cond + 0.1 * rng.standard_normal((4000, 4)), -1, 1)
+    sampler.train(x0, cond, 1200, 256)
+    for c in (-1.0, 1.0):
+        out = sampler.sample(np.full((400, 1), c)).numpy()
+        assert np.abs(out.mean(axis=0) - 0.5 * c).max() < 0.08
+        assert 0.03 < out.std(axis=0).mean() < 0.2
+    both = sampler.sample(None, n=800).numpy()[:, 0]
+    assert 0.3 < (both > 0).mean() < 0.7  # the unconditional model keeps both modes
+
+
+# ----------------------------------------------------------------------------- AirLLM parts
+
+
+def test_coarse_levels_expand_and_residuals_only_redistribute():
+    policy = AirLLMPolicy(_layout(), seed=0, ppo=SMALL_PPO, airllm=SMALL_AIRLLM)
+    assert len(policy.group_names) == 8  # 4 types x 2 depth bands
+    coarse = np.arange(8)[None, :]
+    expanded = policy.expand(coarse)[0]
+    assert expanded.shape == (24,)
+    assert set(expanded[policy.group_index == 3]) == {3}
+    x = np.random.default_rng(0).normal(size=(5, 24))
+    centred = policy.center(x)
+    for g in range(8):
+        assert np.allclose(centred[:, policy.group_index == g].mean(axis=1), 0.0)
+
+
+def test_refinement_gain_finds_the_residual_that_earned_reward():
+    rng = np.random.default_rng(0)
+    cond = rng.uniform(-1, 1, (3000, 5))
+    residual = rng.normal(0, 0.2, (3000, 6))
+    # The state explains most of the reward; the residual's first entry adds a little.
+    reward = np.sin(3 * cond[:, 0]) + cond[:, 1] ** 2 + 0.3 * residual[:, 0]
+    true_gain = 0.3 * residual[:, 0]
+    gain = refinement_gain(cond, residual, reward)
+    k = 600
+    elite = np.argsort(gain)[-k:]
+    best_possible = np.sort(true_gain)[-k:].mean()
+    # The quadratic fit misses sin(3x); the elite still earns most of the attainable gain,
+    # where ranking by raw reward would pick states, not residuals.
+    assert true_gain[elite].mean() > 0.6 * best_possible
+    by_reward = np.argsort(reward)[-k:]
+    assert true_gain[by_reward].mean() < 0.3 * best_possible
+
+
+def test_airllm_learns_on_the_synthetic_env_and_round_trips(tmp_path, monkeypatch):
+    policy = make_policy("airllm", _layout(), 0, SMALL_PPO, SMALL_AIRLLM)
+    log = policy.learn(lambda s: SyntheticRankEnv(), 256, n_envs=2)
+    assert len(log.episode_returns) >= 20 and len(policy.buffer) == 256
+    assert policy.denoiser_losses and np.isfinite(policy.denoiser_losses).all()
+    obs = np.stack([SyntheticRankEnv().reset(seed=i)[0] for i in range(4)])
+    before = policy.act_batch(obs)
+    assert before.shape == (4, 24) and before.min() >= 0 and before.max() <= 8
+    folder = policy.save(tmp_path / "p")
+    assert {"policy.json", "ppo.zip", "denoiser.safetensors"} <= {p.name for p in folder.iterdir()}
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("loading a policy must not unpickle anything")
+
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    loaded = load_policy(folder)
+    assert isinstance(loaded, AirLLMPolicy)
+    assert np.array_equal(loaded.act_batch(obs), before)
+
+
+def test_ppo_round_trips(tmp_path):
+    policy = make_policy("ppo", _layout(), 0, SMALL_PPO)
+    policy.learn(lambda s: SyntheticRankEnv(), 64, n_envs=2)
+    obs = np.stack([SyntheticRankEnv().reset(seed=i)[0] for i in range(3)])
+    loaded = load_policy(policy.save(tmp_path / "ppo"))
+    assert np.array_equal(loaded.act_batch(obs), policy.act_batch(obs))
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_heuristic_rank_grows_with_the_channel_rate():
+    layout = _layout()
+    policy = HeuristicPolicy(layout)
+    obs = np.zeros((3, len(OBSERVATION_FIELDS)), np.float32)
+    for i, snr in enumerate((0.0, 10.0, 20.0)):
+        obs[i, 0] = normalise_snr(snr, layout.env)
+    ranks = policy.act_batch(obs)
+    assert ranks[0, 0] < ranks[1, 0] < ranks[2, 0] == layout.r_max
+    assert (ranks == ranks[:, :1]).all()
+    random_ranks = RandomPolicy(layout, seed=1).act_batch(np.zeros((50, 10)))
+    assert random_ranks.min() == 0 and random_ranks.max() == layout.r_max
+
+
+def test_unknown_method_and_missing_policy_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="unknown policy method 'bogus'"):
+        make_policy("bogus", _layout())
+    with pytest.raises(FileNotFoundError, match=r"policy\.json"):
+        load_policy(tmp_path)
+    (tmp_path / "policy.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid saved policy"):
+        load_policy(tmp_path)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _policy_config(tiny_finetune_config, tmp_path, **extra):
+    cfg = tiny_finetune_config
+    data = cfg.data.model_dump(mode="json")
+    body = {
+        "method": "airllm",
+        "data": data,
+        "model": cfg.model.model_dump(mode="json"),
+        "train": {"rounds": 3, "steps_per_round": 2, "warmup_steps": 0},
+        "link": {"scheme": "analog", "snr_process": "uniform", "snr_low_db": 0, "snr_high_db": 20},
+        "ppo": SMALL_PPO.model_dump(),
+        "airllm": SMALL_AIRLLM.model_dump(),
+        "total_steps": 64,
+        "out_dir": str(tmp_path / "runs"),
+        "run_name": "pol",
+        **extra,
+    }
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_train_policy_with_surrogate_then_evaluate(tiny_finetune_config, tmp_path):
+    config = _policy_config(tiny_finetune_config, tmp_path)
+    result = runner.invoke(
+        app,
+        [
+            "train-policy",
+            "--config",
+            str(config),
+            "--surrogate",
+            "--surrogate-episodes",
+            "3",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "pol"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    fit = manifest["summary"]["surrogate_fit"]
+    assert "holdout_r2" in fit and "holdout_mae" in fit
+    assert "surrogate held-out R^2" in result.output
+    episodes = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
+    assert len(episodes) >= 10 and all(np.isfinite(e["return"]) for e in episodes)
+    assert len((run / "rounds.jsonl").read_text().splitlines()) == 3 * 3
+    result = runner.invoke(app, ["evaluate-policy", str(run), "--snr-db", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["method"] == "airllm" and len(summary["mean_rank_vector"]) == 8
+    saved = json.loads((run / "eval" / "snr0dB.json").read_text())
+    assert len(saved["rounds"]) == 3 and all(r["snr_db"] == 0.0 for r in saved["rounds"])
+
+
+def test_train_policy_bad_input_leaves_no_run_folder(tiny_finetune_config, tmp_path):
+    config = _policy_config(tiny_finetune_config, tmp_path)
+    result = runner.invoke(app, ["train-policy", "--config", str(config), "--method", "bogus"])
+    assert result.exit_code == 2
+    assert "method" in result.output
+    result = runner.invoke(app, ["train-policy", "--config", str(config), "--rmax", "0"])
+    assert result.exit_code == 2 and "r_max" in result.output
+    result = runner.invoke(
+        app, ["train-policy", "--config", str(config), "--model", str(tmp_path / "nope")]
+    )
+    assert result.exit_code == 2 and "nope" in result.output
+    assert not (tmp_path / "runs" / "pol").exists()
+    result = runner.invoke(app, ["evaluate-policy", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "config.yaml" in result.output
+
+
+def test_cost_weight_is_reported_in_the_env_config():
+    assert EnvConfig().cost_weight == pytest.approx(0.1)
+    assert SyntheticRankEnv().config.cost_weight == pytest.approx(0.5)
