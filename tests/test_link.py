@@ -416,3 +416,28 @@ def test_bench_link_format():
     assert {"name", "unit", "project", "peer", "ratio", "details"} <= set(r)
     assert r["ratio"] == pytest.approx(r["project"] / r["peer"])
     assert r["details"]["naive_numpy_mbit_s"] > 0
+
+
+def test_expected_delivery_matches_simulated_erasures():
+    """The theory-based delivery share (used by the surrogate) against measured erasures."""
+    from airlora.link import WirelessLink
+
+    cfg = LinkConfig(
+        scheme="digital", modulation="qpsk", packet_bits=1024, snr_db=9.0, deadline_s=0.03
+    )
+    link = WirelessLink(cfg, seed=3)
+    rng = np.random.default_rng(0)
+    sizes = [3000, 5000, 4000]
+    tensors = {
+        f"t{i}": torch.as_tensor(rng.uniform(0.5, 1.0, n).astype(np.float32))
+        for i, n in enumerate(sizes)
+    }
+    delivered = np.zeros(3)
+    runs = 40
+    for _ in range(runs):
+        received, _ = link.transmit(tensors, 9.0)
+        for i, name in enumerate(tensors):
+            delivered[i] += float((received[name] != 0).float().mean())
+    expected = link.expected_delivery(sizes, 9.0)
+    assert expected[0] > expected[1] > expected[2] >= 0.0  # the deadline cuts the tail
+    assert np.allclose(delivered / runs, expected, atol=0.05)

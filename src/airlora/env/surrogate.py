@@ -4,8 +4,9 @@ Real rounds are slow on a CPU, so policies may train against a model of them, as
 does (design section 3). :func:`collect_rounds` logs real rounds with exploratory rank vectors;
 :class:`AccuracyModel` fits the edge accuracy from (ranks, SNR, complexity, round, last
 accuracy) with a ridge regression on features that follow the link physics (per-group mean
-ranks, their squares and their products with the noise level 1 / (1 + SNR)), and reports its
-R^2 and mean absolute error on held-out episodes every time it is fitted;
+ranks sent; per-group mean ranks *delivered*, from the link's expected packet survival and
+deadline, with their squares and their products with the noise level 1 / (1 + SNR)), and
+reports its R^2 and mean absolute error on held-out episodes every time it is fitted;
 :class:`SurrogateEnv` replays logged complexity sequences, draws SNRs from the link's
 process and predicts the accuracy. Final numbers are never taken from it.
 
@@ -126,6 +127,22 @@ def read_rounds(path: Path) -> list[LoggedRound]:
     return rows
 
 
+Delivery = Callable[[Sequence[int], float], np.ndarray]
+"""Expected delivered share of each item of a stream (sizes, SNR in dB): see
+:meth:`airlora.link.WirelessLink.expected_delivery`."""
+
+
+def link_delivery(link_config: LinkConfig) -> Delivery | None:
+    """The link's expected-delivery function, or None where everything arrives (perfect,
+    coded)."""
+    if link_config.scheme not in ("analog", "digital"):
+        return None
+    from airlora.link import WirelessLink
+
+    link = WirelessLink(link_config, seed=0)
+    return link.expected_delivery
+
+
 class AccuracyModel:
     """Ridge regression of the edge accuracy on physics-shaped features (module docstring).
 
@@ -133,12 +150,28 @@ class AccuracyModel:
     ----------
     projection_names: the adapted projections, in rank-vector order (they define the groups).
     r_max: largest rank.
+    params_per_rank: d_in + d_out of each projection (its parameters per unit of rank).
+    delivery: the link's expected delivered share per projection (packet losses, deadline);
+        the model then also sees the *delivered* ranks. Default: everything arrives.
     alpha: ridge penalty on standardised features. Default 1.
     """
 
-    def __init__(self, projection_names: Sequence[str], r_max: int, alpha: float = 1.0) -> None:
+    def __init__(
+        self,
+        projection_names: Sequence[str],
+        r_max: int,
+        params_per_rank: Sequence[int] | None = None,
+        delivery: Delivery | None = None,
+        alpha: float = 1.0,
+    ) -> None:
         self.projection_names = list(projection_names)
         self.r_max = r_max
+        self.params_per_rank = (
+            np.ones(len(self.projection_names), np.int64)
+            if params_per_rank is None
+            else np.asarray(params_per_rank, np.int64)
+        )
+        self.delivery = delivery
         _, groups = projection_groups(self.projection_names, depth_bands=2)
         self.group_index = np.asarray(groups)
         self.n_groups = int(self.group_index.max()) + 1
@@ -153,18 +186,28 @@ class AccuracyModel:
         progress: np.ndarray,
         previous_accuracy: np.ndarray,
     ) -> np.ndarray:
-        ranks = np.asarray(ranks, np.float64).reshape(len(snr_db), -1) / self.r_max
-        counts = np.bincount(self.group_index, minlength=self.n_groups)
-        group_mean = np.zeros((len(ranks), self.n_groups))
-        np.add.at(group_mean.T, self.group_index, ranks.T)
-        group_mean /= counts
-        noise = 1.0 / (1.0 + 10.0 ** (np.asarray(snr_db, np.float64) / 10.0))
+        snr_db = np.asarray(snr_db, np.float64)
+        raw = np.asarray(ranks, np.float64).reshape(len(snr_db), -1)
+        if self.delivery is None:
+            delivered = raw
+        else:
+            delivered = np.stack(
+                [
+                    r * self.delivery(r * self.params_per_rank, s)
+                    for r, s in zip(raw, snr_db, strict=True)
+                ]
+            )
+        ranks = raw / self.r_max
+        group_mean = self._group_mean(ranks)
+        got = self._group_mean(delivered / self.r_max)
+        noise = 1.0 / (1.0 + 10.0 ** (snr_db / 10.0))
         comp = np.nan_to_num(np.asarray(complexity, np.float64))
         return np.column_stack(
             [
                 group_mean,
-                group_mean**2,
-                group_mean * noise[:, None],
+                got,
+                got**2,
+                got * noise[:, None],
                 ranks.mean(axis=1) * noise,
                 noise,
                 comp,
@@ -172,6 +215,12 @@ class AccuracyModel:
                 previous_accuracy,
             ]
         )
+
+    def _group_mean(self, ranks: np.ndarray) -> np.ndarray:
+        counts = np.bincount(self.group_index, minlength=self.n_groups)
+        out = np.zeros((len(ranks), self.n_groups))
+        np.add.at(out.T, self.group_index, ranks.T)
+        return out / counts
 
     def _xy(self, rows: Sequence[LoggedRound]) -> tuple[np.ndarray, np.ndarray]:
         x = self.features(
@@ -348,7 +397,7 @@ def fit_surrogate(
     seed: int = 0,
 ) -> SurrogateEnv:
     """Fit the accuracy model on logged rounds (reporting its held-out fit) and wrap it."""
-    model = AccuracyModel(projection_names, r_max)
+    model = AccuracyModel(projection_names, r_max, params_per_rank, link_delivery(link_config))
     model.fit(rows, holdout_fraction)
     if not all(math.isfinite(v) for k, v in model.metrics.items() if k.startswith("holdout_mae")):
         raise ValueError("the surrogate fit produced a non-finite error")
