@@ -165,3 +165,12 @@ def test_projection_groups_by_type_and_depth_band():
     assert len(groups) == 4 and index == [0, 1, 0, 1, 2, 3, 2, 3]
     with pytest.raises(ValueError, match="depth_bands"):
         projection_groups(names, depth_bands=0)
+
+
+def test_partial_nested_section_keeps_the_section_default():
+    from airlora.config import PolicyTrainConfig
+
+    config = PolicyTrainConfig.model_validate({"train": {"threads": 1}, "link": {"snr_low_db": 0}})
+    assert config.train.rounds == 5 and config.train.threads == 1
+    assert config.link.scheme == "digital" and config.link.deadline_s == 0.25
+    assert config.link.snr_low_db == 0.0

@@ -20,6 +20,21 @@ class _Strict(BaseModel):
     # Unknown keys are a typo in a YAML file far more often than a feature request.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_nested_defaults(cls, data: object) -> object:
+        """A partial mapping for a nested section overrides the section's own default (say
+        ``train: {threads: 1}`` keeps a policy run's 5-round episodes) instead of replacing
+        it with the section class's defaults."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            default = field.default
+            if isinstance(default, BaseModel) and isinstance(out.get(name), dict):
+                out[name] = {**default.model_dump(exclude_unset=True), **out[name]}
+        return out
+
 
 class DataConfig(_Strict):
     """Where the task comes from and how it is cut and batched.
@@ -467,7 +482,14 @@ class PolicyTrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig(rounds=5, steps_per_round=8, warmup_steps=4)
     link: LinkConfig = LinkConfig(
-        scheme="analog", snr_process="uniform", snr_low_db=-5.0, snr_high_db=25.0
+        scheme="digital",
+        modulation="adaptive",
+        target_ber=1e-4,
+        packet_bits=1024,
+        deadline_s=0.25,
+        snr_process="uniform",
+        snr_low_db=-5.0,
+        snr_high_db=25.0,
     )
     env: EnvConfig = EnvConfig()
     ppo: PPOConfig = PPOConfig()
