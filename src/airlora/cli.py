@@ -406,6 +406,12 @@ def train_policy(
     surrogate_episodes: Annotated[
         int | None, typer.Option(help="Real episodes logged to fit the surrogate. [8]")
     ] = None,
+    surrogate_rounds: Annotated[
+        Path | None,
+        typer.Option(
+            help="rounds.jsonl of an earlier run to fit the surrogate on (no new logging)."
+        ),
+    ] = None,
     total_steps: Annotated[
         int | None, typer.Option(help="Environment steps (rounds) of training. [20000]")
     ] = None,
@@ -480,10 +486,12 @@ def train_policy(
         _set(base, path, value)
     if tensorboard:
         base["tensorboard"] = True
-    if surrogate is True or surrogate_episodes is not None:
+    if surrogate is True or surrogate_episodes is not None or surrogate_rounds is not None:
         sur = base.get("surrogate") or {}
         if surrogate_episodes is not None:
             sur["real_episodes"] = surrogate_episodes
+        if surrogate_rounds is not None:
+            sur["rounds_file"] = str(surrogate_rounds)
         base["surrogate"] = sur
     elif surrogate is False:
         base["surrogate"] = None

@@ -460,9 +460,13 @@ class SurrogateConfig(_Strict):
         process). Default 8.
     holdout_fraction:
         Share of logged episodes held out to report R^2 and mean absolute error. Default 0.25.
+    rounds_file:
+        A ``rounds.jsonl`` logged by an earlier run (same model and r_max) to fit on instead of
+        logging new real episodes. Default none.
     """
 
     real_episodes: int = Field(default=8, ge=2)
+    rounds_file: Path | None = None
     holdout_fraction: float = Field(default=0.25, gt=0, lt=1)
 
 

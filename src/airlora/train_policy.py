@@ -24,7 +24,13 @@ import numpy as np
 
 from airlora.config import PolicyTrainConfig, load_config
 from airlora.env.real import RankSelectionEnv
-from airlora.env.surrogate import SurrogateEnv, collect_rounds, fit_surrogate
+from airlora.env.surrogate import (
+    LoggedRound,
+    SurrogateEnv,
+    collect_rounds,
+    fit_surrogate,
+    read_rounds,
+)
 from airlora.policies import ActionLayout, RankPolicy, load_policy, make_policy
 from airlora.runs import RunFolder, atomic_write_text
 
@@ -58,14 +64,19 @@ def run_train_policy(
     try:
         fit = None
         if config.surrogate is not None:
-            n = config.surrogate.real_episodes
-            say(f"logging {n} real episodes of {real.episode_rounds} rounds for the surrogate")
-            rows = collect_rounds(
-                real,
-                n,
-                seed=config.seed,
-                on_round=lambda r: run.append_record("rounds.jsonl", r.__dict__),
-            )
+            if config.surrogate.rounds_file is not None:
+                rows = read_rounds(config.surrogate.rounds_file)
+                _check_rounds(rows, layout)
+                say(f"surrogate: {len(rows)} rounds from {config.surrogate.rounds_file}")
+            else:
+                n = config.surrogate.real_episodes
+                say(f"logging {n} real episodes of {real.episode_rounds} rounds for the surrogate")
+                rows = collect_rounds(
+                    real,
+                    n,
+                    seed=config.seed,
+                    on_round=lambda r: run.append_record("rounds.jsonl", r.__dict__),
+                )
             server = real.engine.server
             per_rank = [p.d_in + p.d_out for p in server.projections]
             head = server.payload().head_params
@@ -124,6 +135,19 @@ def run_train_policy(
         run.fail(err)
         raise
     return PolicyTrainResult(run.path, policy, returns, fit)
+
+
+def _check_rounds(rows: list[LoggedRound], layout: ActionLayout) -> None:
+    bad = [
+        r
+        for r in rows
+        if len(r.rank_vector) != layout.num_projections or max(r.rank_vector) > layout.r_max
+    ]
+    if bad:
+        raise ValueError(
+            f"logged rounds do not fit this model: {len(bad)} rank vectors are not "
+            f"{layout.num_projections} ranks in 0..{layout.r_max}"
+        )
 
 
 def _mean(xs: list[float]) -> float | None:
