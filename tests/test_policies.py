@@ -213,6 +213,7 @@ def test_train_policy_with_surrogate_then_evaluate(tiny_finetune_config, tmp_pat
             "--surrogate",
             "--surrogate-episodes",
             "3",
+            "--tensorboard",
             "--quiet",
         ],
     )
@@ -226,12 +227,33 @@ def test_train_policy_with_surrogate_then_evaluate(tiny_finetune_config, tmp_pat
     episodes = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) >= 10 and all(np.isfinite(e["return"]) for e in episodes)
     assert len((run / "rounds.jsonl").read_text().splitlines()) == 3 * 3
+    assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
     result = runner.invoke(app, ["evaluate-policy", str(run), "--snr-db", "0", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["method"] == "airllm" and len(summary["mean_rank_vector"]) == 8
     saved = json.loads((run / "eval" / "snr0dB.json").read_text())
     assert len(saved["rounds"]) == 3 and all(r["snr_db"] == 0.0 for r in saved["rounds"])
+    # A second policy fits its surrogate on the logged rounds instead of logging new ones.
+    again = [
+        "train-policy",
+        "--config",
+        str(config),
+        "--method",
+        "ppo",
+        "--run-name",
+        "pol2",
+        "--surrogate-rounds",
+        str(run / "rounds.jsonl"),
+        "--quiet",
+    ]
+    result = runner.invoke(app, again)
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "runs" / "pol2" / "rounds.jsonl").exists()
+    assert (tmp_path / "runs" / "pol2" / "policy" / "ppo.zip").is_file()
+    result = runner.invoke(app, [*again, "--run-name", "pol3", "--rmax", "2"])
+    assert result.exit_code == 2 and "do not fit this model" in result.output
+    assert not (tmp_path / "runs" / "pol3").exists()
 
 
 def test_train_policy_bad_input_leaves_no_run_folder(tiny_finetune_config, tmp_path):

@@ -58,15 +58,18 @@ def run_train_policy(
         config.data, config.model, config.train, config.link, config.env, config.seed
     )
     layout = ActionLayout.of_env(real)
+    reused = None
+    if config.surrogate is not None and config.surrogate.rounds_file is not None:
+        reused = read_rounds(config.surrogate.rounds_file)
+        _check_rounds(reused, layout)  # before the run folder exists: bad input leaves nothing
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     name = config.run_name or f"policy-{config.method}-{stamp}-seed{config.seed}"
     run = RunFolder.create(config.out_dir, name, config, config.seed, kind="train-policy")
     try:
         fit = None
         if config.surrogate is not None:
-            if config.surrogate.rounds_file is not None:
-                rows = read_rounds(config.surrogate.rounds_file)
-                _check_rounds(rows, layout)
+            if reused is not None:
+                rows = reused
                 say(f"surrogate: {len(rows)} rounds from {config.surrogate.rounds_file}")
             else:
                 n = config.surrogate.real_episodes
