@@ -93,6 +93,36 @@ class DataConfig(_Strict):
         return Path(env) if env else None
 
 
+class AdaLoRASettings(_Strict):
+    """PEFT AdaLoRA's budget schedule, for ``ModelConfig.adapter = "adalora"``.
+
+    Parameters
+    ----------
+    target_rank:
+        Average rank per projection at the end of the schedule (PEFT's ``target_r``); the start
+        is ``r_max``. Default: half of r_max.
+    tinit_fraction, tfinal_fraction:
+        Shares of the episode's training steps before pruning starts and after it ends (PEFT's
+        ``tinit`` and ``tfinal``). Defaults 0.1 and 0.2.
+    delta_t:
+        Steps between two budget allocations. Default 1.
+    orth_reg_weight:
+        Weight of the orthogonality penalty on P and Q. Default 0.5.
+    """
+
+    target_rank: int | None = Field(default=None, gt=0)
+    tinit_fraction: float = Field(default=0.1, ge=0, lt=1)
+    tfinal_fraction: float = Field(default=0.2, ge=0, lt=1)
+    delta_t: int = Field(default=1, ge=1)
+    orth_reg_weight: float = Field(default=0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _phases(self) -> AdaLoRASettings:
+        if self.tinit_fraction + self.tfinal_fraction >= 1:
+            raise ValueError("tinit_fraction + tfinal_fraction must stay below 1")
+        return self
+
+
 class ModelConfig(_Strict):
     """The base model and its LoRA adapters.
 
@@ -112,6 +142,11 @@ class ModelConfig(_Strict):
     target_modules:
         Module-name suffixes to adapt; default: found from the model type (query/key/value/output
         projections of attention).
+    adapter:
+        ``lora`` (rank-masked LoRA; ranks set from outside, by a fixed rank or a policy) or
+        ``adalora`` (PEFT's AdaLoRA at the same r_max, allocating its own ranks). Default lora.
+    adalora:
+        AdaLoRA's budget schedule (:class:`AdaLoRASettings`).
     """
 
     name_or_path: str = "default"
@@ -119,6 +154,15 @@ class ModelConfig(_Strict):
     lora_alpha: float = Field(default=16.0, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = None
+    adapter: Literal["lora", "adalora"] = "lora"
+    adalora: AdaLoRASettings = AdaLoRASettings()
+
+    @model_validator(mode="after")
+    def _adalora_target(self) -> ModelConfig:
+        target = self.adalora.target_rank
+        if target is not None and target > self.r_max:
+            raise ValueError(f"adalora.target_rank {target} exceeds r_max {self.r_max}")
+        return self
 
 
 class TrainConfig(_Strict):

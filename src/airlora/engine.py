@@ -213,12 +213,8 @@ class RoundEngine:
         loaded = load_model(model.name_or_path, task.num_labels, seed)
         encoded = encode_task(task, loaded.tokenizer, data)
         edge_base = copy.deepcopy(loaded.model)
-        server = RankedLoRAModel.from_base(
-            loaded.model, model.r_max, model.lora_alpha, model.lora_dropout, model.target_modules
-        )
-        edge = RankedLoRAModel.from_base(
-            edge_base, model.r_max, model.lora_alpha, 0.0, model.target_modules
-        )
+        server = build_adapter(loaded.model, model, train, model.lora_dropout)
+        edge = build_adapter(edge_base, model, train, 0.0)
         tok = loaded.tokenizer
         return cls(
             server,
@@ -275,8 +271,9 @@ class RoundEngine:
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
+            # Before zero_grad: AdaLoRA scores importance from the gradients.
+            self.server.after_optimizer_step(self.steps_done)
             self.optimizer.zero_grad(set_to_none=True)
-            self.server.restore_inactive()
             losses.append(float(loss.detach()))
             self.steps_done += 1
         return float(np.mean(losses))
@@ -294,9 +291,18 @@ class RoundEngine:
             loss_sum += float(out.loss) * len(index)
         return correct / len(split), loss_sum / len(split)
 
-    def run_round(self, rank_vector: Sequence[int], snr_db: float) -> RoundMetrics:
-        """One full round with the given ranks at the given SNR (Es/N0, dB)."""
-        ranks = self.server.check_rank_vector(rank_vector)
+    def run_round(self, rank_vector: Sequence[int] | None, snr_db: float) -> RoundMetrics:
+        """One full round with the given ranks at the given SNR (Es/N0, dB).
+
+        An adapter that allocates its own ranks (AdaLoRA) takes ``None``; the ranks it keeps
+        after the round's training are the ones sent and reported.
+        """
+        if self.server.chooses_ranks:
+            ranks = self.server.rank_vector
+        else:
+            if rank_vector is None:
+                raise ValueError("this adapter needs a rank vector")
+            ranks = self.server.check_rank_vector(rank_vector)
         complexity = self.observe_round()
         batches, self._pending = self._pending, None
         assert batches is not None
@@ -308,6 +314,8 @@ class RoundEngine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.episode_seed * 100_003 + self.round_index)
             train_loss = self.train_steps(batches)
+        if self.server.chooses_ranks:
+            ranks = self.server.rank_vector
         train_time = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -343,6 +351,30 @@ class RoundEngine:
             eval_time_s=eval_time,
             link=_link_dict(report),
         )
+
+
+def build_adapter(base, model: ModelConfig, train: TrainConfig, dropout: float):
+    """The adapter a model config asks for: rank-masked LoRA or PEFT AdaLoRA."""
+    if model.adapter == "adalora":
+        from airlora.model.adalora import AdaLoRAModel
+
+        total = train.rounds * train.steps_per_round
+        ada = model.adalora
+        return AdaLoRAModel.from_base(
+            base,
+            model.r_max,
+            ada.target_rank or max(1, model.r_max // 2),
+            total,
+            model.lora_alpha,
+            model.target_modules,
+            tinit=int(ada.tinit_fraction * total),
+            tfinal=int(ada.tfinal_fraction * total),
+            delta_t=ada.delta_t,
+            orth_reg_weight=ada.orth_reg_weight,
+        )
+    return RankedLoRAModel.from_base(
+        base, model.r_max, model.lora_alpha, dropout, model.target_modules
+    )
 
 
 def _finite(x: float) -> float | None:

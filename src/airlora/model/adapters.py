@@ -211,6 +211,12 @@ class RankedLoRAModel:
             a.rank_mask[:r] = 1.0
         self._ranks = ranks
 
+    chooses_ranks = False  # the caller sets the rank vector (AdaLoRA sets its own)
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        """Called by the engine after every optimiser step, before gradients are cleared."""
+        self.restore_inactive()
+
     @torch.no_grad()
     def restore_inactive(self) -> None:
         """Undo whatever an optimiser step did to inactive components."""
