@@ -387,6 +387,128 @@ def link_plot(
     console.print(f"wrote {path}")
 
 
+@app.command("run")
+def run_cmd(
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="YAML file with a RunConfig.")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="airllm, ppo, lora, adalora, random or heuristic. [lora]")
+    ] = None,
+    rmax: Annotated[int | None, typer.Option(help="r_max: largest rank. [8]")] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="lora: rank of every projection. [r_max]")
+    ] = None,
+    adalora_target_rank: Annotated[
+        int | None, typer.Option(help="adalora: average rank at the end. [r_max / 2]")
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="airllm / ppo: a saved policy folder (train-policy).")
+    ] = None,
+    snr_db: Annotated[
+        float | None, typer.Option(help="Fixed SNR (Es/N0) of every round, dB.")
+    ] = None,
+    snr_process: Annotated[
+        str | None, typer.Option(help="fixed, uniform, gauss_markov or trace. [uniform]")
+    ] = None,
+    snr_low_db: Annotated[float | None, typer.Option(help="Uniform SNR low end, dB.")] = None,
+    snr_high_db: Annotated[float | None, typer.Option(help="Uniform SNR high end, dB.")] = None,
+    snr_trace: Annotated[Path | None, typer.Option(help="CSV of per-round SNRs, dB.")] = None,
+    link: Annotated[
+        str | None, typer.Option(help="perfect, analog, digital or coded. [digital]")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds T. [5]")] = None,
+    steps_per_round: Annotated[int | None, typer.Option(help="Steps K per round. [8]")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="'default', a model folder or a hub id.")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Data set (see finetune --help).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help=f"Folder of local data copies [env: {DATA_DIR_ENV}].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed. [0]")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
+    test: Annotated[
+        bool, typer.Option("--test", help="Also score the edge's final model on the test split.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Name of this run's folder.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """One real episode of one method through the shared engine, link and edge evaluation.
+
+    The run folder holds config.yaml, metrics.jsonl (one line per round: ranks, accuracy,
+    payload, link report, decision / training / airtime latency), manifest.json and adapter/.
+    """
+    from airlora.config import RunConfig
+
+    try:
+        base = read_yaml_mapping(config_file) if config_file else {}
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    if snr_db is not None and snr_process is None:
+        snr_process = "fixed"
+    for path, value in [
+        ("method", method),
+        ("model.r_max", rmax),
+        ("rank", rank),
+        ("model.adalora.target_rank", adalora_target_rank),
+        ("policy", policy),
+        ("link.snr_db", snr_db),
+        ("link.snr_process", snr_process),
+        ("link.snr_low_db", snr_low_db),
+        ("link.snr_high_db", snr_high_db),
+        ("link.snr_trace", snr_trace),
+        ("link.scheme", link),
+        ("train.rounds", rounds),
+        ("train.steps_per_round", steps_per_round),
+        ("model.name_or_path", model),
+        ("data.source", data),
+        ("data.data_dir", data_dir),
+        ("seed", seed),
+        ("train.threads", threads),
+        ("out_dir", out),
+        ("run_name", run_name),
+    ]:
+        _set(base, path, value)
+    if test:
+        base["final_test"] = True
+    try:
+        config = RunConfig.model_validate(base)
+    except ValidationError as err:
+        raise _fail(_config_errors(err)) from err
+
+    from types import SimpleNamespace
+
+    from airlora.data import DataError
+    from airlora.experiment import run_episode
+    from airlora.model import ModelError
+
+    progress = Progress(
+        TextColumn(f"[bold]run {config.method}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rounds"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+    )
+    try:
+        with progress:
+            task = progress.add_task("rounds", total=config.train.rounds)
+            result = run_episode(config, on_round=lambda _r: progress.advance(task))
+    except (DataError, ModelError, FileExistsError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    console.print(_round_table([SimpleNamespace(**r) for r in result.rounds]))
+    table = Table(show_header=False, title="Summary", title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in result.summary.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else f"{value:,}")
+    table.add_row("run folder", str(result.run_dir))
+    console.print(table)
+
+
 @app.command("train-policy")
 def train_policy(
     config_file: Annotated[

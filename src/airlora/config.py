@@ -400,12 +400,16 @@ class EnvConfig(_Strict):
     snr_norm_low_db, snr_norm_high_db:
         SNR range mapped to [-1, 1] in the observation (values outside go beyond, clipped at
         +-3). Default -10 and 30 dB.
+    use_complexity:
+        Put the complexity features in the observation; false zeroes them (an ablation).
+        Default true.
     """
 
     cost_weight: float = Field(default=0.1, ge=0)
     reward_form: Literal["accuracy", "gain"] = "accuracy"
     snr_norm_low_db: float = -10.0
     snr_norm_high_db: float = 30.0
+    use_complexity: bool = True
 
     @model_validator(mode="after")
     def _range(self) -> EnvConfig:
@@ -438,6 +442,9 @@ class AirLLMConfig(_Strict):
 
     Parameters
     ----------
+    use_denoiser:
+        False: the rank vector is the coarse decision expanded to its groups, with no
+        denoiser (an ablation). Default true.
     depth_bands:
         The coarse decision is one rank level per (projection type, depth band); the layers
         are cut into this many contiguous bands. Default 2.
@@ -472,6 +479,7 @@ class AirLLMConfig(_Strict):
         PPO rollouts (each ``n_steps * n_envs`` steps) between two denoiser phases. Default 1.
     """
 
+    use_denoiser: bool = True
     depth_bands: int = Field(default=2, ge=1)
     train_timesteps: int = Field(default=100, ge=2)
     inference_steps: int = Field(default=10, ge=1)
@@ -548,3 +556,44 @@ class PolicyTrainConfig(_Strict):
     tensorboard: bool = False
     out_dir: Path = Path("runs")
     run_name: str | None = None
+
+
+METHODS = ("airllm", "ppo", "lora", "adalora", "random", "heuristic")
+
+
+class RunConfig(_Strict):
+    """`airlora run`: one real episode of one method (design section 4).
+
+    Every method goes through the same round engine, link model and edge evaluation.
+    ``lora`` sends ``rank`` (default r_max) on every projection; ``adalora`` runs PEFT's AdaLoRA
+    with ``model.adalora``'s budget; ``random`` and ``heuristic`` need nothing more; ``airllm``
+    and ``ppo`` play the saved policy in ``policy`` (a folder written by ``train-policy``).
+    Defaults of the episode and the link are those of :class:`PolicyTrainConfig`.
+    """
+
+    method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic"] = "lora"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig(rounds=5, steps_per_round=8, warmup_steps=4)
+    link: LinkConfig = PolicyTrainConfig.model_fields["link"].default
+    env: EnvConfig = EnvConfig()
+    rank: int | None = Field(default=None, ge=0)
+    policy: Path | None = None
+    seed: int = 0
+    final_test: bool = False
+    out_dir: Path = Path("runs")
+    run_name: str | None = None
+
+    @model_validator(mode="after")
+    def _method_inputs(self) -> RunConfig:
+        if self.method in ("airllm", "ppo") and self.policy is None:
+            raise ValueError(
+                f"method {self.method} plays a saved policy: give policy (a train-policy run's "
+                "policy/ folder)"
+            )
+        if self.rank is not None and self.rank > self.model.r_max:
+            raise ValueError(f"rank {self.rank} exceeds model.r_max {self.model.r_max}")
+        if (self.method == "adalora") != (self.model.adapter == "adalora"):
+            adapter = "adalora" if self.method == "adalora" else "lora"
+            self.model = self.model.model_copy(update={"adapter": adapter})
+        return self

@@ -69,6 +69,8 @@ def build_observation(
     feats = complexity.as_array().astype(np.float64)
     feats[-1] = feats[-1] / 4.0
     feats = np.where(np.isfinite(feats), feats, 0.0)
+    if not config.use_complexity:
+        feats = np.zeros_like(feats)
     if last_ranks is None or len(last_ranks) == 0:
         mean_rank, active = 0.0, 0.0
     else:

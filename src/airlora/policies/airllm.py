@@ -203,6 +203,8 @@ class AirLLMPolicy(RankPolicy):
 
     def refine(self, obs: np.ndarray, coarse: np.ndarray, deterministic: bool) -> np.ndarray:
         """The full rank vectors for coarse decisions, sampled from the denoiser."""
+        if not self.airllm_config.use_denoiser:
+            return self.expand(coarse)
         obs = np.asarray(obs, np.float32).reshape(len(coarse), -1)
         cond = self.condition(obs, coarse)
         noise = torch.zeros(len(coarse), self.layout.num_projections) if deterministic else None
@@ -248,7 +250,7 @@ class AirLLMPolicy(RankPolicy):
     def denoiser_phase(self) -> float:
         """Train the denoiser on the elite of the buffer; returns the mean loss."""
         cfg = self.airllm_config
-        if len(self.buffer) < 32 or cfg.updates_per_phase == 0:
+        if len(self.buffer) < 32 or cfg.updates_per_phase == 0 or not cfg.use_denoiser:
             return float("nan")
         obs, coarse, fine, reward = self.buffer.arrays()
         cond = self.condition(obs, coarse)
@@ -268,7 +270,7 @@ class AirLLMPolicy(RankPolicy):
         on_steps: StepCallback | None = None,
         tensorboard_dir: Path | None = None,
     ) -> TrainingLog:
-        if not self._warm_started:
+        if not self._warm_started and self.airllm_config.use_denoiser:
             self.warm_start()
         venv = _CoarseToFine(make_vec_env(make_env, n_envs, self.seed), self)
         log = TrainingLog()
