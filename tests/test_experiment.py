@@ -79,3 +79,96 @@ def test_run_rejects_bad_input_before_writing(tiny_finetune_config, tmp_path):
         assert result.exit_code == 2, result.output
         assert message in result.output
     assert not (tmp_path / "runs" / "x").exists()
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def _sweep_file(cfg, tmp_path, workers=2) -> tuple:
+    body = {
+        **_base(cfg, tmp_path),
+        "name": "tiny",
+        "link": {"scheme": "analog", "snr_process": "fixed"},
+        "ppo": {"n_steps": 8, "n_envs": 1, "batch_size": 8, "n_epochs": 1},
+        "airllm": {"warm_start_updates": 5, "updates_per_phase": 5},
+        "surrogate": {"real_episodes": 2, "holdout_fraction": 0.5},
+        "total_steps": 16,
+        "methods": [
+            {"name": "airllm", "method": "airllm"},
+            {"name": "lora", "method": "lora"},
+            {"name": "heuristic", "method": "heuristic"},
+        ],
+        "r_max": [4],
+        "snr_db": [0.0, 20.0],
+        "seeds": [0, 1],
+        "workers": workers,
+        "threads_per_worker": 1,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path, tmp_path / "sweep-out"
+
+
+def test_sweep_resumes_after_a_kill_without_redoing_or_losing_cells(tiny_finetune_config, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from airlora.config import SweepConfig, load_config
+    from airlora.sweep import plan
+
+    path, out = _sweep_file(tiny_finetune_config, tmp_path)
+    cmd = [
+        sys.executable,
+        "-c",
+        "from airlora.cli import app; app()",
+        "sweep",
+        str(path),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    cells = out / "cells"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            finished = [p for p in cells.glob("eval-*")] if cells.exists() else []
+            if len(finished) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {p.name: (p / "result.json").read_text() for p in cells.glob("eval-*")}
+    assert before, "the sweep was killed before any evaluation cell finished"
+
+    result = runner.invoke(app, ["sweep", str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    config = load_config(out / "sweep.yaml", SweepConfig)
+    planned = {c["id"] for stage in plan(config) for c in stage}
+    present = {p.name for p in cells.iterdir()}
+    assert present == planned  # nothing missing, no temporary folder left
+    for name, text in before.items():  # finished cells were not recomputed
+        assert (cells / name / "result.json").read_text() == text
+    import pandas as pd
+
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 3 * 2 * 2 and table["cell"].is_unique
+    assert pd.read_parquet(out / "results.parquet")["cell"].tolist() == table["cell"].tolist()
+    assert set(table["name"]) == {"airllm", "lora", "heuristic"}
+    assert table["config_hash"].notna().all()
+
+
+def test_sweep_refuses_a_folder_of_another_configuration(tiny_finetune_config, tmp_path):
+    path, out = _sweep_file(tiny_finetune_config, tmp_path, workers=1)
+    out.mkdir()
+    (out / "sweep.yaml").write_text(yaml.safe_dump({"methods": [{"name": "x", "method": "lora"}]}))
+    result = runner.invoke(app, ["sweep", str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "another configuration" in result.output
+    result = runner.invoke(app, ["sweep", "--preset", "nope"])
+    assert result.exit_code == 2 and "unknown preset" in result.output

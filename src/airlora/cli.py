@@ -509,6 +509,87 @@ def run_cmd(
     console.print(table)
 
 
+@app.command("sweep")
+def sweep_cmd(
+    config_file: Annotated[
+        Path | None, typer.Argument(help="YAML file with a SweepConfig.", show_default=False)
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="A shipped preset instead of a file (airlora presets).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Sweep folder. [<out_dir>/<name> of the config]")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Parallel worker processes.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Run or resume a sweep; finished cells are kept, unfinished ones redone.
+
+    Writes sweep.yaml, cells/<id>/ (one folder per finished cell) and results.csv /
+    results.parquet. Run `airlora report SWEEP_DIR` afterwards for figures and tables.
+    """
+    from airlora.config import SweepConfig
+    from airlora.presets import preset_mapping
+
+    try:
+        if (config_file is None) == (preset is None):
+            raise ValueError("give a sweep config file or --preset, not both and not neither")
+        base = read_yaml_mapping(config_file) if config_file else preset_mapping(preset)
+        if workers is not None:
+            base["workers"] = workers
+        config = SweepConfig.model_validate(base)
+    except ValidationError as err:
+        raise _fail(_config_errors(err)) from err
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    _run_sweep_cli(config, out, quiet)
+
+
+def _run_sweep_cli(config, out: Path | None, quiet: bool):
+    from airlora.data import DataError
+    from airlora.model import ModelError
+    from airlora.sweep import plan, run_sweep
+
+    total = sum(len(s) for s in plan(config))
+    progress = Progress(
+        TextColumn("[bold]sweep[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("cells {task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+    )
+    try:
+        with progress:
+            task = progress.add_task("", total=total)
+            table = run_sweep(
+                config,
+                out,
+                on_cell=lambda cid, done, _t: progress.update(
+                    task, completed=done, description=cid
+                ),
+            )
+    except (DataError, ModelError, FileExistsError, FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    sweep_dir = out or config.out_dir / config.name
+    console.print(f"{len(table)} evaluation cells in {sweep_dir / 'results.csv'}")
+    return sweep_dir, table
+
+
+@app.command("presets")
+def presets_cmd() -> None:
+    """List the shipped sweep presets (use with `airlora sweep --preset NAME`)."""
+    from airlora.presets import list_presets
+
+    table = Table(title="Presets", title_justify="left")
+    table.add_column("name")
+    table.add_column("what")
+    for name, description in list_presets():
+        table.add_row(name, description)
+    console.print(table)
+
+
 @app.command("train-policy")
 def train_policy(
     config_file: Annotated[

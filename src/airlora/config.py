@@ -597,3 +597,81 @@ class RunConfig(_Strict):
             adapter = "adalora" if self.method == "adalora" else "lora"
             self.model = self.model.model_copy(update={"adapter": adapter})
         return self
+
+
+class MethodSpec(_Strict):
+    """One entry of a sweep: a method, optionally with settings that make it an ablation.
+
+    Parameters
+    ----------
+    name: label in tables and figures (``airllm``, ``airllm-no-denoiser``, ``lora-r4``...).
+    method: one of airllm, ppo, lora, adalora, random, heuristic.
+    rank: lora's fixed rank; default r_max.
+    airllm, env, ppo: overrides merged into the sweep's sections for this entry (for example
+        ``airllm: {use_denoiser: false}``, ``env: {use_complexity: false}``).
+    """
+
+    name: str
+    method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic"]
+    rank: int | None = Field(default=None, ge=0)
+    airllm: dict = {}
+    env: dict = {}
+    ppo: dict = {}
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"method name '{v}' must be letters, digits, '-', '_' or '.'")
+        return v
+
+
+class SweepConfig(_Strict):
+    """`airlora sweep`: methods x r_max x SNR x seeds, every cell a real episode.
+
+    Policies (airllm, ppo and their ablations) are trained once per (entry, r_max, seed) on a
+    surrogate fitted to real rounds logged once per (r_max, seed), then evaluated at every
+    SNR. ``train.rounds`` etc. describe the episode of every cell.
+
+    Parameters
+    ----------
+    name: the sweep's folder name under ``out_dir``.
+    methods: the entries (:class:`MethodSpec`).
+    r_max: values of r_max.
+    snr_db: fixed SNRs (Es/N0, dB) of the evaluation episodes.
+    seeds: seeds; each seeds its policy training and its evaluation episodes.
+    workers: parallel worker processes. Default 1.
+    threads_per_worker: torch threads in each worker; 0 shares the cores evenly.
+    """
+
+    name: str = "sweep"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig(rounds=5, steps_per_round=8, warmup_steps=4)
+    link: LinkConfig = PolicyTrainConfig.model_fields["link"].default
+    env: EnvConfig = EnvConfig()
+    ppo: PPOConfig = PPOConfig()
+    airllm: AirLLMConfig = AirLLMConfig()
+    surrogate: SurrogateConfig = SurrogateConfig()
+    total_steps: int = Field(default=20_000, ge=1)
+    methods: list[MethodSpec]
+    r_max: list[int] = [8]
+    snr_db: list[float] = [0.0, 10.0, 20.0]
+    seeds: list[int] = [0]
+    workers: int = Field(default=1, ge=1)
+    threads_per_worker: int = Field(default=0, ge=0)
+    out_dir: Path = Path("runs")
+
+    @model_validator(mode="after")
+    def _entries(self) -> SweepConfig:
+        names = [m.name for m in self.methods]
+        if not names:
+            raise ValueError("a sweep needs at least one method")
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}")
+        if any(r <= 0 for r in self.r_max):
+            raise ValueError(f"r_max values must be positive, got {self.r_max}")
+        for m in self.methods:
+            if m.rank is not None and m.rank > min(self.r_max):
+                raise ValueError(f"{m.name}: rank {m.rank} exceeds r_max {min(self.r_max)}")
+        return self

@@ -1,0 +1,257 @@
+"""`airlora sweep`: every method in one harness over r_max x SNR x seeds, resumable.
+
+The sweep folder holds ``sweep.yaml`` (the configuration), ``cells/`` and the results table.
+A cell is one unit of work with a stable id:
+
+- ``rounds-r{R}-s{seed}``: real episodes logged for the surrogate (once per r_max and seed);
+- ``policy-{name}-r{R}-s{seed}``: a policy trained on that surrogate (a train-policy folder);
+- ``eval-{name}-r{R}-snr{S}-s{seed}``: one real episode at a fixed SNR (a run folder).
+
+Every cell is built in ``cells/.tmp-<id>`` and renamed to ``cells/<id>`` when it is complete
+(a rename is atomic), so a finished cell is whole and an interrupted one leaves only a
+temporary folder, removed when the sweep runs again. Re-running the same command skips the
+finished cells and redoes the rest. Cells of a stage run in parallel worker processes.
+``results.csv`` and ``results.parquet`` gather the evaluation cells with their config hash.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import pandas as pd
+
+from airlora.config import (
+    PolicyTrainConfig,
+    RunConfig,
+    SurrogateConfig,
+    SweepConfig,
+    dump_config,
+    load_config,
+)
+from airlora.runs import atomic_write_text, config_hash
+
+CELLS = "cells"
+RESULTS = "results"
+TRAINED = ("airllm", "ppo")
+
+
+def _merge(section, overrides: dict):
+    return type(section).model_validate({**section.model_dump(mode="json"), **overrides})
+
+
+def _model(config: SweepConfig, r_max: int):
+    return _merge(config.model, {"r_max": r_max})
+
+
+def plan(config: SweepConfig) -> list[list[dict]]:
+    """The cells of each stage, in order: rounds, policies, evaluations."""
+    rounds, policies, evals = [], [], []
+    trained = [m for m in config.methods if m.method in TRAINED]
+    for r_max in config.r_max:
+        for seed in config.seeds:
+            if trained:
+                rounds.append(
+                    {
+                        "kind": "rounds",
+                        "id": f"rounds-r{r_max}-s{seed}",
+                        "r_max": r_max,
+                        "seed": seed,
+                    }
+                )
+            for m in trained:
+                policies.append(
+                    {
+                        "kind": "policy",
+                        "id": f"policy-{m.name}-r{r_max}-s{seed}",
+                        "name": m.name,
+                        "r_max": r_max,
+                        "seed": seed,
+                        "rounds": f"rounds-r{r_max}-s{seed}",
+                    }
+                )
+            for m in config.methods:
+                for snr in config.snr_db:
+                    cell = {
+                        "kind": "eval",
+                        "id": f"eval-{m.name}-r{r_max}-snr{snr:g}-s{seed}",
+                        "name": m.name,
+                        "r_max": r_max,
+                        "snr_db": snr,
+                        "seed": seed,
+                    }
+                    if m.method in TRAINED:
+                        cell["policy"] = f"policy-{m.name}-r{r_max}-s{seed}"
+                    evals.append(cell)
+    return [rounds, policies, evals]
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
+def _spec(config: SweepConfig, name: str):
+    return next(m for m in config.methods if m.name == name)
+
+
+def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
+    """Do one cell in a temporary folder, then rename it into place. Runs in a worker."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    sweep_dir_p = Path(sweep_dir)
+    config = load_config(sweep_dir_p / "sweep.yaml", SweepConfig)
+    cells = sweep_dir_p / CELLS
+    final = cells / cell["id"]
+    if final.exists():
+        return cell["id"]
+    tmp = cells / f".tmp-{cell['id']}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model = _model(config, cell["r_max"])
+    if cell["kind"] == "rounds":
+        from airlora.env.real import RankSelectionEnv
+        from airlora.env.surrogate import ROUNDS_FILE, collect_rounds, write_rounds
+
+        env = RankSelectionEnv.build(
+            config.data, model, config.train, config.link, config.env, cell["seed"]
+        )
+        rows = collect_rounds(env, config.surrogate.real_episodes, seed=cell["seed"])
+        tmp.mkdir(parents=True)
+        write_rounds(rows, tmp / ROUNDS_FILE)
+    elif cell["kind"] == "policy":
+        from airlora.train_policy import run_train_policy
+
+        spec = _spec(config, cell["name"])
+        rounds_file = cells / cell["rounds"] / "rounds.jsonl"
+        policy_config = PolicyTrainConfig(
+            method=spec.method,
+            data=config.data,
+            model=model,
+            train=config.train,
+            link=config.link,
+            env=_merge(config.env, spec.env),
+            ppo=_merge(config.ppo, spec.ppo),
+            airllm=_merge(config.airllm, spec.airllm),
+            surrogate=SurrogateConfig(
+                **{**config.surrogate.model_dump(), "rounds_file": rounds_file}
+            ),
+            total_steps=config.total_steps,
+            seed=cell["seed"],
+            out_dir=cells,
+            run_name=tmp.name,
+        )
+        run_train_policy(policy_config)
+    else:
+        from airlora.experiment import run_episode
+
+        spec = _spec(config, cell["name"])
+        link = _merge(config.link, {"snr_process": "fixed", "snr_db": cell["snr_db"]})
+        policy = cells / cell["policy"] / "policy" if "policy" in cell else None
+        run_config = RunConfig(
+            method=spec.method,
+            data=config.data,
+            model=model,
+            train=config.train,
+            link=link,
+            env=_merge(config.env, spec.env),
+            rank=spec.rank,
+            policy=policy,
+            seed=cell["seed"],
+            out_dir=cells,
+        )
+        result = run_episode(run_config, out=tmp)
+        record = {
+            "cell": cell["id"],
+            "name": spec.name,
+            "method": spec.method,
+            "r_max": cell["r_max"],
+            "snr_db": cell["snr_db"],
+            "seed": cell["seed"],
+            "config_hash": config_hash(run_config),
+            "run_id": uuid.uuid4().hex,
+            **result.summary,
+        }
+        atomic_write_text(tmp / "result.json", json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, final)
+    return cell["id"]
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def prepare(config: SweepConfig, sweep_dir: Path) -> Path:
+    """Create the sweep folder, or check that an existing one holds the same configuration."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / "sweep.yaml"
+    if path.exists():
+        existing = load_config(path, SweepConfig)
+        if config_hash(existing) != config_hash(config):
+            raise ValueError(
+                f"{sweep_dir} holds a sweep with another configuration; choose another folder"
+            )
+    else:
+        atomic_write_text(path, dump_config(config))
+    (sweep_dir / CELLS).mkdir(exist_ok=True)
+    for stale in (sweep_dir / CELLS).glob(".tmp-*"):
+        shutil.rmtree(stale)  # an interrupted cell: redone from scratch
+    return sweep_dir
+
+
+def run_sweep(
+    config: SweepConfig,
+    sweep_dir: Path | None = None,
+    on_cell: Callable[[str, int, int], None] | None = None,
+) -> pd.DataFrame:
+    """Run (or resume) a sweep; returns the results table. ``on_cell(id, done, total)``."""
+    sweep_dir = prepare(config, Path(sweep_dir or config.out_dir / config.name))
+    stages = plan(config)
+    total = sum(len(s) for s in stages)
+    cells = sweep_dir / CELLS
+    done = sum(1 for s in stages for c in s if (cells / c["id"]).exists())
+    threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
+    context = multiprocessing.get_context("spawn")
+    for stage in stages:
+        todo = [c for c in stage if not (cells / c["id"]).exists()]
+        if not todo:
+            continue
+        if config.workers == 1:
+            for c in todo:
+                run_cell(str(sweep_dir), c, threads)
+                done += 1
+                if on_cell:
+                    on_cell(c["id"], done, total)
+            continue
+        with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
+            futures = {pool.submit(run_cell, str(sweep_dir), c, threads): c for c in todo}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in finished:
+                    f.result()  # a failed cell stops the sweep with its error
+                    done += 1
+                    if on_cell:
+                        on_cell(futures[f]["id"], done, total)
+    return collect_results(sweep_dir)
+
+
+def collect_results(sweep_dir: Path) -> pd.DataFrame:
+    """Gather every finished evaluation cell into results.csv and results.parquet."""
+    rows = [
+        json.loads(p.read_text(encoding="utf-8"))
+        for p in sorted((Path(sweep_dir) / CELLS).glob("eval-*/result.json"))
+    ]
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = table.sort_values(["name", "r_max", "snr_db", "seed"]).reset_index(drop=True)
+    atomic_write_text(Path(sweep_dir) / f"{RESULTS}.csv", table.to_csv(index=False))
+    tmp = Path(sweep_dir) / f".{RESULTS}.parquet.tmp"
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, Path(sweep_dir) / f"{RESULTS}.parquet")
+    return table
