@@ -163,6 +163,21 @@ def test_sweep_resumes_after_a_kill_without_redoing_or_losing_cells(tiny_finetun
     assert set(table["name"]) == {"airllm", "lora", "heuristic"}
     assert table["config_hash"].notna().all()
 
+    # The report of the finished sweep: figures in both formats, tables with CIs and p-values.
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Per method" in result.output
+    report = (out / "report.md").read_text()
+    for stem in ("accuracy_vs_snr", "payload_vs_snr", "pareto", "convergence", "rank_heatmap"):
+        assert (out / "report" / f"{stem}.png").stat().st_size > 1000
+        assert (out / "report" / f"{stem}.pdf").is_file()
+        assert f"report/{stem}.png" in report
+    assert "p vs airllm" in report and "±" in report and "Code revision" in report
+    summary = pd.read_csv(out / "report" / "summary.csv")
+    p = summary[summary.method != "airllm"].p_vs_airllm
+    assert ((p >= 0) & (p <= 1) | p.isna()).all()
+    assert summary[summary.method == "airllm"].p_vs_airllm.isna().all()
+
 
 def test_sweep_refuses_a_folder_of_another_configuration(tiny_finetune_config, tmp_path):
     path, out = _sweep_file(tiny_finetune_config, tmp_path, workers=1)
@@ -172,3 +187,19 @@ def test_sweep_refuses_a_folder_of_another_configuration(tiny_finetune_config, t
     assert result.exit_code == 2 and "another configuration" in result.output
     result = runner.invoke(app, ["sweep", "--preset", "nope"])
     assert result.exit_code == 2 and "unknown preset" in result.output
+
+
+def test_confidence_interval_and_welch_test_against_scipy():
+    import numpy as np
+    from scipy import stats
+
+    from airlora.report import mean_ci, welch_p
+
+    x = np.array([0.80, 0.82, 0.85, 0.79])
+    mean, half = mean_ci(x)
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    assert mean == pytest.approx(x.mean()) and half == pytest.approx((hi - lo) / 2)
+    assert np.isnan(mean_ci([0.8])[1])
+    y = np.array([0.70, 0.72, 0.71])
+    assert welch_p(x, y) == pytest.approx(stats.ttest_ind(x, y, equal_var=False).pvalue)
+    assert np.isnan(welch_p(x, [0.7]))

@@ -285,21 +285,28 @@ def finetune(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
+    out: Annotated[Path, typer.Option(help="Sweep folder.")] = Path("runs/demo"),
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """The main job on the embedded defaults (what `make demo` runs).
 
-    For now a short `finetune` at rank 8 over a perfect link: 6 rounds of 16 steps.
+    The `demo` preset: a short surrogate-assisted training of airllm and ppo, then every
+    method (airllm, ppo, lora at r_max and at 2, adalora, heuristic, random) for one real
+    episode at 5, 15 and 25 dB; then the report (figures and report.md) and its summary table.
+    Re-running resumes: finished cells are kept.
     """
-    from datetime import datetime
+    from airlora.config import SweepConfig
+    from airlora.presets import preset_mapping
+    from airlora.report import write_report
 
-    config = FinetuneConfig(
-        train={"rounds": 6, "steps_per_round": 16},
-        out_dir=out,
-        run_name=f"demo-{datetime.now():%Y%m%d-%H%M%S}",
-    )
-    _run_finetune_cli(config, quiet=quiet)
+    config = SweepConfig.model_validate(preset_mapping("demo"))
+    sweep_dir, _ = _run_sweep_cli(config, out, quiet)
+    try:
+        path = write_report(sweep_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    _print_headline(sweep_dir)
+    console.print(f"report: {path} (figures in {path.parent / 'report'})")
 
 
 @bench_app.command("train")
@@ -575,6 +582,43 @@ def _run_sweep_cli(config, out: Path | None, quiet: bool):
     sweep_dir = out or config.out_dir / config.name
     console.print(f"{len(table)} evaluation cells in {sweep_dir / 'results.csv'}")
     return sweep_dir, table
+
+
+@app.command("report")
+def report_cmd(
+    sweep_dir: Annotated[Path, typer.Argument(help="A sweep folder (airlora sweep).")],
+) -> None:
+    """Figures (PNG and PDF) and report.md for a sweep folder; prints the summary table."""
+    from airlora.report import write_report
+
+    try:
+        with err_console.status("writing the report"):
+            path = write_report(sweep_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(str(err)) from err
+    _print_headline(sweep_dir)
+    console.print(f"report: {path} (figures in {path.parent / 'report'})")
+
+
+def _print_headline(sweep_dir: Path) -> None:
+    from airlora.report import headline
+
+    frame = headline(sweep_dir)
+    table = Table(
+        title="Per method, averaged over every SNR, r_max and seed of the sweep",
+        title_justify="left",
+    )
+    for col in ("method", "final accuracy", "params / round", "mean rank", "episode return"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, row in frame.iterrows():
+        table.add_row(
+            str(name),
+            f"{row.final_accuracy:.4f}",
+            f"{row.params_per_round:,.0f}",
+            f"{row.mean_rank:.2f}",
+            f"{row.episode_return:.4f}",
+        )
+    console.print(table)
 
 
 @app.command("presets")

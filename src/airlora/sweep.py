@@ -101,8 +101,13 @@ def _spec(config: SweepConfig, name: str):
 
 def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
     """Do one cell in a temporary folder, then rename it into place. Runs in a worker."""
+    import warnings
+
     import torch
 
+    # Workers are fresh interpreters: repeat the CLI's silencing of library deprecations.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     if threads:
         torch.set_num_threads(threads)
     sweep_dir_p = Path(sweep_dir)

@@ -1,0 +1,375 @@
+"""`airlora report SWEEP_DIR`: figures (PNG and PDF) and a Markdown report of a sweep.
+
+Figures: final edge accuracy against SNR per method; payload (parameters per round, and
+airtime per episode) against SNR; accuracy against payload (the Pareto view); policy training
+reward against environment steps with 95 % bands over seeds; the rank vectors chosen round by
+round (projection x round) at the lowest and highest SNR. Tables: mean +- 95 % confidence
+interval over seeds (Student t) and a Welch t-test of each method against airllm on the final
+accuracy. The report states the configuration, the seeds and the code revision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from airlora.config import SweepConfig, load_config
+from airlora.sweep import CELLS, collect_results
+
+REFERENCE = "airllm"
+
+
+def mean_ci(values: pd.Series | np.ndarray) -> tuple[float, float]:
+    """Mean and half-width of the 95 % Student-t interval (NaN half-width for n < 2)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) < 2:
+        return float(x.mean()), math.nan
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(half)
+
+
+def welch_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided Welch t-test p-value; NaN with fewer than two values on a side or no spread."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
+        return math.nan
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def _fmt(mean: float, half: float, digits: int = 4) -> str:
+    if math.isnan(mean):
+        return "-"
+    if math.isnan(half):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def summary_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (r_max, SNR, method): means and CIs over seeds, p-value against airllm."""
+    rows = []
+    for (r_max, snr, name), g in table.groupby(["r_max", "snr_db", "name"], sort=True):
+        acc, acc_ci = mean_ci(g["final_accuracy"])
+        ref = table[(table.r_max == r_max) & (table.snr_db == snr) & (table.name == REFERENCE)]
+        rows.append(
+            {
+                "r_max": r_max,
+                "snr_db": snr,
+                "method": name,
+                "seeds": len(g),
+                "final_accuracy": acc,
+                "final_accuracy_ci95": acc_ci,
+                "mean_accuracy": float(g["mean_accuracy"].mean()),
+                "payload_params_per_round": float(g["mean_payload_params"].mean()),
+                "airtime_s_per_episode": float(g["total_airtime_s"].mean()),
+                "mean_rank": float(g["mean_rank"].mean()),
+                "episode_return": float(g["episode_return"].mean()),
+                "p_vs_airllm": math.nan
+                if name == REFERENCE or ref.empty
+                else welch_p(g["final_accuracy"], ref["final_accuracy"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _save(fig, folder: Path, stem: str) -> list[Path]:
+    paths = [folder / f"{stem}.png", folder / f"{stem}.pdf"]
+    for p in paths:
+        fig.savefig(p, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _per_rmax_axes(r_values: list[int], rows: int = 1, height: float = 3.6):
+    fig, axes = plt.subplots(
+        rows, len(r_values), figsize=(5.2 * len(r_values), height * rows), squeeze=False
+    )
+    return fig, axes
+
+
+def plot_vs_snr(summary: pd.DataFrame, folder: Path) -> list[Path]:
+    r_values = sorted(summary.r_max.unique())
+    fig, axes = _per_rmax_axes(r_values)
+    for ax, r_max in zip(axes[0], r_values, strict=True):
+        sub = summary[summary.r_max == r_max]
+        for name, g in sub.groupby("method"):
+            err = np.nan_to_num(g.final_accuracy_ci95.to_numpy())
+            ax.errorbar(g.snr_db, g.final_accuracy, yerr=err, marker="o", capsize=3, label=name)
+        ax.set_title(f"r_max = {r_max}")
+        ax.set_xlabel("SNR (Es/N0), dB")
+        ax.set_ylabel("final edge accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle("Edge accuracy after the last round (mean, 95 % CI over seeds)")
+    return _save(fig, folder, "accuracy_vs_snr")
+
+
+def plot_payload(summary: pd.DataFrame, folder: Path) -> list[Path]:
+    r_values = sorted(summary.r_max.unique())
+    fig, axes = _per_rmax_axes(r_values, rows=2, height=3.2)
+    for col, r_max in enumerate(r_values):
+        sub = summary[summary.r_max == r_max]
+        for name, g in sub.groupby("method"):
+            axes[0][col].plot(g.snr_db, g.payload_params_per_round, marker="o", label=name)
+            axes[1][col].plot(g.snr_db, g.airtime_s_per_episode, marker="o", label=name)
+        axes[0][col].set_title(f"r_max = {r_max}")
+        axes[0][col].set_ylabel("parameters sent per round")
+        axes[1][col].set_ylabel("airtime per episode, s")
+        axes[1][col].set_xlabel("SNR (Es/N0), dB")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle("What each method sends")
+    return _save(fig, folder, "payload_vs_snr")
+
+
+def plot_pareto(summary: pd.DataFrame, folder: Path) -> list[Path]:
+    r_values = sorted(summary.r_max.unique())
+    fig, axes = _per_rmax_axes(r_values)
+    for ax, r_max in zip(axes[0], r_values, strict=True):
+        sub = summary[summary.r_max == r_max]
+        for name, g in sub.groupby("method"):
+            ax.scatter(g.payload_params_per_round, g.final_accuracy, label=name, s=28)
+            for _, row in g.iterrows():
+                ax.annotate(
+                    f"{row.snr_db:g}",
+                    (row.payload_params_per_round, row.final_accuracy),
+                    fontsize=6,
+                    xytext=(2, 2),
+                    textcoords="offset points",
+                )
+        ax.set_title(f"r_max = {r_max} (labels: SNR dB)")
+        ax.set_xlabel("parameters sent per round")
+        ax.set_ylabel("final edge accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle("Accuracy against payload (up and left is better)")
+    return _save(fig, folder, "pareto")
+
+
+def training_curves(sweep_dir: Path, bins: int = 40) -> pd.DataFrame:
+    """Episode return against environment steps for every policy cell, on a common grid."""
+    rows = []
+    for cell in sorted((sweep_dir / CELLS).glob("policy-*")):
+        path = cell / "episodes.jsonl"
+        if not path.is_file():
+            continue
+        name, r_max, seed = _policy_cell_parts(cell.name)
+        eps = pd.DataFrame([json.loads(x) for x in path.read_text().splitlines() if x])
+        if eps.empty:
+            continue
+        edges = np.linspace(0, eps.steps.max(), bins + 1)
+        idx = np.clip(np.digitize(eps.steps, edges[1:-1]), 0, bins - 1)
+        for b in range(bins):
+            vals = eps["return"][idx == b]
+            if len(vals):
+                rows.append(
+                    {
+                        "name": name,
+                        "r_max": r_max,
+                        "seed": seed,
+                        "steps": float(edges[b + 1]),
+                        "return": float(vals.mean()),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _policy_cell_parts(cell: str) -> tuple[str, int, int]:
+    body = cell.removeprefix("policy-")
+    rest, seed = body.rsplit("-s", 1)
+    name, r_max = rest.rsplit("-r", 1)
+    return name, int(r_max), int(seed)
+
+
+def plot_convergence(curves: pd.DataFrame, folder: Path) -> list[Path]:
+    if curves.empty:
+        return []
+    r_values = sorted(curves.r_max.unique())
+    fig, axes = _per_rmax_axes(r_values)
+    for ax, r_max in zip(axes[0], r_values, strict=True):
+        sub = curves[curves.r_max == r_max]
+        for name, g in sub.groupby("name"):
+            stats_ = g.groupby("steps")["return"].agg(list)
+            steps = stats_.index.to_numpy()
+            means, halves = zip(*(mean_ci(v) for v in stats_), strict=True)
+            means, halves = np.asarray(means), np.nan_to_num(np.asarray(halves))
+            ax.plot(steps, means, label=name)
+            ax.fill_between(steps, means - halves, means + halves, alpha=0.2)
+        ax.set_title(f"r_max = {r_max}")
+        ax.set_xlabel("environment steps (surrogate)")
+        ax.set_ylabel("episode return")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle("Policy training: episode return (mean, 95 % band over seeds)")
+    return _save(fig, folder, "convergence")
+
+
+def rank_heatmaps(sweep_dir: Path, table: pd.DataFrame, folder: Path) -> list[Path]:
+    """Ranks per projection and round at the lowest and highest SNR (first seed and r_max)."""
+    names = [n for n in (REFERENCE, "ppo", "heuristic") if n in set(table.name)]
+    if not names:
+        names = [sorted(table.name)[0]]
+    name = names[0]
+    r_max = sorted(table.r_max.unique())[0]
+    seed = sorted(table.seed.unique())[0]
+    snrs = sorted(table.snr_db.unique())
+    picks = [snrs[0], snrs[-1]] if len(snrs) > 1 else snrs
+    fig, axes = plt.subplots(1, len(picks), figsize=(5.5 * len(picks), 5.5), squeeze=False)
+    for ax, snr in zip(axes[0], picks, strict=True):
+        cell = table[
+            (table.name == name)
+            & (table.r_max == r_max)
+            & (table.snr_db == snr)
+            & (table.seed == seed)
+        ].cell.iloc[0]
+        rounds = [
+            json.loads(x)
+            for x in (sweep_dir / CELLS / cell / "metrics.jsonl").read_text().splitlines()
+            if x
+        ]
+        ranks = np.asarray([r["rank_vector"] for r in rounds]).T
+        im = ax.imshow(ranks, aspect="auto", cmap="viridis", vmin=0, vmax=r_max)
+        ax.set_title(f"{name}, SNR {snr:g} dB")
+        ax.set_xlabel("round")
+        ax.set_ylabel("projection (layer-major: q k v o per layer)")
+        ax.set_xticks(range(ranks.shape[1]), [str(i + 1) for i in range(ranks.shape[1])])
+        fig.colorbar(im, ax=ax, label="rank")
+    fig.suptitle(f"Rank vectors round by round (r_max {r_max}, seed {seed})")
+    return _save(fig, folder, "rank_heatmap")
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _code_revision(sweep_dir: Path) -> str:
+    for manifest in sorted((sweep_dir / CELLS).glob("*/manifest.json")):
+        rev = json.loads(manifest.read_text()).get("code_revision", {})
+        dirty = " (uncommitted changes)" if rev.get("dirty") else ""
+        return f"{rev.get('commit', 'unknown')}{dirty}"
+    return "unknown"
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join(df.columns) + " |\n| " + " | ".join("---" for _ in df.columns) + " |\n"
+    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in df.to_numpy())
+    return head + body
+
+
+def write_report(sweep_dir: Path) -> Path:
+    """Figures under ``SWEEP_DIR/report/`` and ``report.md``; returns the Markdown path."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "sweep.yaml").is_file():
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no sweep.yaml)")
+    config = load_config(sweep_dir / "sweep.yaml", SweepConfig)
+    table = collect_results(sweep_dir)
+    if table.empty:
+        raise ValueError(f"{sweep_dir} has no finished evaluation cell yet")
+    folder = sweep_dir / "report"
+    folder.mkdir(exist_ok=True)
+    summary = summary_table(table)
+    summary.to_csv(folder / "summary.csv", index=False)
+    curves = training_curves(sweep_dir)
+    figures = [
+        *plot_vs_snr(summary, folder),
+        *plot_payload(summary, folder),
+        *plot_pareto(summary, folder),
+        *plot_convergence(curves, folder),
+        *rank_heatmaps(sweep_dir, table, folder),
+    ]
+
+    lines = [
+        f"# Sweep report: {config.name}",
+        "",
+        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from `{sweep_dir}` "
+        f"({len(table)} evaluation cells). Code revision: `{_code_revision(sweep_dir)}`.",
+        "",
+        f"- Model `{config.model.name_or_path}`, data `{config.data.source}`, episode "
+        f"{config.train.rounds} rounds x {config.train.steps_per_round} steps of batch "
+        f"{config.data.batch_size}; edge evaluation on {config.data.edge_eval_size} rows.",
+        f"- Link: {config.link.scheme}, modulation {config.link.modulation}, packets of "
+        f"{config.link.packet_bits} bits, CRC {'on' if config.link.crc_check else 'off'}, "
+        f"deadline {config.link.deadline_s} s at {config.link.bandwidth_hz:g} Hz; fixed SNR "
+        f"per evaluation cell; reward lambda {config.env.cost_weight}.",
+        f"- r_max {config.r_max}, SNR {config.snr_db} dB, seeds {config.seeds}; policies "
+        f"trained {config.total_steps} steps on a surrogate fitted to "
+        f"{config.surrogate.real_episodes} logged real episodes per (r_max, seed).",
+        "- Accuracy: the edge's accuracy after the last round (mean ± 95 % CI over seeds); "
+        "p: Welch t-test against airllm on that accuracy.",
+        "",
+    ]
+    for r_max in sorted(summary.r_max.unique()):
+        lines += [f"## r_max = {r_max}", ""]
+        sub = summary[summary.r_max == r_max]
+        show = pd.DataFrame(
+            {
+                "SNR dB": sub.snr_db.map(lambda v: f"{v:g}"),
+                "method": sub.method,
+                "final accuracy": [
+                    _fmt(m, h)
+                    for m, h in zip(sub.final_accuracy, sub.final_accuracy_ci95, strict=True)
+                ],
+                "params / round": sub.payload_params_per_round.map(lambda v: f"{v:,.0f}"),
+                "airtime / episode s": sub.airtime_s_per_episode.map(lambda v: f"{v:.3f}"),
+                "mean rank": sub.mean_rank.map(lambda v: f"{v:.2f}"),
+                "p vs airllm": sub.p_vs_airllm.map(lambda v: "-" if math.isnan(v) else f"{v:.3f}"),
+            }
+        )
+        lines += [_markdown_table(show), ""]
+    overhead = table.groupby("name")[
+        ["mean_decision_time_s", "mean_train_time_s", "mean_latency_s"]
+    ].mean()
+    lines += [
+        "## Compute and latency per round",
+        "",
+        "Decision: the method's compute to pick the ranks; latency: decision + server "
+        "training + airtime.",
+        "",
+        _markdown_table(
+            pd.DataFrame(
+                {
+                    "method": overhead.index,
+                    "decision ms": (overhead.mean_decision_time_s * 1e3).map(lambda v: f"{v:.2f}"),
+                    "training s": overhead.mean_train_time_s.map(lambda v: f"{v:.2f}"),
+                    "latency s": overhead.mean_latency_s.map(lambda v: f"{v:.2f}"),
+                }
+            )
+        ),
+        "",
+        "## Figures",
+        "",
+    ]
+    for fig in figures:
+        if fig.suffix == ".png":
+            lines.append(f"![{fig.stem}](report/{fig.name})")
+            lines.append("")
+    path = sweep_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def headline(sweep_dir: Path) -> pd.DataFrame:
+    """Per method over every cell: mean final accuracy and parameters per round (demo print)."""
+    table = pd.read_csv(Path(sweep_dir) / "results.csv")
+    out = table.groupby("name").agg(
+        final_accuracy=("final_accuracy", "mean"),
+        params_per_round=("mean_payload_params", "mean"),
+        mean_rank=("mean_rank", "mean"),
+        episode_return=("episode_return", "mean"),
+    )
+    return out.sort_values("episode_return", ascending=False)
