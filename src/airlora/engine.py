@@ -288,7 +288,9 @@ class RoundEngine:
             batch = collate(split, index, self.pad_token_id)
             out = net(**batch)
             correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-            loss_sum += float(out.loss) * len(index)
+            # From the logits, not out.loss: AdaLoRA adds its orthogonality penalty to out.loss.
+            loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"])
+            loss_sum += float(loss) * len(index)
         return correct / len(split), loss_sum / len(split)
 
     def run_round(self, rank_vector: Sequence[int] | None, snr_db: float) -> RoundMetrics:

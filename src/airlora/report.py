@@ -87,6 +87,10 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- figures
 
 
+def _title(fig, text: str) -> None:
+    fig.suptitle(text, y=1.03)  # above the subplot titles, not on them
+
+
 def _save(fig, folder: Path, stem: str) -> list[Path]:
     paths = [folder / f"{stem}.png", folder / f"{stem}.pdf"]
     for p in paths:
@@ -115,7 +119,7 @@ def plot_vs_snr(summary: pd.DataFrame, folder: Path) -> list[Path]:
         ax.set_ylabel("final edge accuracy")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle("Edge accuracy after the last round (mean, 95 % CI over seeds)")
+    _title(fig, "Edge accuracy after the last round (mean, 95 % CI over seeds)")
     return _save(fig, folder, "accuracy_vs_snr")
 
 
@@ -134,7 +138,7 @@ def plot_payload(summary: pd.DataFrame, folder: Path) -> list[Path]:
         for ax in (axes[0][col], axes[1][col]):
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle("What each method sends")
+    _title(fig, "What each method sends")
     return _save(fig, folder, "payload_vs_snr")
 
 
@@ -158,7 +162,7 @@ def plot_pareto(summary: pd.DataFrame, folder: Path) -> list[Path]:
         ax.set_ylabel("final edge accuracy")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle("Accuracy against payload (up and left is better)")
+    _title(fig, "Accuracy against payload (up and left is better)")
     return _save(fig, folder, "pareto")
 
 
@@ -216,7 +220,7 @@ def plot_convergence(curves: pd.DataFrame, folder: Path) -> list[Path]:
         ax.set_ylabel("episode return")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle("Policy training: episode return (mean, 95 % band over seeds)")
+    _title(fig, "Policy training: episode return (mean, 95 % band over seeds)")
     return _save(fig, folder, "convergence")
 
 
@@ -250,7 +254,7 @@ def rank_heatmaps(sweep_dir: Path, table: pd.DataFrame, folder: Path) -> list[Pa
         ax.set_ylabel("projection (layer-major: q k v o per layer)")
         ax.set_xticks(range(ranks.shape[1]), [str(i + 1) for i in range(ranks.shape[1])])
         fig.colorbar(im, ax=ax, label="rank")
-    fig.suptitle(f"Rank vectors round by round (r_max {r_max}, seed {seed})")
+    _title(fig, f"Rank vectors round by round (r_max {r_max}, seed {seed})")
     return _save(fig, folder, "rank_heatmap")
 
 
