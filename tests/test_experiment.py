@@ -203,3 +203,14 @@ def test_confidence_interval_and_welch_test_against_scipy():
     y = np.array([0.70, 0.72, 0.71])
     assert welch_p(x, y) == pytest.approx(stats.ttest_ind(x, y, equal_var=False).pvalue)
     assert np.isnan(welch_p(x, [0.7]))
+
+
+def test_method_overrides_merge_into_nested_sections():
+    from airlora.config import ModelConfig, TrainConfig
+    from airlora.sweep import _merge
+
+    model = _merge(ModelConfig(), {"adalora": {"orth_reg_weight": 0.0}, "r_max": 16})
+    assert model.adalora.orth_reg_weight == 0.0 and model.adalora.tinit_fraction == 0.1
+    assert model.r_max == 16
+    train = _merge(TrainConfig(rounds=4), {"learning_rate": 0.01})
+    assert train.rounds == 4 and train.learning_rate == 0.01

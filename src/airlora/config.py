@@ -607,8 +607,9 @@ class MethodSpec(_Strict):
     name: label in tables and figures (``airllm``, ``airllm-no-denoiser``, ``lora-r4``...).
     method: one of airllm, ppo, lora, adalora, random, heuristic.
     rank: lora's fixed rank; default r_max.
-    airllm, env, ppo: overrides merged into the sweep's sections for this entry (for example
-        ``airllm: {use_denoiser: false}``, ``env: {use_complexity: false}``).
+    airllm, env, ppo, model, train: overrides merged into the sweep's sections for this entry
+        (for example ``airllm: {use_denoiser: false}``, ``env: {use_complexity: false}``,
+        ``model: {adalora: {orth_reg_weight: 0.0}}``, ``train: {learning_rate: 0.01}``).
     """
 
     name: str
@@ -617,6 +618,8 @@ class MethodSpec(_Strict):
     airllm: dict = {}
     env: dict = {}
     ppo: dict = {}
+    model: dict = {}
+    train: dict = {}
 
     @field_validator("name")
     @classmethod

@@ -43,11 +43,18 @@ TRAINED = ("airllm", "ppo")
 
 
 def _merge(section, overrides: dict):
-    return type(section).model_validate({**section.model_dump(mode="json"), **overrides})
+    """A config section with overrides merged in, nested mappings included."""
+    merged = section.model_dump(mode="json")
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return type(section).model_validate(merged)
 
 
-def _model(config: SweepConfig, r_max: int):
-    return _merge(config.model, {"r_max": r_max})
+def _model(config: SweepConfig, r_max: int, overrides: dict | None = None):
+    return _merge(config.model, {**(overrides or {}), "r_max": r_max})
 
 
 def plan(config: SweepConfig) -> list[list[dict]]:
@@ -119,7 +126,9 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
     tmp = cells / f".tmp-{cell['id']}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    model = _model(config, cell["r_max"])
+    spec = _spec(config, cell["name"]) if "name" in cell else None
+    model = _model(config, cell["r_max"], spec.model if spec else None)
+    train = _merge(config.train, spec.train) if spec else config.train
     if cell["kind"] == "rounds":
         from airlora.env.real import RankSelectionEnv
         from airlora.env.surrogate import ROUNDS_FILE, collect_rounds, write_rounds
@@ -133,13 +142,13 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
     elif cell["kind"] == "policy":
         from airlora.train_policy import run_train_policy
 
-        spec = _spec(config, cell["name"])
+        assert spec is not None
         rounds_file = cells / cell["rounds"] / "rounds.jsonl"
         policy_config = PolicyTrainConfig(
             method=spec.method,
             data=config.data,
             model=model,
-            train=config.train,
+            train=train,
             link=config.link,
             env=_merge(config.env, spec.env),
             ppo=_merge(config.ppo, spec.ppo),
@@ -156,14 +165,14 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
     else:
         from airlora.experiment import run_episode
 
-        spec = _spec(config, cell["name"])
+        assert spec is not None
         link = _merge(config.link, {"snr_process": "fixed", "snr_db": cell["snr_db"]})
         policy = cells / cell["policy"] / "policy" if "policy" in cell else None
         run_config = RunConfig(
             method=spec.method,
             data=config.data,
             model=model,
-            train=config.train,
+            train=train,
             link=link,
             env=_merge(config.env, spec.env),
             rank=spec.rank,
