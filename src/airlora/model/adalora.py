@@ -25,6 +25,7 @@ from airlora.model.adapters import (
     HEAD_PREFIX,
     Payload,
     Projection,
+    RankedLoRAModel,
     default_target_modules,
 )
 
@@ -143,11 +144,7 @@ class AdaLoRAModel:
         return [params[n] for n in self._head_names]
 
     def head_tensor_names(self) -> list[str]:
-        out = []
-        for n in self._head_names:
-            plain = n.removeprefix("base_model.model.").replace(f".modules_to_save.{ADAPTER}.", ".")
-            out.append(HEAD_PREFIX + plain)
-        return out
+        return [HEAD_PREFIX + RankedLoRAModel._plain_head_name(n) for n in self._head_names]
 
     def payload(self, ranks: Sequence[int] | None = None) -> Payload:
         ranks = self.rank_vector if ranks is None else self.check_rank_vector(ranks)
