@@ -53,14 +53,14 @@ def test_short_finetune_on_ag_news_sample(tmp_path):
     config = FinetuneConfig.model_validate(
         {
             "data": {"source": "ag_news", "edge_eval_size": 128, "max_train_samples": 2000},
-            "train": {"rounds": 2, "steps_per_round": 12, "warmup_steps": 4},
+            "train": {"rounds": 3, "steps_per_round": 12, "warmup_steps": 4},
             "final_test": False,
             "out_dir": str(tmp_path),
             "run_name": "ag",
         }
     )
     result = run_finetune(config)
-    # 24 steps of batch 16 already lift a pretrained encoder far above chance (0.25)
+    # 36 steps of batch 16 already lift a pretrained encoder far above chance (0.25)
     assert result.rounds[-1].accuracy > 0.6
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    assert manifest["summary"]["training_steps"] == 24
+    assert manifest["summary"]["training_steps"] == 36
