@@ -36,6 +36,14 @@ if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 
     console = Console(width=160)
 err_console = Console(stderr=True)
 
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(help="Device of the language model: auto, cpu, cuda or cuda:N. [auto]"),
+]
+PrecisionOption = Annotated[
+    str | None, typer.Option(help="auto (bf16 on a GPU, fp32 on the CPU), fp32 or bf16. [auto]")
+]
+
 
 def _version(value: bool) -> None:
     if value:
@@ -227,6 +235,8 @@ def finetune(
     ] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the whole run. [0]")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
+    device: DeviceOption = None,
+    precision: PrecisionOption = None,
     out: Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")] = None,
     run_name: Annotated[str | None, typer.Option(help="Name of this run's folder.")] = None,
     no_test: Annotated[
@@ -268,6 +278,8 @@ def finetune(
         ("link.arq_retries", arq_retries),
         ("seed", seed),
         ("train.threads", threads),
+        ("train.device", device),
+        ("train.precision", precision),
         ("out_dir", out),
         ("run_name", run_name),
     ]:
@@ -435,6 +447,8 @@ def run_cmd(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed. [0]")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
+    device: DeviceOption = None,
+    precision: PrecisionOption = None,
     test: Annotated[
         bool, typer.Option("--test", help="Also score the edge's final model on the test split.")
     ] = False,
@@ -474,6 +488,8 @@ def run_cmd(
         ("data.data_dir", data_dir),
         ("seed", seed),
         ("train.threads", threads),
+        ("train.device", device),
+        ("train.precision", precision),
         ("out_dir", out),
         ("run_name", run_name),
     ]:
@@ -527,10 +543,28 @@ def sweep_cmd(
     out: Annotated[
         Path | None, typer.Option(help="Sweep folder. [<out_dir>/<name> of the config]")
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="Parallel worker processes.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Parallel worker processes (local engine).")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="local (worker processes here) or ray (Ray tasks).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster address (host:port); none starts a local Ray instance."),
+    ] = None,
+    cpus_per_cell: Annotated[
+        float | None, typer.Option(help="CPUs each Ray task requests. [torch threads per cell]")
+    ] = None,
+    gpus_per_cell: Annotated[float, typer.Option(help="GPUs each Ray task requests.")] = 0.0,
+    device: DeviceOption = None,
+    precision: PrecisionOption = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Run or resume a sweep; finished cells are kept, unfinished ones redone.
+
+    With --engine ray every cell is a Ray task (pip install 'airlora[ray]'): on a local Ray
+    instance started for the sweep, or on the cluster at --address.
 
     Writes sweep.yaml, cells/<id>/ (one folder per finished cell) and results.csv /
     results.parquet. Run `airlora report SWEEP_DIR` afterwards for figures and tables.
@@ -544,15 +578,25 @@ def sweep_cmd(
         base = read_yaml_mapping(config_file) if config_file else preset_mapping(preset)
         if workers is not None:
             base["workers"] = workers
+        _set(base, "train.device", device)
+        _set(base, "train.precision", precision)
         config = SweepConfig.model_validate(base)
     except ValidationError as err:
         raise _fail(_config_errors(err)) from err
     except (FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from err
-    _run_sweep_cli(config, out, quiet)
+    _run_sweep_cli(config, out, quiet, engine, address, cpus_per_cell, gpus_per_cell)
 
 
-def _run_sweep_cli(config, out: Path | None, quiet: bool):
+def _run_sweep_cli(
+    config,
+    out: Path | None,
+    quiet: bool,
+    engine: str = "local",
+    address: str | None = None,
+    cpus_per_cell: float | None = None,
+    gpus_per_cell: float = 0.0,
+):
     from airlora.data import DataError
     from airlora.model import ModelError
     from airlora.sweep import plan, run_sweep
@@ -576,6 +620,10 @@ def _run_sweep_cli(config, out: Path | None, quiet: bool):
                 on_cell=lambda cid, done, _t: progress.update(
                     task, completed=done, description=cid
                 ),
+                engine=engine,
+                address=address,
+                cpus_per_cell=cpus_per_cell,
+                gpus_per_cell=gpus_per_cell,
             )
     except (DataError, ModelError, FileExistsError, FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from err
@@ -691,6 +739,8 @@ def train_policy(
     reward_form: Annotated[str | None, typer.Option(help="accuracy or gain. [accuracy]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed. [0]")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
+    device: DeviceOption = None,
+    precision: PrecisionOption = None,
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Also log to TensorBoard in the run folder.")
     ] = False,
@@ -727,6 +777,8 @@ def train_policy(
         ("env.reward_form", reward_form),
         ("seed", seed),
         ("train.threads", threads),
+        ("train.device", device),
+        ("train.precision", precision),
         ("out_dir", out),
         ("run_name", run_name),
     ]:

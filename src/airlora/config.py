@@ -188,6 +188,13 @@ class TrainConfig(_Strict):
         Gradient clipping (0 disables). Default 1.0.
     threads:
         torch intra-op threads; 0 leaves torch's default. Default 0.
+    device:
+        Where the language model trains and is evaluated: ``auto`` (a CUDA GPU when there is
+        one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``. Policies stay on the CPU.
+        Default auto.
+    precision:
+        ``auto`` (bf16 autocast on a GPU that supports it, fp32 on the CPU), ``fp32`` or
+        ``bf16``. Default auto. CPU runs in fp32 repeat exactly from their seed.
     """
 
     rounds: int = Field(default=25, ge=1)
@@ -199,6 +206,15 @@ class TrainConfig(_Strict):
     schedule: Literal["constant", "linear"] = "linear"
     max_grad_norm: float = Field(default=1.0, ge=0)
     threads: int = Field(default=0, ge=0)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"unknown device '{v}': expected auto, cpu, cuda or cuda:N")
 
 
 class LinkConfig(_Strict):

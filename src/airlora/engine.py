@@ -28,6 +28,7 @@ from airlora.data import (
     eval_batches,
     load_task,
 )
+from airlora.devices import autocast, autocast_dtype, resolve_device
 from airlora.link import Link, LinkReport
 from airlora.model import RankedLoRAModel, load_model, resolve_model_source
 
@@ -123,6 +124,10 @@ class RoundEngine:
         features (one extra forward pass per round). Default true.
     protect_head:
         Name the task head's tensors as protected control data to the link. Default true.
+    device:
+        Where server and edge models live (they are moved there); batches follow. Default CPU.
+    amp_dtype:
+        Autocast dtype of forward passes (``torch.bfloat16`` on a GPU), None for fp32.
     """
 
     def __init__(
@@ -141,7 +146,13 @@ class RoundEngine:
         eval_batch_size: int = 64,
         measure_model_loss: bool = True,
         protect_head: bool = True,
+        device: torch.device | str = "cpu",
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        server.peft_model.to(self.device)
+        edge.peft_model.to(self.device)
         self.server = server
         self.edge = edge
         self.task = task
@@ -207,6 +218,8 @@ class RoundEngine:
         """
         if train.threads:
             torch.set_num_threads(train.threads)
+        device = resolve_device(train.device)  # before any loading: a bad device fails fast
+        amp_dtype = autocast_dtype(device, train.precision)
         resolve_model_source(model.name_or_path)  # a missing model folder fails before data work
         torch.manual_seed(seed)
         task = load_task(data, seed)
@@ -231,9 +244,18 @@ class RoundEngine:
             eval_batch_size=data.eval_batch_size,
             measure_model_loss=measure_model_loss,
             protect_head=protect_head,
+            device=device,
+            amp_dtype=amp_dtype,
         )
 
     # ------------------------------------------------------------------ one round
+
+    def batch(self, split: EncodedSplit, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """A padded batch of ``split`` on the engine's device."""
+        batch = collate(split, index, self.pad_token_id)
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def observe_round(self) -> ComplexityFeatures:
         """Draw the next round's batches and measure their complexity (before acting)."""
@@ -254,8 +276,8 @@ class RoundEngine:
     def _loss_on(self, index: np.ndarray) -> float:
         model = self.server.peft_model
         model.eval()
-        batch = collate(self.task.train, index, self.pad_token_id)
-        return float(model(**batch).loss)
+        with autocast(self.device, self.amp_dtype):
+            return float(model(**self.batch(self.task.train, index)).loss)
 
     def train_steps(self, batches: Sequence[np.ndarray]) -> float:
         """K optimiser steps on the server; returns the mean training loss."""
@@ -264,8 +286,8 @@ class RoundEngine:
         params = self.server.lora_parameters() + self.server.head_parameters()
         losses = []
         for index in batches:
-            batch = collate(self.task.train, index, self.pad_token_id)
-            loss = model(**batch).loss
+            with autocast(self.device, self.amp_dtype):
+                loss = model(**self.batch(self.task.train, index)).loss
             loss.backward()
             if self.config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
@@ -285,11 +307,12 @@ class RoundEngine:
         net.eval()
         correct, loss_sum = 0, 0.0
         for index in eval_batches(split, self.eval_batch_size):
-            batch = collate(split, index, self.pad_token_id)
-            out = net(**batch)
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            batch = self.batch(split, index)
+            with autocast(self.device, self.amp_dtype):
+                logits = net(**batch).logits.float()
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
             # From the logits, not out.loss: AdaLoRA adds its orthogonality penalty to out.loss.
-            loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"])
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
             loss_sum += float(loss) * len(index)
         return correct / len(split), loss_sum / len(split)
 
@@ -321,7 +344,8 @@ class RoundEngine:
         train_time = time.perf_counter() - start
 
         start = time.perf_counter()
-        sent = self.server.active_tensors()
+        # The link model works on host memory; .cpu() is free for tensors already there.
+        sent = {k: v.cpu() for k, v in self.server.active_tensors().items()}
         protected = self.server.head_tensor_names() if self.protect_head else []
         received, report = self.link.transmit(sent, snr_db, protected)
         self.edge.load_active_tensors(received, ranks)

@@ -88,8 +88,13 @@ def code_revision() -> dict[str, object]:
         return {"commit": "unknown", "dirty": None}
 
 
+# Where results are written says nothing about what produced them.
+LOCATION_FIELDS = frozenset({"out_dir", "run_name"})
+
+
 def config_hash(config: BaseModel) -> str:
-    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    """A short hash of what determines a result: the config less its output location."""
+    text = json.dumps(config.model_dump(mode="json", exclude=LOCATION_FIELDS), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -10,7 +10,9 @@ A cell is one unit of work with a stable id:
 Every cell is built in ``cells/.tmp-<id>`` and renamed to ``cells/<id>`` when it is complete
 (a rename is atomic), so a finished cell is whole and an interrupted one leaves only a
 temporary folder, removed when the sweep runs again. Re-running the same command skips the
-finished cells and redoes the rest. Cells of a stage run in parallel worker processes.
+finished cells and redoes the rest. Cells of a stage run in parallel: in worker processes on
+this machine (the ``local`` engine), or as Ray tasks on a local Ray instance or a cluster (the
+``ray`` engine); both write the same cells, so a sweep may be resumed under either.
 ``results.csv`` and ``results.parquet`` gather the evaluation cells with their config hash.
 """
 
@@ -20,8 +22,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -188,7 +191,10 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
             "r_max": cell["r_max"],
             "snr_db": cell["snr_db"],
             "seed": cell["seed"],
-            "config_hash": config_hash(run_config),
+            # The policy by its cell id, not its path: the same sweep anywhere hashes the same.
+            "config_hash": config_hash(
+                run_config.model_copy(update={"policy": cell.get("policy")})
+            ),
             "run_id": uuid.uuid4().hex,
             **result.summary,
         }
@@ -218,41 +224,157 @@ def prepare(config: SweepConfig, sweep_dir: Path) -> Path:
     return sweep_dir
 
 
+ENGINES = ("local", "ray")
+
+
 def run_sweep(
     config: SweepConfig,
     sweep_dir: Path | None = None,
     on_cell: Callable[[str, int, int], None] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    cpus_per_cell: float | None = None,
+    gpus_per_cell: float = 0.0,
 ) -> pd.DataFrame:
-    """Run (or resume) a sweep; returns the results table. ``on_cell(id, done, total)``."""
+    """Run (or resume) a sweep; returns the results table. ``on_cell(id, done, total)``.
+
+    Parameters
+    ----------
+    engine:
+        ``local`` (``config.workers`` processes on this machine, the default) or ``ray``
+        (every cell a Ray task; ``pip install airlora[ray]``).
+    address:
+        Ray only: an existing cluster (``host:port`` or ``ray://host:port``); None starts a
+        local Ray instance for this sweep and stops it at the end.
+    cpus_per_cell, gpus_per_cell:
+        Ray only: resources each cell requests. CPUs default to the torch threads a cell
+        uses (``threads_per_worker``, or the cores shared among ``workers``); GPUs to 0.
+
+    Both engines write the same cells and results: a cell is a pure function of the sweep
+    configuration and its id, whichever process runs it.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown sweep engine '{engine}': expected one of {', '.join(ENGINES)}")
     sweep_dir = prepare(config, Path(sweep_dir or config.out_dir / config.name))
     stages = plan(config)
     total = sum(len(s) for s in stages)
     cells = sweep_dir / CELLS
     done = sum(1 for s in stages for c in s if (cells / c["id"]).exists())
     threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
-    context = multiprocessing.get_context("spawn")
-    for stage in stages:
-        todo = [c for c in stage if not (cells / c["id"]).exists()]
-        if not todo:
-            continue
-        if config.workers == 1:
-            for c in todo:
-                run_cell(str(sweep_dir), c, threads)
+    if engine == "ray":
+        executor = _RayExecutor(address, cpus_per_cell or threads, gpus_per_cell, threads)
+    else:
+        executor = _LocalExecutor(config.workers, threads)
+    with executor:
+        for stage in stages:
+            todo = [c for c in stage if not (cells / c["id"]).exists()]
+            # Absolute: a Ray worker's working folder need not be ours.
+            for cell_id in executor.run(str(sweep_dir.resolve()), todo):
                 done += 1
                 if on_cell:
-                    on_cell(c["id"], done, total)
-            continue
-        with ProcessPoolExecutor(config.workers, mp_context=context) as pool:
-            futures = {pool.submit(run_cell, str(sweep_dir), c, threads): c for c in todo}
+                    on_cell(cell_id, done, total)
+    return collect_results(sweep_dir)
+
+
+class _LocalExecutor:
+    """Cells in ``workers`` spawned processes on this machine (or inline for one worker)."""
+
+    def __init__(self, workers: int, threads: int) -> None:
+        self.workers = workers
+        self.threads = threads
+
+    def __enter__(self) -> _LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def run(self, sweep_dir: str, todo: list[dict]) -> Iterator[str]:
+        """Run the cells of one stage; yield each id as its cell is complete."""
+        if not todo:
+            return
+        if self.workers == 1:
+            for c in todo:
+                yield run_cell(sweep_dir, c, self.threads)
+            return
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+            futures = [pool.submit(run_cell, sweep_dir, c, self.threads) for c in todo]
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for f in finished:
-                    f.result()  # a failed cell stops the sweep with its error
-                    done += 1
-                    if on_cell:
-                        on_cell(futures[f]["id"], done, total)
-    return collect_results(sweep_dir)
+                    yield f.result()  # a failed cell stops the sweep with its error
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at a cluster address (Ray itself retries for minutes)."""
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"Ray address '{address}' is not host:port (or ray://host:port)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {err}") from err
+
+
+class _RayExecutor:
+    """Cells as Ray tasks on a local instance or an existing cluster."""
+
+    def __init__(self, address: str | None, cpus: float, gpus: float, threads: int) -> None:
+        try:
+            import ray
+        except ImportError as err:
+            raise ValueError(
+                "the ray engine needs Ray: pip install 'airlora[ray]' (or pip install ray)"
+            ) from err
+        if cpus <= 0 or gpus < 0:
+            raise ValueError(f"cells must request CPUs > 0 and GPUs >= 0, got {cpus}, {gpus}")
+        self.ray = ray
+        self.address = address
+        self.cpus, self.gpus, self.threads = cpus, gpus, threads
+        self._started = False
+
+    def __enter__(self) -> _RayExecutor:
+        ray = self.ray
+        if ray.is_initialized():
+            return self  # the caller's own Ray session: leave it to them
+        if self.address and self.address != "auto":
+            _check_reachable(self.address)
+        try:
+            # "local" starts a fresh instance even when another one runs on this machine.
+            ray.init(
+                address=self.address or "local",
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as err:
+            where = self.address or "a local instance"
+            raise ValueError(f"cannot reach the Ray cluster at {where}: {err}") from err
+        self._started = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            self.ray.shutdown()
+
+    def run(self, sweep_dir: str, todo: list[dict]) -> Iterator[str]:
+        if not todo:
+            return
+        ray = self.ray
+        task = ray.remote(run_cell).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)
+        pending = [task.remote(sweep_dir, c, self.threads) for c in todo]
+        try:
+            while pending:
+                finished, pending = ray.wait(pending, num_returns=1)
+                for ref in finished:
+                    yield ray.get(ref)  # a failed cell stops the sweep with its error
+        finally:
+            for ref in pending:  # stopped early: in-flight cells stay unfinished, redone later
+                ray.cancel(ref, force=True)
 
 
 def collect_results(sweep_dir: Path) -> pd.DataFrame:

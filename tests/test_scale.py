@@ -1,0 +1,287 @@
+"""Scale-out and generality: the Ray sweep engine, devices, decoder families end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from airlora.cli import app
+
+runner = CliRunner()
+
+# Columns that are measured wall times or identities, not results of the computation.
+NONDETERMINISTIC = ("run_id", "time", "latency", "_s_per_", "wall")
+
+
+def _tiny_sweep(cfg, tmp_path: Path, name: str) -> Path:
+    body = {
+        "name": name,
+        "data": cfg.data.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "train": {"rounds": 2, "steps_per_round": 2, "warmup_steps": 0, "device": "cpu"},
+        "link": {"scheme": "analog", "snr_process": "fixed"},
+        "ppo": {"n_steps": 8, "n_envs": 1, "batch_size": 8, "n_epochs": 1},
+        "airllm": {"warm_start_updates": 5, "updates_per_phase": 5},
+        "surrogate": {"real_episodes": 2, "holdout_fraction": 0.5},
+        "total_steps": 16,
+        "methods": [
+            {"name": "airllm", "method": "airllm"},
+            {"name": "lora", "method": "lora", "rank": 2},
+        ],
+        "r_max": [4],
+        "snr_db": [0.0, 20.0],
+        "seeds": [0],
+        "workers": 1,
+        "threads_per_worker": 1,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def _sweep_cmd(path: Path, out: Path, *options: str) -> list[str]:
+    """`airlora sweep` in a fresh interpreter (Ray's driver must be a process we can kill)."""
+    return [sys.executable, "-m", "airlora", "sweep", str(path), "--out", str(out), *options]
+
+
+def _comparable(table: pd.DataFrame) -> pd.DataFrame:
+    keep = [c for c in table.columns if not any(k in c for k in NONDETERMINISTIC)]
+    return table[keep].sort_values("cell").reset_index(drop=True)
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A short private Ray temp dir (Unix socket paths are limited to ~107 bytes), and every
+    Ray process that used it stopped afterwards, even when a test killed its driver."""
+    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    yield path
+    out = subprocess.run(["pgrep", "-f", path], capture_output=True, text=True).stdout.split()
+    for pid in out:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_ray_engine_gives_the_local_engine_numbers(tiny_finetune_config, tmp_path, ray_tmpdir):
+    pytest.importorskip("ray")
+    path = _tiny_sweep(tiny_finetune_config, tmp_path, "same")
+    local = runner.invoke(app, ["sweep", str(path), "--out", str(tmp_path / "local"), "--quiet"])
+    assert local.exit_code == 0, local.output
+    env = {**os.environ, "RAY_TMPDIR": ray_tmpdir}
+    ray_run = subprocess.run(
+        _sweep_cmd(path, tmp_path / "ray", "--engine", "ray", "--cpus-per-cell", "1", "--quiet"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert ray_run.returncode == 0, ray_run.stderr[-3000:]
+    a = pd.read_csv(tmp_path / "local" / "results.csv")
+    b = pd.read_csv(tmp_path / "ray" / "results.csv")
+    assert len(a) == 4 and set(a["cell"]) == set(b["cell"])
+    pd.testing.assert_frame_equal(_comparable(a), _comparable(b))
+    # The policy itself came out the same: identical denoiser weights from both engines.
+    name = "policy-airllm-r4-s0/policy/denoiser.safetensors"
+    assert (tmp_path / "local" / "cells" / name).read_bytes() == (
+        tmp_path / "ray" / "cells" / name
+    ).read_bytes()
+
+
+def test_killed_ray_sweep_resumes_without_recomputing(tiny_finetune_config, tmp_path, ray_tmpdir):
+    pytest.importorskip("ray")
+    path = _tiny_sweep(tiny_finetune_config, tmp_path, "kill")
+    out = tmp_path / "out"
+    cmd = _sweep_cmd(path, out, "--engine", "ray", "--cpus-per-cell", "1", "--quiet")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmpdir}
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    cells = out / "cells"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if cells.exists() and any(cells.glob("eval-*")):
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = {p.name: (p / "result.json").read_text() for p in cells.glob("eval-*")}
+    assert finished, "the sweep was killed before any evaluation cell finished"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cells.iterdir() if not p.name.startswith(".")}
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    present = sorted(p.name for p in cells.iterdir())
+    assert present == sorted(
+        ["rounds-r4-s0", "policy-airllm-r4-s0"]
+        + [f"eval-{m}-r4-snr{s}-s0" for m in ("airllm", "lora") for s in ("0", "20")]
+    )
+    for name, text in finished.items():
+        assert (cells / name / "result.json").read_text() == text
+    for name, mtime in mtimes.items():  # finished cells were not rewritten
+        assert (cells / name).stat().st_mtime_ns == mtime
+    assert pd.read_csv(out / "results.csv")["cell"].is_unique
+
+
+def test_ray_engine_names_an_unreachable_cluster(tiny_finetune_config, tmp_path, ray_tmpdir):
+    pytest.importorskip("ray")
+    path = _tiny_sweep(tiny_finetune_config, tmp_path, "nowhere")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmpdir}
+    result = subprocess.run(
+        _sweep_cmd(path, tmp_path / "o", "--engine", "ray", "--address", "127.0.0.1:9", "--quiet"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot reach the Ray cluster at 127.0.0.1:9" in result.stderr
+    assert not list((tmp_path / "o" / "cells").glob("*"))
+
+
+def test_unknown_engine_and_device_are_refused(tiny_finetune_config, tmp_path):
+    path = _tiny_sweep(tiny_finetune_config, tmp_path, "bad")
+    result = runner.invoke(app, ["sweep", str(path), "--engine", "spark", "--quiet"])
+    assert result.exit_code == 2 and "unknown sweep engine 'spark'" in result.output
+    result = runner.invoke(app, ["sweep", str(path), "--device", "tpu", "--quiet"])
+    assert result.exit_code == 2 and "unknown device 'tpu'" in result.output
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_device_resolution_and_precision():
+    from airlora.devices import DeviceError, autocast_dtype, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert autocast_dtype(torch.device("cpu"), "auto") is None  # CPU runs stay fp32
+    assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), "fp32") is None
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a CPU-only machine")
+def test_asking_for_a_missing_gpu_fails_before_any_folder(tiny_finetune_config, tmp_path):
+    config = tmp_path / "ft.yaml"
+    config.write_text(yaml.safe_dump(tiny_finetune_config.model_dump(mode="json")))
+    result = runner.invoke(app, ["finetune", "--config", str(config), "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert "no CUDA GPU" in result.output
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_bf16_autocast_trains_and_evaluates(tiny_finetune_config):
+    """The mixed-precision path of the engine (bf16 autocast), exercised on the CPU."""
+    from airlora.finetune import run_finetune
+
+    config = tiny_finetune_config.model_copy(
+        update={
+            "train": tiny_finetune_config.train.model_copy(update={"precision": "bf16"}),
+            "final_test": False,
+            "run_name": "bf16",
+        }
+    )
+    result = run_finetune(config)
+    assert all(0.0 <= r.accuracy <= 1.0 for r in result.rounds)
+    assert all(torch.isfinite(torch.tensor(r.train_loss)) for r in result.rounds)
+
+
+# ----------------------------------------------------------------------------- model families
+
+
+def _decoder_folder(family: str, tiny_model_dir: Path, folder: Path) -> Path:
+    """A randomly initialised tiny decoder with the tiny BERT's word-level tokenizer."""
+    from transformers import (
+        AutoTokenizer,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    vocab = len(tokenizer)
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=4
+        )
+        model = GPT2ForSequenceClassification(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            num_labels=4,
+        )
+        model = LlamaForSequenceClassification(config)
+    model.config.pad_token_id = None  # what a decoder checkpoint usually ships with
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family, projections", [("gpt2", 4), ("llama", 8)])
+def test_run_end_to_end_for_decoder_families(
+    family, projections, tiny_finetune_config, tiny_model_dir, tmp_path
+):
+    """Train an airllm policy on the decoder's rounds, then play it through a noisy link."""
+    folder = _decoder_folder(family, tiny_model_dir, tmp_path / family)
+    base = {
+        "data": tiny_finetune_config.data.model_dump(mode="json"),
+        "model": {"name_or_path": str(folder), "r_max": 4},
+        "train": {"rounds": 2, "steps_per_round": 2, "warmup_steps": 0},
+        "link": {"scheme": "digital", "snr_process": "fixed", "snr_db": 12.0},
+        "ppo": {"n_steps": 8, "n_envs": 1, "batch_size": 8, "n_epochs": 1},
+        "airllm": {"warm_start_updates": 5, "updates_per_phase": 5},
+        "surrogate": {"real_episodes": 2, "holdout_fraction": 0.5},
+        "total_steps": 16,
+        "out_dir": str(tmp_path / "runs"),
+    }
+    config = tmp_path / "policy.yaml"
+    config.write_text(yaml.safe_dump({**base, "method": "airllm", "run_name": "policy"}))
+    result = runner.invoke(app, ["train-policy", "--config", str(config), "--quiet"])
+    assert result.exit_code == 0, result.output
+
+    run_config = tmp_path / "run.yaml"
+    run_base = {k: v for k, v in base.items() if k not in ("ppo", "airllm", "surrogate")}
+    run_base.pop("total_steps")
+    run_config.write_text(yaml.safe_dump(run_base))
+    policy = tmp_path / "runs" / "policy" / "policy"
+    args = ["run", "--config", str(run_config), "--method", "airllm", "--policy", str(policy)]
+    result = runner.invoke(app, [*args, "--run-name", "episode", "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "episode"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert len(row["rank_vector"]) == projections
+        assert row["link"]["scheme"] == "digital" and row["payload_bits"] > 0
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+    adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA"
