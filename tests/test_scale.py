@@ -285,3 +285,72 @@ def test_run_end_to_end_for_decoder_families(
     assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
     adapter = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA"
+
+
+# ----------------------------------------------------------------------------- other data sets
+
+
+def test_a_new_three_class_data_set_runs_end_to_end(tiny_model_dir, tmp_path):
+    """A JSONL folder with other column names and 3 classes: the head gets 3 outputs."""
+    import random
+
+    from safetensors.torch import load_file
+
+    rng = random.Random(0)
+    words = {0: "awful bad poor", 1: "fine okay average", 2: "great superb good"}
+    folder = tmp_path / "data" / "reviews"
+    folder.mkdir(parents=True)
+    for split, n in (("train", 150), ("test", 30)):
+        with open(folder / f"{split}.jsonl", "w") as fh:
+            for i in range(n):
+                label = i % 3
+                body = " ".join(rng.choice(words[label].split()) for _ in range(8))
+                fh.write(json.dumps({"body": body, "stars": label, "id": i}) + "\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "source": "reviews",
+                    "data_dir": str(tmp_path / "data"),
+                    "text_column": "body",
+                    "label_column": "stars",
+                    "validation_size": 30,
+                    "edge_eval_size": 30,
+                    "batch_size": 8,
+                    "max_length": 16,
+                },
+                "model": {"name_or_path": str(tiny_model_dir), "r_max": 2},
+                "train": {"rounds": 2, "steps_per_round": 3, "warmup_steps": 0},
+                "link": {"scheme": "analog", "snr_process": "fixed", "snr_db": 10.0},
+                "out_dir": str(tmp_path / "runs"),
+            }
+        )
+    )
+    args = ["run", "--config", str(config), "--method", "lora", "--run-name", "r", "--test"]
+    result = runner.invoke(app, [*args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r"
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    head = [v for k, v in weights.items() if k.endswith("classifier.weight")]
+    assert len(head) == 1 and head[0].shape[0] == 3
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert 0.0 <= manifest["summary"]["test_accuracy"] <= 1.0
+
+
+def test_target_projections_are_overridable(tiny_finetune_config, tiny_model_dir, tmp_path):
+    folder = _decoder_folder("llama", tiny_model_dir, tmp_path / "llama")
+    config = tmp_path / "ft.yaml"
+    body = tiny_finetune_config.model_dump(mode="json")
+    body["model"] = {"name_or_path": str(folder), "r_max": 2}
+    body["rank"] = 2
+    body["train"].update(rounds=1, steps_per_round=2)
+    config.write_text(yaml.safe_dump(body))
+    args = ["finetune", "--config", str(config), "--no-test", "--quiet"]
+    result = runner.invoke(app, [*args, "--target-modules", "q_proj,v_proj"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(row["rank_vector"]) == 4  # 2 layers x (q, v)
+    bad = runner.invoke(app, [*args, "--target-modules", "nope_proj", "--run-name", "bad"])
+    assert bad.exit_code == 2 and "nope_proj" in bad.output
+    assert not (tmp_path / "runs" / "bad").exists()

@@ -40,6 +40,13 @@ DeviceOption = Annotated[
     str | None,
     typer.Option(help="Device of the language model: auto, cpu, cuda or cuda:N. [auto]"),
 ]
+TargetsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="LoRA target projections, comma-separated module-name suffixes "
+        "(q_proj,v_proj). [the family's attention projections]"
+    ),
+]
 PrecisionOption = Annotated[
     str | None, typer.Option(help="auto (bf16 on a GPU, fp32 on the CPU), fp32 or bf16. [auto]")
 ]
@@ -84,6 +91,15 @@ def _parse_rank_vector(text: str | None) -> list[int] | None:
         return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
     except ValueError as err:
         raise _fail(f"--rank-vector must be comma-separated integers, got '{text}'") from err
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise _fail(f"--target-modules needs at least one module name, got '{text}'")
+    return names
 
 
 def _set(d: dict, path: str, value: Any) -> None:
@@ -237,6 +253,7 @@ def finetune(
     threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
+    target_modules: TargetsOption = None,
     out: Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")] = None,
     run_name: Annotated[str | None, typer.Option(help="Name of this run's folder.")] = None,
     no_test: Annotated[
@@ -280,6 +297,7 @@ def finetune(
         ("train.threads", threads),
         ("train.device", device),
         ("train.precision", precision),
+        ("model.target_modules", _names(target_modules)),
         ("out_dir", out),
         ("run_name", run_name),
     ]:
@@ -449,6 +467,7 @@ def run_cmd(
     threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
+    target_modules: TargetsOption = None,
     test: Annotated[
         bool, typer.Option("--test", help="Also score the edge's final model on the test split.")
     ] = False,
@@ -490,6 +509,7 @@ def run_cmd(
         ("train.threads", threads),
         ("train.device", device),
         ("train.precision", precision),
+        ("model.target_modules", _names(target_modules)),
         ("out_dir", out),
         ("run_name", run_name),
     ]:
@@ -741,6 +761,7 @@ def train_policy(
     threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
+    target_modules: TargetsOption = None,
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Also log to TensorBoard in the run folder.")
     ] = False,
@@ -779,6 +800,7 @@ def train_policy(
         ("train.threads", threads),
         ("train.device", device),
         ("train.precision", precision),
+        ("model.target_modules", _names(target_modules)),
         ("out_dir", out),
         ("run_name", run_name),
     ]:
