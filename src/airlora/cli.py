@@ -111,6 +111,25 @@ def _set(d: dict, path: str, value: Any) -> None:
     d[leaf] = value
 
 
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    """A figure for a table; a missing or non-finite one (a diverged round) says so."""
+    if x is None or x != x or x in (float("inf"), float("-inf")):
+        return "nan"
+    return format(x, fmt)
+
+
+DIVERGED_EXIT = 3
+
+
+def _diverged(run_dir: Path, round_index: int) -> typer.Exit:
+    return _fail(
+        f"the run diverged in round {round_index} (non-finite loss or parameters; a learning "
+        f"rate too high?); {run_dir}/manifest.json is marked 'diverged' and its figures are "
+        "null, not numbers",
+        DIVERGED_EXIT,
+    )
+
+
 def _round_table(rows: list) -> Table:
     table = Table(
         title="Rounds (rank: mean over projections; acc: edge accuracy on its evaluation subset)",
@@ -135,9 +154,9 @@ def _round_table(rows: list) -> Table:
             str(m.round),
             f"{m.snr_db:.1f}",
             f"{sum(m.rank_vector) / len(m.rank_vector):.2f}",
-            f"{m.accuracy:.4f}",
-            f"{m.eval_loss:.4f}",
-            f"{m.train_loss:.4f}",
+            _num(m.accuracy),
+            _num(m.eval_loss),
+            _num(m.train_loss),
             f"{m.payload_params:,}",
             f"{m.airtime_s * 1e3:.2f}",
             f"{m.train_time_s:.2f}",
@@ -168,9 +187,8 @@ def _run_finetune_cli(config: FinetuneConfig, quiet: bool = False) -> None:
             task = progress.add_task("train", total=total, status="loading model and data")
 
             def on_round(m) -> None:
-                progress.update(
-                    task, status=f"round {m.round}/{config.train.rounds} acc {m.accuracy:.3f}"
-                )
+                status = f"round {m.round}/{config.train.rounds} acc {_num(m.accuracy, '.3f')}"
+                progress.update(task, status=status)
 
             result = run_finetune(
                 config, on_round=on_round, on_step=lambda n: progress.advance(task, n)
@@ -178,6 +196,8 @@ def _run_finetune_cli(config: FinetuneConfig, quiet: bool = False) -> None:
     except (DataError, ModelError, FileExistsError, ValueError) as err:
         raise _fail(str(err)) from err
     console.print(_round_table(result.rounds))
+    if result.diverged_round is not None:
+        raise _diverged(result.run_dir, result.diverged_round)
     summary = Table(show_header=False, title="Summary", title_justify="left")
     summary.add_column("what")
     summary.add_column("value", justify="right")
@@ -543,11 +563,13 @@ def run_cmd(
     except (DataError, ModelError, FileExistsError, FileNotFoundError, ValueError) as err:
         raise _fail(str(err)) from err
     console.print(_round_table([SimpleNamespace(**r) for r in result.rounds]))
+    if result.summary["diverged"]:
+        raise _diverged(result.run_dir, result.summary["diverged_round"])
     table = Table(show_header=False, title="Summary", title_justify="left")
     table.add_column("what")
     table.add_column("value", justify="right")
     for key, value in result.summary.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else f"{value:,}")
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else f"{value}")
     table.add_row("run folder", str(result.run_dir))
     console.print(table)
 

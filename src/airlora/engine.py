@@ -61,7 +61,12 @@ def encode_task(task: TaskData, tokenizer, config: DataConfig) -> EncodedTask:
 
 @dataclass(frozen=True)
 class RoundMetrics:
-    """What one round measured. Times in seconds, payload in parameters and bits."""
+    """What one round measured. Times in seconds, payload in parameters and bits.
+
+    ``diverged`` marks a round whose training produced a non-finite loss or parameters, or
+    whose edge model scored a non-finite loss: its accuracy and losses are NaN here and
+    ``None`` in :meth:`as_dict` (and so in every result file), never a made-up number.
+    """
 
     round: int
     snr_db: float
@@ -80,9 +85,13 @@ class RoundMetrics:
     transmit_time_s: float
     eval_time_s: float
     link: dict
+    diverged: bool = False
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("accuracy", "eval_loss", "train_loss"):
+            d[key] = _finite(d[key])
+        return d
 
 
 def _lr_lambda(config: TrainConfig):
@@ -342,10 +351,17 @@ class RoundEngine:
         if self.server.chooses_ranks:
             ranks = self.server.rank_vector
         train_time = time.perf_counter() - start
+        diverged = not math.isfinite(train_loss) or not _all_finite(
+            self.server.lora_parameters() + self.server.head_parameters()
+        )
 
         start = time.perf_counter()
         # The link model works on host memory; .cpu() is free for tensors already there.
         sent = {k: v.cpu() for k, v in self.server.active_tensors().items()}
+        if diverged:  # still sent (the airtime is spent), but as finite numbers
+            sent = {
+                k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in sent.items()
+            }
         protected = self.server.head_tensor_names() if self.protect_head else []
         received, report = self.link.transmit(sent, snr_db, protected)
         self.edge.load_active_tensors(received, ranks)
@@ -354,6 +370,9 @@ class RoundEngine:
         start = time.perf_counter()
         accuracy, eval_loss = self.evaluate(self.edge, self.task.edge_eval)
         eval_time = time.perf_counter() - start
+        if diverged or not math.isfinite(eval_loss):
+            # NaN logits argmax to class 0: that "accuracy" would be a made-up number.
+            diverged, accuracy, eval_loss = True, float("nan"), float("nan")
 
         self.round_index += 1
         self.last_accuracy = accuracy
@@ -376,6 +395,7 @@ class RoundEngine:
             transmit_time_s=transmit_time,
             eval_time_s=eval_time,
             link=_link_dict(report),
+            diverged=diverged,
         )
 
 
@@ -401,6 +421,10 @@ def build_adapter(base, model: ModelConfig, train: TrainConfig, dropout: float):
     return RankedLoRAModel.from_base(
         base, model.r_max, model.lora_alpha, dropout, model.target_modules
     )
+
+
+def _all_finite(params: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def _finite(x: float) -> float | None:

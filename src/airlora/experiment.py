@@ -50,11 +50,16 @@ def method_policy(config: RunConfig, layout: ActionLayout) -> RankPolicy:
 
 
 def summarize(rounds: list[dict]) -> dict:
+    """Episode figures. A diverged episode (its last round) has no accuracy: None, not a
+    number that could be averaged in by mistake."""
+    diverged = bool(rounds[-1].get("diverged"))
     acc = [r["accuracy"] for r in rounds]
     ranks = np.asarray([r["rank_vector"] for r in rounds], dtype=np.float64)
     return {
-        "final_accuracy": acc[-1],
-        "mean_accuracy": float(np.mean(acc)),
+        "diverged": diverged,
+        "diverged_round": rounds[-1]["round"] if diverged else None,
+        "final_accuracy": None if diverged else acc[-1],
+        "mean_accuracy": None if diverged else float(np.mean(acc)),
         "episode_return": float(sum(r["reward"] for r in rounds)),
         "total_payload_params": int(sum(r["payload_params"] for r in rounds)),
         "mean_payload_params": float(np.mean([r["payload_params"] for r in rounds])),
@@ -104,10 +109,12 @@ def run_episode(
             if on_round:
                 on_round(row)
         summary = summarize(rounds)
-        if config.final_test:
-            summary["test_accuracy"] = env.engine.evaluate(env.engine.edge, env.engine.task.test)[0]
-        env.engine.edge.export_peft(run.path / "adapter")
-        run.finish(summary, started)
+        if not summary["diverged"]:
+            if config.final_test:
+                engine = env.engine
+                summary["test_accuracy"] = engine.evaluate(engine.edge, engine.task.test)[0]
+            env.engine.edge.export_peft(run.path / "adapter")
+        run.finish(summary, started, status="diverged" if summary["diverged"] else "completed")
     except BaseException as err:
         run.fail(err)
         raise

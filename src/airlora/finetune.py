@@ -26,6 +26,7 @@ class FinetuneResult:
     test_accuracy: float | None
     test_loss: float | None
     train_samples_per_s: float
+    diverged_round: int | None = None
 
 
 def run_finetune(
@@ -60,18 +61,28 @@ def run_finetune(
                 on_step(config.train.steps_per_round)
             if on_round:
                 on_round(metrics)
+            if metrics.diverged:
+                break  # rounds after a divergence would only train on NaN
+        diverged_round = rounds[-1].round if rounds[-1].diverged else None
         test_acc = test_loss = None
-        if config.final_test:
+        if config.final_test and diverged_round is None:
             test_acc, test_loss = engine.evaluate(engine.edge, engine.task.test)
-        engine.edge.export_peft(run.path / "adapter")
+        if diverged_round is None:
+            engine.edge.export_peft(run.path / "adapter")
         train_time = sum(r.train_time_s for r in rounds)
         samples = engine.steps_done * config.data.batch_size
         result = FinetuneResult(
-            run.path, rounds, test_acc, test_loss, samples / train_time if train_time else 0.0
+            run.path,
+            rounds,
+            test_acc,
+            test_loss,
+            samples / train_time if train_time else 0.0,
+            diverged_round,
         )
         run.finish(
             {
-                "final_edge_accuracy": rounds[-1].accuracy,
+                "diverged_round": diverged_round,
+                "final_edge_accuracy": rounds[-1].as_dict()["accuracy"],
                 "test_accuracy": test_acc,
                 "test_loss": test_loss,
                 "training_steps": engine.steps_done,
@@ -80,6 +91,7 @@ def run_finetune(
                 "total_airtime_s": sum(r.airtime_s for r in rounds),
             },
             started,
+            status="completed" if diverged_round is None else "diverged",
         )
     except BaseException as err:
         run.fail(err)

@@ -57,18 +57,38 @@ def _fmt(mean: float, half: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def _usable(table: pd.DataFrame) -> pd.DataFrame:
+    """The results with a boolean ``diverged`` column (tables of older sweeps lack it)."""
+    table = table.copy()
+    if "diverged" not in table:
+        table["diverged"] = False
+    table["diverged"] = table["diverged"].fillna(False).astype(bool)
+    return table
+
+
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (r_max, SNR, method): means and CIs over seeds, p-value against airllm."""
+    """One row per (r_max, SNR, method): means and CIs over seeds, p-value against airllm.
+
+    Diverged episodes have no accuracy: they are counted in ``diverged`` and left out of
+    every mean, never averaged in as numbers."""
     rows = []
-    for (r_max, snr, name), g in table.groupby(["r_max", "snr_db", "name"], sort=True):
+    table = _usable(table)
+    for (r_max, snr, name), g_all in table.groupby(["r_max", "snr_db", "name"], sort=True):
+        g = g_all[~g_all.diverged]
         acc, acc_ci = mean_ci(g["final_accuracy"])
-        ref = table[(table.r_max == r_max) & (table.snr_db == snr) & (table.name == REFERENCE)]
+        ref = table[
+            (table.r_max == r_max)
+            & (table.snr_db == snr)
+            & (table.name == REFERENCE)
+            & ~table.diverged
+        ]
         rows.append(
             {
                 "r_max": r_max,
                 "snr_db": snr,
                 "method": name,
                 "seeds": len(g),
+                "diverged": int(g_all.diverged.sum()),
                 "final_accuracy": acc,
                 "final_accuracy_ci95": acc_ci,
                 "mean_accuracy": float(g["mean_accuracy"].mean()),
@@ -315,6 +335,8 @@ def write_report(sweep_dir: Path) -> Path:
         f"{config.surrogate.real_episodes} logged real episodes per (r_max, seed).",
         "- Accuracy: the edge's accuracy after the last round (mean ± 95 % CI over seeds); "
         "p: Welch t-test against airllm on that accuracy.",
+        f"- Diverged episodes (non-finite loss or parameters; left out of every mean and "
+        f"test, counted in the `diverged` column): {int(summary.diverged.sum())}.",
         "",
     ]
     for r_max in sorted(summary.r_max.unique()):
@@ -334,6 +356,8 @@ def write_report(sweep_dir: Path) -> Path:
                 "p vs airllm": sub.p_vs_airllm.map(lambda v: "-" if math.isnan(v) else f"{v:.3f}"),
             }
         )
+        if summary.diverged.any():
+            show["diverged"] = sub.diverged.to_numpy()
         lines += [_markdown_table(show), ""]
     overhead = table.groupby("name")[
         ["mean_decision_time_s", "mean_train_time_s", "mean_latency_s"]
@@ -369,7 +393,8 @@ def write_report(sweep_dir: Path) -> Path:
 
 def headline(sweep_dir: Path) -> pd.DataFrame:
     """Per method over every cell: mean final accuracy and parameters per round (demo print)."""
-    table = pd.read_csv(Path(sweep_dir) / "results.csv")
+    table = _usable(pd.read_csv(Path(sweep_dir) / "results.csv"))
+    table = table[~table.diverged]
     out = table.groupby("name").agg(
         final_accuracy=("final_accuracy", "mean"),
         params_per_round=("mean_payload_params", "mean"),

@@ -139,9 +139,11 @@ class RunFolder:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def finish(self, summary: dict, started: float) -> None:
+    def finish(self, summary: dict, started: float, status: str = "completed") -> None:
+        """Record the summary; ``status`` is ``completed`` or ``diverged`` (a run that ended
+        on non-finite numbers: its summary says where, and it is kept out of averages)."""
         self._manifest.update(
-            status="completed",
+            status=status,
             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             wall_time_s=round(time.perf_counter() - started, 3),
             summary=summary,

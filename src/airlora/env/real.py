@@ -104,21 +104,28 @@ class RankSelectionEnv(gym.Env):
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
         ranks = [int(r) for r in np.asarray(action).reshape(-1)]
         metrics = self.engine.run_round(ranks, self._snr_db)
+        # A diverged round's edge model is worthless: it scores zero and ends the episode.
+        accuracy = 0.0 if metrics.diverged else metrics.accuracy
         reward = round_reward(
-            metrics.accuracy,
+            accuracy,
             self._prev_acc,
             metrics.payload_params,
             metrics.max_payload_params,
             self.config,
         )
-        self._prev_acc = metrics.accuracy
+        self._prev_acc = accuracy
         self._last_ranks = ranks
-        terminated = self.engine.round_index >= self.episode_rounds
+        terminated = metrics.diverged or self.engine.round_index >= self.episode_rounds
         self.last_metrics = metrics
         # Wall times stay out of info (Gymnasium expects a seeded step to repeat exactly);
         # they are in ``last_metrics``.
         measured = {k: v for k, v in metrics.as_dict().items() if not k.endswith("_time_s")}
-        info = {"metrics": measured, "accuracy": metrics.accuracy, "reward": reward}
+        info = {
+            "metrics": measured,
+            "accuracy": metrics.accuracy,
+            "reward": reward,
+            "diverged": metrics.diverged,
+        }
         if terminated:
             obs = self._observation(self._complexity)
         else:

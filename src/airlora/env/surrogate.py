@@ -88,6 +88,8 @@ def collect_rounds(
                 ranks = np.full(m, rng.integers(0, r_max + 1))
             _obs, _, done, _, info = env.step(ranks)
             metrics = info["metrics"]
+            if info["diverged"]:  # no accuracy to learn from; the episode has ended
+                break
             row = LoggedRound(
                 episode=episode,
                 round=metrics["round"] - 1,

@@ -226,7 +226,8 @@ class WirelessLink:
                 received = self._fill(name, received.copy(), erased)
             total_symbols += m
             erased_total += int(erased.sum())
-            sq_err += float(np.sum((received[~erased] - values[~erased]) ** 2))
+            err = received[~erased].astype(np.float64) - values[~erased]
+            sq_err += float(np.sum(err**2))
             sig += power * n
             out[name] = received.astype(np.float32)
         sent = total_symbols if budget is None else min(total_symbols, budget)
