@@ -40,12 +40,11 @@ def write_csv(path: Path, rows: list[tuple[str, int]], header=("text", "label"))
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def build_tiny_model(folder: Path) -> Path:
     """A 2-layer BERT (hidden 32) with a word-level vocabulary, saved as a model folder."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
+    folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab += sorted({w for ws in WORDS.values() for w in ws.split()} | set(FILLER.split()))
     vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz")
@@ -66,14 +65,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory) -> Path:
+def build_tiny_data(root: Path) -> Path:
     """A data directory holding `tiny/train.csv` (400 rows) and `tiny/test.csv` (80 rows)."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "tiny").mkdir()
+    (root / "tiny").mkdir(parents=True, exist_ok=True)
     write_csv(root / "tiny" / "train.csv", make_rows(400, seed=1))
     write_csv(root / "tiny" / "test.csv", make_rows(80, seed=2))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    return build_tiny_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture

@@ -80,7 +80,9 @@ def _config_errors(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "config"
-        parts.append(f"{loc}: {e['msg']}")
+        given = e.get("input")
+        shown = f" (got {given!r})" if isinstance(given, str | int | float | bool) else ""
+        parts.append(f"{loc}: {e['msg']}{shown}")
     return "; ".join(parts)
 
 
@@ -119,6 +121,15 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 
 
 DIVERGED_EXIT = 3
+
+
+def _os_error(err: OSError) -> str:
+    """A file-system failure in words: what, where; finished work stays where it is."""
+    if err.errno is None:  # raised by airlora with its own message
+        return str(err)
+    what = err.strerror or str(err)
+    where = f" ({err.filename})" if err.filename else ""
+    return f"{what}{where}; what was finished is kept: fix this and run the same command again"
 
 
 def _diverged(run_dir: Path, round_index: int) -> typer.Exit:
@@ -193,8 +204,10 @@ def _run_finetune_cli(config: FinetuneConfig, quiet: bool = False) -> None:
             result = run_finetune(
                 config, on_round=on_round, on_step=lambda n: progress.advance(task, n)
             )
-    except (DataError, ModelError, FileExistsError, ValueError) as err:
+    except (DataError, ModelError, ValueError) as err:
         raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(_os_error(err)) from err
     console.print(_round_table(result.rounds))
     if result.diverged_round is not None:
         raise _diverged(result.run_dir, result.diverged_round)
@@ -560,8 +573,10 @@ def run_cmd(
         with progress:
             task = progress.add_task("rounds", total=config.train.rounds)
             result = run_episode(config, on_round=lambda _r: progress.advance(task))
-    except (DataError, ModelError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (DataError, ModelError, ValueError) as err:
         raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(_os_error(err)) from err
     console.print(_round_table([SimpleNamespace(**r) for r in result.rounds]))
     if result.summary["diverged"]:
         raise _diverged(result.run_dir, result.summary["diverged_round"])
@@ -662,13 +677,18 @@ def _run_sweep_cli(
                 on_cell=lambda cid, done, _t: progress.update(
                     task, completed=done, description=cid
                 ),
+                on_problem=lambda m: err_console.print(
+                    f"[yellow]warning:[/] {escape(m)}", soft_wrap=True, highlight=False
+                ),
                 engine=engine,
                 address=address,
                 cpus_per_cell=cpus_per_cell,
                 gpus_per_cell=gpus_per_cell,
             )
-    except (DataError, ModelError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (DataError, ModelError, ValueError) as err:
         raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(_os_error(err)) from err
     sweep_dir = out or config.out_dir / config.name
     console.print(f"{len(table)} evaluation cells in {sweep_dir / 'results.csv'}")
     return sweep_dir, table
@@ -867,8 +887,10 @@ def _run_train_policy_cli(config, quiet: bool) -> None:
                 on_status=lambda m: err_console.print(m) if not quiet else None,
                 on_steps=lambda n: progress.update(task, completed=min(n, config.total_steps)),
             )
-    except (DataError, ModelError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (DataError, ModelError, ValueError) as err:
         raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(_os_error(err)) from err
     returns = result.episode_returns
     table = Table(show_header=False, title="Policy training", title_justify="left")
     table.add_column("what")
@@ -913,8 +935,10 @@ def evaluate_policy(
 
     try:
         summary = run_evaluate_policy(run_dir, snr_db, episodes, seed, on_round)
-    except (DataError, ModelError, FileNotFoundError, ValueError) as err:
+    except (DataError, ModelError, ValueError) as err:
         raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(_os_error(err)) from err
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return

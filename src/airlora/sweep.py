@@ -9,8 +9,10 @@ A cell is one unit of work with a stable id:
 
 Every cell is built in ``cells/.tmp-<id>`` and renamed to ``cells/<id>`` when it is complete
 (a rename is atomic), so a finished cell is whole and an interrupted one leaves only a
-temporary folder, removed when the sweep runs again. Re-running the same command skips the
-finished cells and redoes the rest. Cells of a stage run in parallel: in worker processes on
+temporary folder, removed when the sweep runs again. A finished cell is sealed: ``cell.json``
+holds the SHA-256 of each of its files, checked when the sweep runs again, so that a file cut
+short or corrupted on disk is reported and its cell redone. Re-running the same command skips
+the finished cells and redoes the rest. Cells of a stage run in parallel: in worker processes on
 this machine (the ``local`` engine), or as Ray tasks on a local Ray instance or a cluster (the
 ``ray`` engine); both write the same cells, so a sweep may be resumed under either.
 ``results.csv`` and ``results.parquet`` gather the evaluation cells with their config hash.
@@ -18,11 +20,14 @@ this machine (the ``local`` engine), or as Ray tasks on a local Ray instance or 
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import multiprocessing
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -41,6 +46,7 @@ from airlora.config import (
 from airlora.runs import atomic_write_text, config_hash
 
 CELLS = "cells"
+CELL_SEAL = "cell.json"
 RESULTS = "results"
 TRAINED = ("airllm", "ppo")
 
@@ -199,16 +205,119 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
             **result.summary,
         }
         atomic_write_text(tmp / "result.json", json.dumps(record, indent=2) + "\n")
+    seal_cell(tmp, cell["id"])
     os.replace(tmp, final)
     return cell["id"]
+
+
+# ----------------------------------------------------------------------------- cell integrity
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal_cell(folder: Path, cell_id: str) -> None:
+    """Checksum every file of a finished cell into ``cell.json``, written last."""
+    files = {
+        p.relative_to(folder).as_posix(): _sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CELL_SEAL
+    }
+    text = json.dumps({"cell": cell_id, "sha256": files}, indent=1) + "\n"
+    atomic_write_text(folder / CELL_SEAL, text)
+
+
+def check_cell(folder: Path) -> str | None:
+    """None when a finished cell is whole, else what is wrong with it (a file cut short,
+    changed or missing, or an unreadable seal)."""
+    try:
+        seal = json.loads((folder / CELL_SEAL).read_text(encoding="utf-8"))
+        files = dict(seal["sha256"])
+    except FileNotFoundError:
+        return _check_unsealed(folder)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{CELL_SEAL} is unreadable ({type(err).__name__}: {err})"
+    if seal.get("cell") != folder.name:
+        return f"{CELL_SEAL} names another cell ({seal.get('cell')!r})"
+    for rel, digest in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if _sha256(path) != digest:
+            return f"{rel} does not match its checksum (cut short or corrupted)"
+    return None
+
+
+def _check_unsealed(folder: Path) -> str | None:
+    """A cell of a sweep written before seals existed: every JSON file must parse."""
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            return f"{path.relative_to(folder)} is unreadable ({type(err).__name__}) and unsealed"
+    if folder.name.startswith("eval-") and not (folder / "result.json").is_file():
+        return "result.json is missing"
+    return None
+
+
+def discard_damaged_cells(
+    sweep_dir: Path, stages: list[list[dict]], on_problem: Callable[[str], None] | None
+) -> list[str]:
+    """Check every finished cell; remove the damaged ones (they are redone) and report each."""
+    damaged = []
+    for stage in stages:
+        for c in stage:
+            folder = sweep_dir / CELLS / c["id"]
+            if not folder.exists():
+                continue
+            problem = check_cell(folder)
+            if problem is None:
+                continue
+            shutil.rmtree(folder)
+            damaged.append(c["id"])
+            if on_problem:
+                on_problem(f"cell {c['id']} was damaged ({problem}): it will be redone")
+    return damaged
+
+
+def check_writable(folder: Path, min_free_bytes: int) -> None:
+    """Fail before any work when the sweep folder cannot take files or the disk is full."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        msg = f"cannot write to the sweep folder {folder}: {err.strerror}"
+        raise OSError(err.errno, msg) from err
+    free = shutil.disk_usage(folder).free
+    if free < min_free_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"only {free / 2**20:.0f} MiB free on the disk of {folder} (a sweep wants at least "
+            f"{min_free_bytes / 2**20:.0f} MiB for its cells); free some space and run again",
+        )
 
 
 # ----------------------------------------------------------------------------- the sweep
 
 
+MIN_FREE_BYTES = 64 * 2**20
+
+
 def prepare(config: SweepConfig, sweep_dir: Path) -> Path:
-    """Create the sweep folder, or check that an existing one holds the same configuration."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    """Create the sweep folder, or check that an existing one holds the same configuration
+    and can take more files."""
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        msg = f"cannot create the sweep folder {sweep_dir}: {err.strerror}"
+        raise OSError(err.errno, msg) from err
+    check_writable(sweep_dir, MIN_FREE_BYTES)
     path = sweep_dir / "sweep.yaml"
     if path.exists():
         existing = load_config(path, SweepConfig)
@@ -231,12 +340,14 @@ def run_sweep(
     config: SweepConfig,
     sweep_dir: Path | None = None,
     on_cell: Callable[[str, int, int], None] | None = None,
+    on_problem: Callable[[str], None] | None = None,
     engine: str = "local",
     address: str | None = None,
     cpus_per_cell: float | None = None,
     gpus_per_cell: float = 0.0,
 ) -> pd.DataFrame:
-    """Run (or resume) a sweep; returns the results table. ``on_cell(id, done, total)``.
+    """Run (or resume) a sweep; returns the results table. ``on_cell(id, done, total)``
+    reports progress; ``on_problem(message)`` each damaged cell found (and redone) on resume.
 
     Parameters
     ----------
@@ -259,6 +370,7 @@ def run_sweep(
     stages = plan(config)
     total = sum(len(s) for s in stages)
     cells = sweep_dir / CELLS
+    discard_damaged_cells(sweep_dir, stages, on_problem)
     done = sum(1 for s in stages for c in s if (cells / c["id"]).exists())
     threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
     if engine == "ray":

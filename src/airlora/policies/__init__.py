@@ -56,7 +56,16 @@ def load_policy(folder: Path | str) -> RankPolicy:
         raise ValueError(f"{meta_path} is not a valid saved policy: {err}") from err
     if method not in POLICIES:
         raise ValueError(f"{meta_path} names unknown method '{method}'")
-    return POLICIES[method]._from_saved(layout, int(meta.get("seed", 0)), meta["config"], folder)
+    try:
+        return POLICIES[method]._from_saved(
+            layout, int(meta.get("seed", 0)), meta["config"], folder
+        )
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # a damaged or foreign file: refused, never executed
+        raise ValueError(
+            f"{folder} is not a valid saved policy ({type(err).__name__}: {err})"
+        ) from err
 
 
 __all__ = [
