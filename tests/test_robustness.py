@@ -262,7 +262,7 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("unknown link scheme", ["finetune", "--link", "pigeon"], "pigeon"),
     ("unknown device", ["finetune", "--device", "tpu"], "tpu"),
     ("CUDA on a CPU-only machine", ["finetune", "--device", "cuda"], "CUDA"),
-    ("SNR trace with a missing value", ["finetune", "--snr-process", "trace"], "row 3"),
+    ("SNR trace with a missing value", ["finetune", "--snr-process", "trace"], "row 2"),
     ("CSV without the label column", ["finetune"], "label"),
     ("CSV with an extra field in a row", ["finetune"], "row 2"),
     ("label that is not an integer", ["finetune"], "not an integer"),

@@ -161,19 +161,24 @@ class TraceSNR(SNRProcess):
 
 
 def read_snr_trace(path: Path) -> np.ndarray:
-    """dB values from the first column of a CSV; fails with the row and the reason."""
+    """dB values from the first column of a CSV; fails with the row and the reason.
+
+    Rows are numbered from the first data row, as in data files (a header is not a row)."""
     if not path.is_file():
         raise ValueError(f"SNR trace {path}: no such file")
     values: list[float] = []
+    header = 0
     with open(path, newline="", encoding="utf-8") as fh:
-        for row_number, row in enumerate(csv.reader(fh), start=1):
+        for line_number, row in enumerate(csv.reader(fh), start=1):
+            row_number = line_number - header
             if not row or not row[0].strip():
                 raise ValueError(f"SNR trace {path}, row {row_number}: missing value")
             try:
                 value = float(row[0])
             except ValueError:
-                if row_number == 1 and not values:
-                    continue  # a header
+                if line_number == 1:
+                    header = 1
+                    continue
                 raise ValueError(
                     f"SNR trace {path}, row {row_number}: '{row[0]}' is not a number (dB)"
                 ) from None

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import pickle  # for its exception type only: nothing here unpickles
 from pathlib import Path
 
 from airlora.config import AirLLMConfig, PPOConfig
@@ -62,6 +63,11 @@ def load_policy(folder: Path | str) -> RankPolicy:
         )
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{folder} is not a valid saved policy: its archive holds pickled objects, and "
+            "airlora reads tensors only (nothing is unpickled)"
+        ) from err
     except Exception as err:  # a damaged or foreign file: refused, never executed
         raise ValueError(
             f"{folder} is not a valid saved policy ({type(err).__name__}: {err})"

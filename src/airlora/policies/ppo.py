@@ -3,6 +3,7 @@ the AirLLM policy shares: vectorised environments, episode logging, save and saf
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -101,7 +102,10 @@ def load_ppo(path: Path, act_space: gym.Space, config: PPOConfig, seed: int) -> 
     if not path.is_file():
         raise FileNotFoundError(f"saved policy is missing {path}")
     agent = new_ppo(SpacesOnlyEnv(observation_space(), act_space), config, seed, None)
-    agent.set_parameters(str(path), exact_match=True, device="cpu")
+    with warnings.catch_warnings():
+        # torch's weights-only reader notes foreign pickle protocols before refusing them.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        agent.set_parameters(str(path), exact_match=True, device="cpu")
     return agent
 
 
