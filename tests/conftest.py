@@ -73,6 +73,56 @@ def build_tiny_data(root: Path) -> Path:
     return root
 
 
+def tiny_decoder(family: str, vocab_size: int, num_labels: int, pad_token_id: int | None):
+    """A randomly initialised 2-layer GPT-2 or LLaMA-style classifier (hidden 32)."""
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            num_labels=num_labels,
+            pad_token_id=pad_token_id,
+        )
+        return GPT2ForSequenceClassification(config)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=pad_token_id,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+def tiny_task_sections(model_dir: Path, data_dir: Path) -> dict:
+    """The data and model sections of a config for the tiny BERT on the tiny data."""
+    return {
+        "data": {
+            "source": "tiny",
+            "data_dir": str(data_dir),
+            "validation_size": 40,
+            "edge_eval_size": 32,
+            "batch_size": 8,
+            "max_length": 24,
+        },
+        "model": {"name_or_path": str(model_dir), "r_max": 4, "lora_alpha": 8},
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
@@ -89,15 +139,7 @@ def tiny_finetune_config(tiny_model_dir, tiny_data_dir, tmp_path):
 
     return FinetuneConfig.model_validate(
         {
-            "data": {
-                "source": "tiny",
-                "data_dir": str(tiny_data_dir),
-                "validation_size": 40,
-                "edge_eval_size": 32,
-                "batch_size": 8,
-                "max_length": 24,
-            },
-            "model": {"name_or_path": str(tiny_model_dir), "r_max": 4, "lora_alpha": 8},
+            **tiny_task_sections(tiny_model_dir, tiny_data_dir),
             "train": {
                 "rounds": 3,
                 "steps_per_round": 4,

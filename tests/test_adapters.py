@@ -7,6 +7,7 @@ import torch
 from peft import PeftModel
 
 from airlora.model import ModelError, RankedLoRAModel, load_model
+from conftest import tiny_decoder
 
 
 @pytest.fixture
@@ -170,39 +171,9 @@ def test_model_folder_without_weights_is_refused(tmp_path, tiny_model_dir):
         load_model(str(tmp_path / "missing"), 4)
 
 
-def _tiny_decoder(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if family == "gpt2":
-        from transformers import GPT2Config, GPT2ForSequenceClassification
-
-        config = GPT2Config(
-            vocab_size=50,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=64,
-            num_labels=3,
-            pad_token_id=0,
-        )
-        return GPT2ForSequenceClassification(config)
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=3,
-        pad_token_id=0,
-    )
-    return LlamaForSequenceClassification(config)
-
-
 @pytest.mark.parametrize("family, expected", [("gpt2", 4), ("llama", 8)])
 def test_decoder_families_get_default_targets_and_export_exactly(family, expected, tmp_path):
-    base = _tiny_decoder(family)
+    base = tiny_decoder(family, vocab_size=50, num_labels=3, pad_token_id=0)
     base_copy = copy.deepcopy(base)
     model = RankedLoRAModel.from_base(base, r_max=4, lora_alpha=8)
     assert model.num_projections == expected

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from airlora.cli import app
+from conftest import tiny_task_sections
 
 runner = CliRunner()
 FIXTURE_SETTINGS = settings(
@@ -50,15 +51,7 @@ def _strict_json(text: str):
 
 def _tiny_base(tiny_model_dir: Path, tiny_data_dir: Path, out: Path) -> dict:
     return {
-        "data": {
-            "source": "tiny",
-            "data_dir": str(tiny_data_dir),
-            "validation_size": 40,
-            "edge_eval_size": 32,
-            "batch_size": 8,
-            "max_length": 24,
-        },
-        "model": {"name_or_path": str(tiny_model_dir), "r_max": 4, "lora_alpha": 8},
+        **tiny_task_sections(tiny_model_dir, tiny_data_dir),
         "train": {"rounds": 2, "steps_per_round": 2, "warmup_steps": 0, "threads": 1},
         "link": {"scheme": "analog", "snr_process": "fixed", "snr_db": 10.0},
         "out_dir": str(out),

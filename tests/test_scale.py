@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from airlora.cli import app
+from conftest import tiny_decoder
 
 runner = CliRunner()
 
@@ -211,37 +212,12 @@ def test_bf16_autocast_trains_and_evaluates(tiny_finetune_config):
 
 
 def _decoder_folder(family: str, tiny_model_dir: Path, folder: Path) -> Path:
-    """A randomly initialised tiny decoder with the tiny BERT's word-level tokenizer."""
-    from transformers import (
-        AutoTokenizer,
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        LlamaConfig,
-        LlamaForSequenceClassification,
-    )
+    """A tiny decoder with the tiny BERT's word-level tokenizer and, as decoder checkpoints
+    usually ship, no padding token."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    vocab = len(tokenizer)
-    torch.manual_seed(0)
-    if family == "gpt2":
-        config = GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=64, num_labels=4
-        )
-        model = GPT2ForSequenceClassification(config)
-    else:
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-            num_labels=4,
-        )
-        model = LlamaForSequenceClassification(config)
-    model.config.pad_token_id = None  # what a decoder checkpoint usually ships with
-    model.save_pretrained(folder)
+    tiny_decoder(family, len(tokenizer), num_labels=4, pad_token_id=None).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
