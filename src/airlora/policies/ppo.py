@@ -10,6 +10,7 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
@@ -78,7 +79,7 @@ class SpacesOnlyEnv(gym.Env):
 
 
 def new_ppo(env: VecEnv | gym.Env, config: PPOConfig, seed: int, tensorboard_dir: Path | None):
-    return PPO(
+    agent = PPO(
         "MlpPolicy",
         env,
         learning_rate=config.learning_rate,
@@ -95,6 +96,10 @@ def new_ppo(env: VecEnv | gym.Env, config: PPOConfig, seed: int, tensorboard_dir
         device="cpu",
         verbose=0,
     )
+    if tensorboard_dir is None:
+        # SB3's default logger makes an empty /tmp/SB3-<time> folder at every learn().
+        agent.set_logger(Logger(folder=None, output_formats=[]))
+    return agent
 
 
 def load_ppo(path: Path, act_space: gym.Space, config: PPOConfig, seed: int) -> PPO:
