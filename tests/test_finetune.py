@@ -199,3 +199,15 @@ def test_cli_link_options_reach_the_run(tiny_finetune_config, tmp_path):
     assert row["link"]["scheme"] == "digital" and row["link"]["measured_ber"] > 0.1
     # at -5 dB every uncoded packet fails its CRC: the edge received no adapter at all
     assert row["link"]["erased_params"] == row["adapter_params"]
+
+
+def test_help_shows_the_defaults_in_brackets():
+    """Help texts are plain text: '[runs]' is a default to show, not markup to swallow."""
+    from typer.testing import CliRunner
+
+    from airlora.cli import app
+
+    result = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "[runs]" in text and "[env: AIRLORA_DATA_DIR]" in text and "[r_max]" in text

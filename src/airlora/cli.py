@@ -25,10 +25,16 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Help texts are plain: "[runs]" is a default, not a rich style tag to swallow.
+    rich_markup_mode=None,
 )
-bench_app = typer.Typer(help="Benchmarks: the project against its peer, in the same run.")
+bench_app = typer.Typer(
+    help="Benchmarks: the project against its peer, in the same run.", rich_markup_mode=None
+)
 app.add_typer(bench_app, name="bench")
-link_app = typer.Typer(help="The link model on its own: BER against theory, curves.")
+link_app = typer.Typer(
+    help="The link model on its own: BER against theory, curves.", rich_markup_mode=None
+)
 app.add_typer(link_app, name="link")
 
 console = Console()
@@ -36,6 +42,15 @@ if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 
     console = Console(width=160)
 err_console = Console(stderr=True)
 
+# Options that several commands share, word for word.
+QuietOption = Annotated[bool, typer.Option(help="No progress bar.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+ThreadsOption = Annotated[int | None, typer.Option(help="torch threads (0: default).")]
+OutOption = Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")]
+RunNameOption = Annotated[str | None, typer.Option(help="Name of this run's folder.")]
+DataDirOption = Annotated[
+    Path | None, typer.Option(help=f"Folder of local data copies [env: {DATA_DIR_ENV}].")
+]
 DeviceOption = Annotated[
     str | None,
     typer.Option(help="Device of the language model: auto, cpu, cuda or cuda:N. [auto]"),
@@ -283,16 +298,16 @@ def finetune(
         bool, typer.Option("--no-crc", help="Keep corrupted packets instead of erasing them.")
     ] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the whole run. [0]")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
+    threads: ThreadsOption = None,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
     target_modules: TargetsOption = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")] = None,
-    run_name: Annotated[str | None, typer.Option(help="Name of this run's folder.")] = None,
+    out: OutOption = None,
+    run_name: RunNameOption = None,
     no_test: Annotated[
         bool, typer.Option("--no-test", help="Skip the final test-split evaluation.")
     ] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Fine-tune with fixed ranks over the link; print a per-round table; write a run folder.
 
@@ -349,7 +364,7 @@ def finetune(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Sweep folder.")] = Path("runs/demo"),
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """The main job on the embedded defaults (what `make demo` runs).
 
@@ -374,7 +389,7 @@ def demo(
 
 @bench_app.command("train")
 def bench_train_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
     model: Annotated[str, typer.Option(help="Model name or folder.")] = "default",
     rmax: Annotated[int, typer.Option(help="r_max (every projection at r_max).")] = 8,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 16,
@@ -400,7 +415,7 @@ def bench_train_cmd(
 
 @bench_app.command("link")
 def bench_link_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
     n_params: Annotated[int, typer.Option(help="float32 parameters sent.")] = 1_000_000,
     repeats: Annotated[int, typer.Option(help="Interleaved repeats per chain.")] = 5,
 ) -> None:
@@ -423,7 +438,7 @@ def link_simulate(
     fast_path: Annotated[
         bool, typer.Option(help="Draw bit errors directly where exact (BPSK/QPSK, AWGN).")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Measure the BER of mapper -> channel -> hard demapper and compare it with theory."""
     from airlora.link.simulate import simulate_ber
@@ -493,20 +508,18 @@ def run_cmd(
         str | None, typer.Option(help="'default', a model folder or a hub id.")
     ] = None,
     data: Annotated[str | None, typer.Option(help="Data set (see finetune --help).")] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help=f"Folder of local data copies [env: {DATA_DIR_ENV}].")
-    ] = None,
+    data_dir: DataDirOption = None,
     seed: Annotated[int | None, typer.Option(help="Seed. [0]")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
+    threads: ThreadsOption = None,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
     target_modules: TargetsOption = None,
     test: Annotated[
         bool, typer.Option("--test", help="Also score the edge's final model on the test split.")
     ] = False,
-    out: Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")] = None,
-    run_name: Annotated[str | None, typer.Option(help="Name of this run's folder.")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    out: OutOption = None,
+    run_name: RunNameOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """One real episode of one method through the shared engine, link and edge evaluation.
 
@@ -616,7 +629,7 @@ def sweep_cmd(
     gpus_per_cell: Annotated[float, typer.Option(help="GPUs each Ray task requests.")] = 0.0,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Run or resume a sweep; finished cells are kept, unfinished ones redone.
 
@@ -780,9 +793,7 @@ def train_policy(
         str | None, typer.Option(help="'default', a model folder or a hub id.")
     ] = None,
     data: Annotated[str | None, typer.Option(help="Data set (see finetune --help).")] = None,
-    data_dir: Annotated[
-        Path | None, typer.Option(help=f"Folder of local data copies [env: {DATA_DIR_ENV}].")
-    ] = None,
+    data_dir: DataDirOption = None,
     link: Annotated[
         str | None, typer.Option(help="Link scheme: perfect, analog, digital or coded.")
     ] = None,
@@ -800,16 +811,16 @@ def train_policy(
     ] = None,
     reward_form: Annotated[str | None, typer.Option(help="accuracy or gain. [accuracy]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed. [0]")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (0: default).")] = None,
+    threads: ThreadsOption = None,
     device: DeviceOption = None,
     precision: PrecisionOption = None,
     target_modules: TargetsOption = None,
     tensorboard: Annotated[
         bool, typer.Option("--tensorboard", help="Also log to TensorBoard in the run folder.")
     ] = False,
-    out: Annotated[Path | None, typer.Option(help="Folder for run folders. [runs]")] = None,
-    run_name: Annotated[str | None, typer.Option(help="Name of this run's folder.")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    out: OutOption = None,
+    run_name: RunNameOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Train a rank policy on the real environment or a fitted surrogate; save it.
 
@@ -965,7 +976,7 @@ def evaluate_policy(
 def bench_policy_cmd(
     decisions: Annotated[int, typer.Option(help="Decisions timed.")] = 50,
     rounds: Annotated[int, typer.Option(help="Real rounds timed.")] = 3,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Wall time of one AirLLM decision (PPO + full DDIM sampling) against one real round."""
     from airlora.bench.policy import bench_policy
@@ -988,7 +999,7 @@ def bench_convergence_cmd(
     ablation: Annotated[
         bool, typer.Option(help="Also run airllm with the denoiser frozen (coarse only).")
     ] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Steps to 95 % of the optimum on the synthetic environment: airllm against ppo."""
     from airlora.bench.convergence import bench_convergence
