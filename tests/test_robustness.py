@@ -98,53 +98,57 @@ def _deterministic(table: pd.DataFrame) -> pd.DataFrame:
 def test_sweep_survives_twenty_random_kills(tiny_model_dir, tiny_data_dir, tmp_path):
     """SIGKILL the sweep (driver and workers) at random moments until it has been killed 20
     times, then let it finish: every cell once, no finished cell touched, and the table equal
-    to that of an uninterrupted run."""
+    to that of an uninterrupted run. On a machine fast enough to finish the sweep between
+    kills, the next kills go to a fresh copy of the sweep, so that 20 kills always land."""
     from airlora.config import SweepConfig, load_config
     from airlora.sweep import check_cell, plan, run_sweep
 
     base = _tiny_base(tiny_model_dir, tiny_data_dir, tmp_path)
     path = _sweep_yaml(base, tmp_path / "sweep.yaml", workers=2)
-    out = tmp_path / "killed"
-    cells = out / "cells"
-    cmd = [sys.executable, "-m", "airlora", "sweep", str(path), "--out", str(out), "--quiet"]
     rng = random.Random(7)
-    seen: dict[str, str] = {}
+    outs = [tmp_path / "killed-0"]
+    seen: dict[Path, str] = {}
     kills = 0
     while kills < 20:
+        out = outs[-1]
+        cmd = [sys.executable, "-m", "airlora", "sweep", str(path), "--out", str(out), "--quiet"]
         proc = subprocess.Popen(
             cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         # Start-up (imports, spawning workers) takes seconds: kill anywhere from before the
         # first cell to the middle of a write.
         time.sleep(rng.uniform(1.0, 7.0))
-        finished_early = proc.poll() is not None
+        finished = proc.poll() is not None
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        if finished_early:
-            break
+        if finished:
+            assert proc.returncode == 0
+            outs.append(tmp_path / f"killed-{len(outs)}")
+            continue
         kills += 1
-        if cells.exists():
-            for folder in cells.iterdir():
-                if folder.name.startswith("."):
-                    continue  # a cell in flight: redone on the next run
-                assert check_cell(folder) is None, folder.name
-                digest = _digest(folder)
-                assert seen.setdefault(folder.name, digest) == digest, f"{folder.name} changed"
-    assert kills == 20, "the sweep finished before it could be killed 20 times"
+        cells = out / "cells"
+        for folder in cells.iterdir() if cells.exists() else []:
+            if folder.name.startswith("."):
+                continue  # a cell in flight: redone on the next run
+            assert check_cell(folder) is None, folder.name
+            digest = _digest(folder)
+            assert seen.setdefault(folder, digest) == digest, f"{folder} changed"
 
-    final = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert final.returncode == 0, final.stderr[-2000:]
-    config = load_config(out / "sweep.yaml", SweepConfig)
-    planned = sorted(c["id"] for stage in plan(config) for c in stage)
-    assert sorted(p.name for p in cells.iterdir()) == planned  # once each, nothing temporary
-    for name, digest in seen.items():
-        assert _digest(cells / name) == digest, f"finished cell {name} was recomputed"
-    killed = pd.read_csv(out / "results.csv")
-    assert killed["cell"].is_unique and len(killed) == len(planned)
-
+    config = load_config(path, SweepConfig)
     run_sweep(config, tmp_path / "reference")
-    reference = pd.read_csv(tmp_path / "reference" / "results.csv")
-    pd.testing.assert_frame_equal(_deterministic(killed), _deterministic(reference))
+    reference = _deterministic(pd.read_csv(tmp_path / "reference" / "results.csv"))
+    planned = sorted(c["id"] for stage in plan(config) for c in stage)
+    for out in outs:
+        cmd = [sys.executable, "-m", "airlora", "sweep", str(path), "--out", str(out), "--quiet"]
+        final = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert final.returncode == 0, final.stderr[-2000:]
+        cells = out / "cells"
+        assert sorted(p.name for p in cells.iterdir()) == planned  # once each, none temporary
+        killed = pd.read_csv(out / "results.csv")
+        assert killed["cell"].is_unique and len(killed) == len(planned)
+        pd.testing.assert_frame_equal(_deterministic(killed), reference)
+    for folder, digest in seen.items():
+        assert _digest(folder) == digest, f"finished cell {folder.name} was recomputed"
 
 
 def test_damaged_cells_are_reported_and_redone(tiny_model_dir, tiny_data_dir, tmp_path):
