@@ -70,10 +70,10 @@ def ray_tmpdir():
     Ray process that used it stopped afterwards, even when a test killed its driver."""
     path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     yield path
-    out = subprocess.run(["pgrep", "-f", path], capture_output=True, text=True).stdout.split()
-    for pid in out:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):
+            if path.encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
     shutil.rmtree(path, ignore_errors=True)
 
 
