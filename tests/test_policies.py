@@ -228,7 +228,10 @@ def test_train_policy_with_surrogate_then_evaluate(tiny_finetune_config, tmp_pat
     assert len(episodes) >= 10 and all(np.isfinite(e["return"]) for e in episodes)
     assert len((run / "rounds.jsonl").read_text().splitlines()) == 3 * 3
     assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
-    result = runner.invoke(app, ["evaluate-policy", str(run), "--snr-db", "0", "--json"])
+    evaluate = ["evaluate-policy", str(run), "--snr-db", "0", "--json"]
+    result = runner.invoke(app, [*evaluate, "--device", "tpu"])
+    assert result.exit_code == 2 and "unknown device 'tpu'" in result.output
+    result = runner.invoke(app, [*evaluate, "--device", "cpu"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["method"] == "airllm" and len(summary["mean_rank_vector"]) == 8

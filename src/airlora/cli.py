@@ -927,6 +927,7 @@ def evaluate_policy(
     episodes: Annotated[int, typer.Option(help="Real episodes to play.", min=1)] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first episode.")] = 10_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    device: DeviceOption = None,
 ) -> None:
     """Play real episodes (real fine-tuning, real link) at a fixed SNR with a saved policy.
 
@@ -945,7 +946,9 @@ def evaluate_policy(
             )
 
     try:
-        summary = run_evaluate_policy(run_dir, snr_db, episodes, seed, on_round)
+        summary = run_evaluate_policy(run_dir, snr_db, episodes, seed, on_round, device)
+    except ValidationError as err:
+        raise _fail(_config_errors(err)) from err
     except (DataError, ModelError, ValueError) as err:
         raise _fail(str(err)) from err
     except OSError as err:

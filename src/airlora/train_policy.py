@@ -166,8 +166,10 @@ def run_evaluate_policy(
     episodes: int = 1,
     seed: int = 10_000,
     on_round: Callable[[dict], None] | None = None,
+    device: str | None = None,
 ) -> dict:
-    """Play ``episodes`` real episodes at a fixed SNR with the run's saved policy (greedy)."""
+    """Play ``episodes`` real episodes at a fixed SNR with the run's saved policy (greedy);
+    ``device`` overrides the training run's ``train.device``."""
     run_dir = Path(run_dir)
     if not math.isfinite(snr_db):
         raise ValueError(f"SNR must be a finite number of dB, got {snr_db}")
@@ -177,7 +179,10 @@ def run_evaluate_policy(
     config = load_config(config_path, PolicyTrainConfig)
     policy = load_policy(run_dir / POLICY_DIR)
     link = config.link.model_copy(update={"snr_process": "fixed", "snr_db": snr_db})
-    env = RankSelectionEnv.build(config.data, config.model, config.train, link, config.env, seed)
+    train = config.train
+    if device is not None:
+        train = type(train).model_validate({**train.model_dump(), "device": device})
+    env = RankSelectionEnv.build(config.data, config.model, train, link, config.env, seed)
     if list(env.projection_names) != list(policy.layout.projection_names):
         raise ValueError("the saved policy was trained for other projections than this model's")
     rounds: list[dict] = []
