@@ -111,6 +111,11 @@ def _title(fig, text: str) -> None:
     fig.suptitle(text, y=1.03)  # above the subplot titles, not on them
 
 
+def _legend(ax) -> None:
+    """Outside the plot, on the right: with ten methods a legend inside hides data points."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def _save(fig, folder: Path, stem: str) -> list[Path]:
     paths = [folder / f"{stem}.png", folder / f"{stem}.pdf"]
     for p in paths:
@@ -138,7 +143,7 @@ def plot_vs_snr(summary: pd.DataFrame, folder: Path) -> list[Path]:
         ax.set_xlabel("SNR (Es/N0), dB")
         ax.set_ylabel("final edge accuracy")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    _legend(axes[0][-1])
     _title(fig, "Edge accuracy after the last round (mean, 95 % CI over seeds)")
     return _save(fig, folder, "accuracy_vs_snr")
 
@@ -157,7 +162,7 @@ def plot_payload(summary: pd.DataFrame, folder: Path) -> list[Path]:
         axes[1][col].set_xlabel("SNR (Es/N0), dB")
         for ax in (axes[0][col], axes[1][col]):
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    _legend(axes[0][-1])
     _title(fig, "What each method sends")
     return _save(fig, folder, "payload_vs_snr")
 
@@ -181,7 +186,7 @@ def plot_pareto(summary: pd.DataFrame, folder: Path) -> list[Path]:
         ax.set_xlabel("parameters sent per round")
         ax.set_ylabel("final edge accuracy")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    _legend(axes[0][-1])
     _title(fig, "Accuracy against payload (up and left is better)")
     return _save(fig, folder, "pareto")
 
@@ -239,7 +244,7 @@ def plot_convergence(curves: pd.DataFrame, folder: Path) -> list[Path]:
         ax.set_xlabel("environment steps (surrogate)")
         ax.set_ylabel("episode return")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="best")
+    _legend(axes[0][-1])
     _title(fig, "Policy training: episode return (mean, 95 % band over seeds)")
     return _save(fig, folder, "convergence")
 
