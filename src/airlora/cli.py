@@ -624,7 +624,11 @@ def sweep_cmd(
         typer.Option(help="Ray cluster address (host:port); none starts a local Ray instance."),
     ] = None,
     cpus_per_cell: Annotated[
-        float | None, typer.Option(help="CPUs each Ray task requests. [torch threads per cell]")
+        float | None,
+        typer.Option(
+            help="CPUs each Ray task requests; its torch threads follow. "
+            "[threads_per_worker, else 1]"
+        ),
     ] = None,
     gpus_per_cell: Annotated[float, typer.Option(help="GPUs each Ray task requests.")] = 0.0,
     device: DeviceOption = None,

@@ -358,11 +358,13 @@ def run_sweep(
         Ray only: an existing cluster (``host:port`` or ``ray://host:port``); None starts a
         local Ray instance for this sweep and stops it at the end.
     cpus_per_cell, gpus_per_cell:
-        Ray only: resources each cell requests. CPUs default to the torch threads a cell
-        uses (``threads_per_worker``, or the cores shared among ``workers``); GPUs to 0.
+        Ray only: resources each cell requests. CPUs default to ``threads_per_worker``, else
+        1, and a cell runs that many torch threads (``threads_per_worker`` wins if set); GPUs
+        default to 0.
 
     Both engines write the same cells and results: a cell is a pure function of the sweep
-    configuration and its id, whichever process runs it.
+    configuration, its id and its torch threads, whichever process runs it (set
+    ``threads_per_worker`` to compare engines bit for bit).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown sweep engine '{engine}': expected one of {', '.join(ENGINES)}")
@@ -372,10 +374,12 @@ def run_sweep(
     cells = sweep_dir / CELLS
     discard_damaged_cells(sweep_dir, stages, on_problem)
     done = sum(1 for s in stages for c in s if (cells / c["id"]).exists())
-    threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
     if engine == "ray":
-        executor = _RayExecutor(address, cpus_per_cell or threads, gpus_per_cell, threads)
+        cpus = cpus_per_cell or config.threads_per_worker or 1
+        threads = config.threads_per_worker or max(1, int(cpus))
+        executor = _RayExecutor(address, cpus, gpus_per_cell, threads)
     else:
+        threads = config.threads_per_worker or max(1, (os.cpu_count() or 1) // config.workers)
         executor = _LocalExecutor(config.workers, threads)
     with executor:
         for stage in stages:
