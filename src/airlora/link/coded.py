@@ -22,12 +22,11 @@ from airlora.config import LinkConfig
 from airlora.link.base import LinkReport, shannon_airtime
 from airlora.link.digital import erased_items
 from airlora.link.quantization import (
-    CONTROL_BITS_PER_TENSOR,
     bits_to_codes,
     dequantize,
     quantize,
 )
-from airlora.link.wireless import CONTROL_CODE_RATE, WirelessLink
+from airlora.link.wireless import WirelessLink, control_cost
 
 CRC_NAME = "CRC24A"
 CRC_LEN = 24
@@ -140,9 +139,7 @@ class CodedLink(WirelessLink):
         control = {k: v for k, v in tensors.items() if k in protected}
         for name, tensor in control.items():
             out[name] = tensor.detach().clone()
-        control_bits = 32 * sum(v.numel() for v in control.values())
-        control_bits += CONTROL_BITS_PER_TENSOR * len(flat)
-        control_symbols = math.ceil(control_bits / CONTROL_CODE_RATE / self.bits_per_symbol)
+        control_bits, control_symbols = control_cost(control, len(flat), self.bits_per_symbol)
         data_symbols = n_packets * (self.n // self.bits_per_symbol)
         symbols_total = data_symbols + control_symbols
         airtime = symbols_total / self.config.bandwidth_hz

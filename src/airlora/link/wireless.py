@@ -48,6 +48,16 @@ def build_snr_process(config: LinkConfig, seed: int = 0) -> SNRProcess:
     return TraceSNR(config.snr_trace, seed)
 
 
+def control_cost(
+    control: dict[str, torch.Tensor], noisy_tensors: int, bits_per_symbol: int
+) -> tuple[int, int]:
+    """Bits and channel symbols of the control data: the protected tensors as float32 plus
+    per-tensor side information for each noisy tensor, under a rate-1/2 code."""
+    bits = 32 * sum(v.numel() for v in control.values())
+    bits += CONTROL_BITS_PER_TENSOR * noisy_tensors
+    return bits, math.ceil(bits / CONTROL_CODE_RATE / bits_per_symbol)
+
+
 class WirelessLink:
     """Analog or uncoded digital transmission of named tensors.
 
@@ -148,9 +158,7 @@ class WirelessLink:
         modulation_bits = (
             2 if self.config.scheme == "analog" else self.modulation_at(snr_db).bits_per_symbol
         )
-        side_bits = CONTROL_BITS_PER_TENSOR * len(flat)
-        control_bits = 32 * sum(v.numel() for v in control.values()) + side_bits
-        control_symbols = math.ceil(control_bits / CONTROL_CODE_RATE / modulation_bits)
+        control_bits, control_symbols = control_cost(control, len(flat), modulation_bits)
         out: dict[str, torch.Tensor] = {}
         for name, tensor in tensors.items():
             if name in control:
