@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -130,7 +131,7 @@ def _set(d: dict, path: str, value: Any) -> None:
 
 def _num(x: float | None, fmt: str = ".4f") -> str:
     """A figure for a table; a missing or non-finite one (a diverged round) says so."""
-    if x is None or x != x or x in (float("inf"), float("-inf")):
+    if x is None or not math.isfinite(x):
         return "nan"
     return format(x, fmt)
 
@@ -597,7 +598,13 @@ def run_cmd(
     table.add_column("what")
     table.add_column("value", justify="right")
     for key, value in result.summary.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else f"{value}")
+        if isinstance(value, float):
+            text = f"{value:.4g}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = f"{value:,}"
+        else:
+            text = str(value)  # a flag, or None where a diverged run has no figure
+        table.add_row(key, text)
     table.add_row("run folder", str(result.run_dir))
     console.print(table)
 
