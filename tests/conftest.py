@@ -7,6 +7,15 @@ import os
 import random
 from pathlib import Path
 
+# The test configuration itself, not the Makefile, says what every test runs under, so that
+# plain `pytest` runs exactly what `make test` runs: no hub (HF reads these at import, hence
+# before anything imports transformers), and the packaged data rather than a local copy that
+# a developer's AIRLORA_DATA_DIR may point at.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.pop("AIRLORA_DATA_DIR", None)
+
 import pytest
 import torch
 
@@ -152,10 +161,3 @@ def tiny_finetune_config(tiny_model_dir, tiny_data_dir, tmp_path):
             "run_name": "tiny",
         }
     )
-
-
-def shared_ag_news() -> Path | None:
-    root = os.environ.get("AIRLORA_DATA_DIR")
-    if root and (Path(root) / "ag_news" / "train.csv").is_file():
-        return Path(root)
-    return None

@@ -12,7 +12,6 @@ from peft import PeftModel
 from airlora.config import FinetuneConfig
 from airlora.finetune import run_finetune
 from airlora.model import RankedLoRAModel, load_model
-from conftest import shared_ag_news
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +47,7 @@ def test_default_model_has_24_attention_projections_and_exports_exactly(minilm, 
         torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(shared_ag_news() is None, reason="AG News sample not in AIRLORA_DATA_DIR")
-def test_short_finetune_on_ag_news_sample(tmp_path):
+def test_short_finetune_on_the_packaged_ag_news_sample(tmp_path):
     config = FinetuneConfig.model_validate(
         {
             "data": {"source": "ag_news", "edge_eval_size": 128, "max_train_samples": 2000},

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,11 +18,38 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from airlora import __version__
 from airlora.config import DATA_DIR_ENV, FinetuneConfig, read_yaml_mapping
+from airlora.errors import config_error, os_error_message
+
+
+class _UserErrorsGroup(TyperGroup):
+    """Every command, of every sub-group, runs inside :func:`user_errors`: one place maps
+    what a user can fix to ``error: ...`` and exit status 2."""
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        with user_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input of any kind (a setting, a file, a data row, a model folder, a failed sweep
+    cell, a full disk) becomes ``error: <message>`` on stderr and exit status 2."""
+    try:
+        yield
+    except ValidationError as err:  # before ValueError: pydantic's is one too
+        raise _fail(str(config_error(err))) from err
+    except ValueError as err:  # AirLoraError and its kinds (DataError, CellError, ...)
+        raise _fail(str(err)) from err
+    except OSError as err:
+        raise _fail(os_error_message(err)) from err
+
 
 app = typer.Typer(
+    cls=_UserErrorsGroup,
     name="airlora",
     help="Communication-aware remote fine-tuning of language models over wireless links.",
     no_args_is_help=True,
@@ -30,11 +59,15 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 bench_app = typer.Typer(
-    help="Benchmarks: the project against its peer, in the same run.", rich_markup_mode=None
+    cls=_UserErrorsGroup,
+    help="Benchmarks: the project against its peer, in the same run.",
+    rich_markup_mode=None,
 )
 app.add_typer(bench_app, name="bench")
 link_app = typer.Typer(
-    help="The link model on its own: BER against theory, curves.", rich_markup_mode=None
+    cls=_UserErrorsGroup,
+    help="The link model on its own: BER against theory, curves.",
+    rich_markup_mode=None,
 )
 app.add_typer(link_app, name="link")
 
@@ -62,6 +95,22 @@ TargetsOption = Annotated[
         help="LoRA target projections, comma-separated module-name suffixes "
         "(q_proj,v_proj). [the family's attention projections]"
     ),
+]
+TextColumnOption = Annotated[
+    str | None, typer.Option(help="Text column(s); join several with '+'. [text]")
+]
+LabelColumnOption = Annotated[str | None, typer.Option(help="Integer label column. [label]")]
+NoHeaderOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-header",
+        help="The CSV has no header row: --text-column and --label-column are 0-based "
+        "positions (--text-column 1 --label-column 0).",
+    ),
+]
+LabelOffsetOption = Annotated[
+    int | None,
+    typer.Option(help="Subtracted from every label (1 for classes numbered 1..C). [0]"),
 ]
 PrecisionOption = Annotated[
     str | None, typer.Option(help="auto (bf16 on a GPU, fp32 on the CPU), fp32 or bf16. [auto]")
@@ -92,23 +141,13 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _config_errors(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "config"
-        given = e.get("input")
-        shown = f" (got {given!r})" if isinstance(given, str | int | float | bool) else ""
-        parts.append(f"{loc}: {e['msg']}{shown}")
-    return "; ".join(parts)
-
-
 def _parse_rank_vector(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError as err:
-        raise _fail(f"--rank-vector must be comma-separated integers, got '{text}'") from err
+    except ValueError:
+        raise _fail(f"--rank-vector must be comma-separated integers, got '{text}'") from None
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -137,15 +176,6 @@ def _num(x: float | None, fmt: str = ".4f") -> str:
 
 
 DIVERGED_EXIT = 3
-
-
-def _os_error(err: OSError) -> str:
-    """A file-system failure in words: what, where; finished work stays where it is."""
-    if err.errno is None:  # raised by airlora with its own message
-        return str(err)
-    what = err.strerror or str(err)
-    where = f" ({err.filename})" if err.filename else ""
-    return f"{what}{where}; what was finished is kept: fix this and run the same command again"
 
 
 def _diverged(run_dir: Path, round_index: int) -> typer.Exit:
@@ -194,9 +224,7 @@ def _round_table(rows: list) -> Table:
 
 
 def _run_finetune_cli(config: FinetuneConfig, quiet: bool = False) -> None:
-    from airlora.data import DataError
     from airlora.finetune import run_finetune
-    from airlora.model import ModelError
 
     total = config.train.rounds * config.train.steps_per_round
     progress = Progress(
@@ -209,21 +237,16 @@ def _run_finetune_cli(config: FinetuneConfig, quiet: bool = False) -> None:
         console=err_console,
         disable=quiet,
     )
-    try:
-        with progress:
-            task = progress.add_task("train", total=total, status="loading model and data")
+    with progress:
+        task = progress.add_task("train", total=total, status="loading model and data")
 
-            def on_round(m) -> None:
-                status = f"round {m.round}/{config.train.rounds} acc {_num(m.accuracy, '.3f')}"
-                progress.update(task, status=status)
+        def on_round(m) -> None:
+            status = f"round {m.round}/{config.train.rounds} acc {_num(m.accuracy, '.3f')}"
+            progress.update(task, status=status)
 
-            result = run_finetune(
-                config, on_round=on_round, on_step=lambda n: progress.advance(task, n)
-            )
-    except (DataError, ModelError, ValueError) as err:
-        raise _fail(str(err)) from err
-    except OSError as err:
-        raise _fail(_os_error(err)) from err
+        result = run_finetune(
+            config, on_round=on_round, on_step=lambda n: progress.advance(task, n)
+        )
     console.print(_round_table(result.rounds))
     if result.diverged_round is not None:
         raise _diverged(result.run_dir, result.diverged_round)
@@ -263,6 +286,8 @@ def finetune(
         str | None, typer.Option(help="Text column(s); join several with '+'.")
     ] = None,
     label_column: Annotated[str | None, typer.Option(help="Integer label column.")] = None,
+    no_header: NoHeaderOption = False,
+    label_offset: LabelOffsetOption = None,
     rank: Annotated[
         int | None, typer.Option(help="Rank of every adapted projection (0..r_max). [r_max]")
     ] = None,
@@ -315,16 +340,15 @@ def finetune(
     The run folder holds config.yaml, metrics.jsonl (one line per round), manifest.json (seed,
     versions, code revision) and adapter/ (a PEFT adapter folder).
     """
-    try:
-        base = read_yaml_mapping(config_file) if config_file else {}
-    except (FileNotFoundError, ValueError) as err:
-        raise _fail(str(err)) from err
+    base = read_yaml_mapping(config_file) if config_file else {}
     for path, value in [
         ("model.name_or_path", model),
         ("data.source", data),
         ("data.data_dir", data_dir),
         ("data.text_column", text_column),
         ("data.label_column", label_column),
+        ("data.header", False if no_header else None),
+        ("data.label_offset", label_offset),
         ("rank", rank),
         ("rank_vector", _parse_rank_vector(rank_vector)),
         ("model.r_max", rmax),
@@ -355,10 +379,7 @@ def finetune(
         base["final_test"] = False
     if no_crc:
         _set(base, "link.crc_check", False)
-    try:
-        config = FinetuneConfig.model_validate(base)
-    except ValidationError as err:
-        raise _fail(_config_errors(err)) from err
+    config = FinetuneConfig.model_validate(base)
     _run_finetune_cli(config, quiet=quiet)
 
 
@@ -380,10 +401,7 @@ def demo(
 
     config = SweepConfig.model_validate(preset_mapping("demo"))
     sweep_dir, _ = _run_sweep_cli(config, out, quiet)
-    try:
-        path = write_report(sweep_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise _fail(str(err)) from err
+    path = write_report(sweep_dir)
     _print_headline(sweep_dir)
     console.print(f"report: {path} (figures in {path.parent / 'report'})")
 
@@ -444,10 +462,7 @@ def link_simulate(
     """Measure the BER of mapper -> channel -> hard demapper and compare it with theory."""
     from airlora.link.simulate import simulate_ber
 
-    try:
-        result = simulate_ber(modulation, snr_db, n_bits, channel, rician_k, seed, fast_path)
-    except ValueError as err:
-        raise _fail(str(err)) from err
+    result = simulate_ber(modulation, snr_db, n_bits, channel, rician_k, seed, fast_path)
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
@@ -510,6 +525,10 @@ def run_cmd(
     ] = None,
     data: Annotated[str | None, typer.Option(help="Data set (see finetune --help).")] = None,
     data_dir: DataDirOption = None,
+    text_column: TextColumnOption = None,
+    label_column: LabelColumnOption = None,
+    no_header: NoHeaderOption = False,
+    label_offset: LabelOffsetOption = None,
     seed: Annotated[int | None, typer.Option(help="Seed. [0]")] = None,
     threads: ThreadsOption = None,
     device: DeviceOption = None,
@@ -529,10 +548,7 @@ def run_cmd(
     """
     from airlora.config import RunConfig
 
-    try:
-        base = read_yaml_mapping(config_file) if config_file else {}
-    except (FileNotFoundError, ValueError) as err:
-        raise _fail(str(err)) from err
+    base = read_yaml_mapping(config_file) if config_file else {}
     if snr_db is not None and snr_process is None:
         snr_process = "fixed"
     for path, value in [
@@ -552,6 +568,10 @@ def run_cmd(
         ("model.name_or_path", model),
         ("data.source", data),
         ("data.data_dir", data_dir),
+        ("data.text_column", text_column),
+        ("data.label_column", label_column),
+        ("data.header", False if no_header else None),
+        ("data.label_offset", label_offset),
         ("seed", seed),
         ("train.threads", threads),
         ("train.device", device),
@@ -563,16 +583,11 @@ def run_cmd(
         _set(base, path, value)
     if test:
         base["final_test"] = True
-    try:
-        config = RunConfig.model_validate(base)
-    except ValidationError as err:
-        raise _fail(_config_errors(err)) from err
+    config = RunConfig.model_validate(base)
 
     from types import SimpleNamespace
 
-    from airlora.data import DataError
     from airlora.experiment import run_episode
-    from airlora.model import ModelError
 
     progress = Progress(
         TextColumn(f"[bold]run {config.method}[/]"),
@@ -583,14 +598,9 @@ def run_cmd(
         console=err_console,
         disable=quiet,
     )
-    try:
-        with progress:
-            task = progress.add_task("rounds", total=config.train.rounds)
-            result = run_episode(config, on_round=lambda _r: progress.advance(task))
-    except (DataError, ModelError, ValueError) as err:
-        raise _fail(str(err)) from err
-    except OSError as err:
-        raise _fail(_os_error(err)) from err
+    with progress:
+        task = progress.add_task("rounds", total=config.train.rounds)
+        result = run_episode(config, on_round=lambda _r: progress.advance(task))
     console.print(_round_table([SimpleNamespace(**r) for r in result.rounds]))
     if result.summary["diverged"]:
         raise _diverged(result.run_dir, result.summary["diverged_round"])
@@ -653,19 +663,14 @@ def sweep_cmd(
     from airlora.config import SweepConfig
     from airlora.presets import preset_mapping
 
-    try:
-        if (config_file is None) == (preset is None):
-            raise ValueError("give a sweep config file or --preset, not both and not neither")
-        base = read_yaml_mapping(config_file) if config_file else preset_mapping(preset)
-        if workers is not None:
-            base["workers"] = workers
-        _set(base, "train.device", device)
-        _set(base, "train.precision", precision)
-        config = SweepConfig.model_validate(base)
-    except ValidationError as err:
-        raise _fail(_config_errors(err)) from err
-    except (FileNotFoundError, ValueError) as err:
-        raise _fail(str(err)) from err
+    if (config_file is None) == (preset is None):
+        raise ValueError("give a sweep config file or --preset, not both and not neither")
+    base = read_yaml_mapping(config_file) if config_file else preset_mapping(preset)
+    if workers is not None:
+        base["workers"] = workers
+    _set(base, "train.device", device)
+    _set(base, "train.precision", precision)
+    config = SweepConfig.model_validate(base)
     _run_sweep_cli(config, out, quiet, engine, address, cpus_per_cell, gpus_per_cell)
 
 
@@ -678,8 +683,6 @@ def _run_sweep_cli(
     cpus_per_cell: float | None = None,
     gpus_per_cell: float = 0.0,
 ):
-    from airlora.data import DataError
-    from airlora.model import ModelError
     from airlora.sweep import plan, run_sweep
 
     total = sum(len(s) for s in plan(config))
@@ -692,27 +695,20 @@ def _run_sweep_cli(
         console=err_console,
         disable=quiet,
     )
-    try:
-        with progress:
-            task = progress.add_task("", total=total)
-            table = run_sweep(
-                config,
-                out,
-                on_cell=lambda cid, done, _t: progress.update(
-                    task, completed=done, description=cid
-                ),
-                on_problem=lambda m: err_console.print(
-                    f"[yellow]warning:[/] {escape(m)}", soft_wrap=True, highlight=False
-                ),
-                engine=engine,
-                address=address,
-                cpus_per_cell=cpus_per_cell,
-                gpus_per_cell=gpus_per_cell,
-            )
-    except (DataError, ModelError, ValueError) as err:
-        raise _fail(str(err)) from err
-    except OSError as err:
-        raise _fail(_os_error(err)) from err
+    with progress:
+        task = progress.add_task("", total=total)
+        table = run_sweep(
+            config,
+            out,
+            on_cell=lambda cid, done, _t: progress.update(task, completed=done, description=cid),
+            on_problem=lambda m: err_console.print(
+                f"[yellow]warning:[/] {escape(m)}", soft_wrap=True, highlight=False
+            ),
+            engine=engine,
+            address=address,
+            cpus_per_cell=cpus_per_cell,
+            gpus_per_cell=gpus_per_cell,
+        )
     sweep_dir = out or config.out_dir / config.name
     console.print(f"{len(table)} evaluation cells in {sweep_dir / 'results.csv'}")
     return sweep_dir, table
@@ -725,11 +721,8 @@ def report_cmd(
     """Figures (PNG and PDF) and report.md for a sweep folder; prints the summary table."""
     from airlora.report import write_report
 
-    try:
-        with err_console.status("writing the report"):
-            path = write_report(sweep_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise _fail(str(err)) from err
+    with err_console.status("writing the report"):
+        path = write_report(sweep_dir)
     _print_headline(sweep_dir)
     console.print(f"report: {path} (figures in {path.parent / 'report'})")
 
@@ -805,6 +798,10 @@ def train_policy(
     ] = None,
     data: Annotated[str | None, typer.Option(help="Data set (see finetune --help).")] = None,
     data_dir: DataDirOption = None,
+    text_column: TextColumnOption = None,
+    label_column: LabelColumnOption = None,
+    no_header: NoHeaderOption = False,
+    label_offset: LabelOffsetOption = None,
     link: Annotated[
         str | None, typer.Option(help="Link scheme: perfect, analog, digital or coded.")
     ] = None,
@@ -841,10 +838,7 @@ def train_policy(
     """
     from airlora.config import PolicyTrainConfig
 
-    try:
-        base = read_yaml_mapping(config_file) if config_file else {}
-    except (FileNotFoundError, ValueError) as err:
-        raise _fail(str(err)) from err
+    base = read_yaml_mapping(config_file) if config_file else {}
     for path, value in [
         ("method", method),
         ("model.r_max", rmax),
@@ -854,6 +848,10 @@ def train_policy(
         ("model.name_or_path", model),
         ("data.source", data),
         ("data.data_dir", data_dir),
+        ("data.text_column", text_column),
+        ("data.label_column", label_column),
+        ("data.header", False if no_header else None),
+        ("data.label_offset", label_offset),
         ("link.scheme", link),
         ("link.snr_low_db", snr_low_db),
         ("link.snr_high_db", snr_high_db),
@@ -880,16 +878,11 @@ def train_policy(
         base["surrogate"] = sur
     elif surrogate is False:
         base["surrogate"] = None
-    try:
-        config = PolicyTrainConfig.model_validate(base)
-    except ValidationError as err:
-        raise _fail(_config_errors(err)) from err
+    config = PolicyTrainConfig.model_validate(base)
     _run_train_policy_cli(config, quiet)
 
 
 def _run_train_policy_cli(config, quiet: bool) -> None:
-    from airlora.data import DataError
-    from airlora.model import ModelError
     from airlora.train_policy import run_train_policy
 
     progress = Progress(
@@ -901,18 +894,13 @@ def _run_train_policy_cli(config, quiet: bool) -> None:
         console=err_console,
         disable=quiet,
     )
-    try:
-        with progress:
-            task = progress.add_task("steps", total=config.total_steps)
-            result = run_train_policy(
-                config,
-                on_status=lambda m: err_console.print(m) if not quiet else None,
-                on_steps=lambda n: progress.update(task, completed=min(n, config.total_steps)),
-            )
-    except (DataError, ModelError, ValueError) as err:
-        raise _fail(str(err)) from err
-    except OSError as err:
-        raise _fail(_os_error(err)) from err
+    with progress:
+        task = progress.add_task("steps", total=config.total_steps)
+        result = run_train_policy(
+            config,
+            on_status=lambda m: err_console.print(m) if not quiet else None,
+            on_steps=lambda n: progress.update(task, completed=min(n, config.total_steps)),
+        )
     returns = result.episode_returns
     table = Table(show_header=False, title="Policy training", title_justify="left")
     table.add_column("what")
@@ -944,8 +932,6 @@ def evaluate_policy(
 
     Writes RUN_DIR/eval/snr<S>dB.json (every round and a summary).
     """
-    from airlora.data import DataError
-    from airlora.model import ModelError
     from airlora.train_policy import run_evaluate_policy
 
     def on_round(row: dict) -> None:
@@ -956,14 +942,7 @@ def evaluate_policy(
                 f"reward {row['reward']:.4f}, ranks {ranks}"
             )
 
-    try:
-        summary = run_evaluate_policy(run_dir, snr_db, episodes, seed, on_round, device)
-    except ValidationError as err:
-        raise _fail(_config_errors(err)) from err
-    except (DataError, ModelError, ValueError) as err:
-        raise _fail(str(err)) from err
-    except OSError as err:
-        raise _fail(_os_error(err)) from err
+    summary = run_evaluate_policy(run_dir, snr_db, episodes, seed, on_round, device)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
@@ -995,11 +974,8 @@ def bench_policy_cmd(
     """Wall time of one AirLLM decision (PPO + full DDIM sampling) against one real round."""
     from airlora.bench.policy import bench_policy
 
-    try:
-        with err_console.status("benchmarking a decision against a real round"):
-            result = bench_policy(decisions=decisions, rounds=rounds)
-    except (FileNotFoundError, ValueError) as err:
-        raise _fail(str(err)) from err
+    with err_console.status("benchmarking a decision against a real round"):
+        result = bench_policy(decisions=decisions, rounds=rounds)
     _print_bench(result, as_json)
 
 

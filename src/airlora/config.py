@@ -43,9 +43,10 @@ class DataConfig(_Strict):
     ----------
     source:
         A file (``.csv``, ``.jsonl``/``.json``, ``.parquet``), a folder holding ``train.*`` and
-        ``test.*`` files, a name looked up under ``data_dir`` (``ag_news`` finds
-        ``$AIRLORA_DATA_DIR/ag_news/``), or a Hugging Face hub dataset id used when online.
-        Default ``"ag_news"``.
+        ``test.*`` files, or a name. A name is looked up, in this order, under ``data_dir``
+        (``ag_news`` finds ``$AIRLORA_DATA_DIR/ag_news/``), among the data sets shipped inside
+        the package (``ag_news``: a 5,000 / 1,000-row AG News sample), and last as a Hugging
+        Face hub dataset id (online only). Default ``"ag_news"``.
     data_dir:
         Folder with local copies of data sets. Default: the ``AIRLORA_DATA_DIR`` environment
         variable, else none.
@@ -54,7 +55,15 @@ class DataConfig(_Strict):
         is the original AG News release (no header; class 1-4, title, description).
     text_column, label_column:
         Column names in tabular files. Several text columns may be joined with ``+``
-        (``"title+description"``).
+        (``"title+description"``). With ``header=False`` they are 0-based positions
+        (``text_column="1+2"``, ``label_column="0"``).
+    header:
+        Whether a CSV file starts with a header row. ``False`` reads every row as data and
+        names the columns by position (``"0"``, ``"1"``, ...), as in DBpedia's or Yahoo
+        Answers' ``label,text`` releases. Default ``True``.
+    label_offset:
+        Subtracted from every label as it is read, so that classes numbered from 1 (``1..C``)
+        become ``0..C-1`` without wasting class 0. Default 0.
     num_labels:
         Number of classes; default: read from the training labels (max label + 1).
     max_length:
@@ -78,6 +87,8 @@ class DataConfig(_Strict):
     format: Literal["auto", "csv", "jsonl", "parquet", "ag_news_csv"] = "auto"
     text_column: str = "text"
     label_column: str = "label"
+    header: bool = True
+    label_offset: int = 0
     num_labels: int | None = Field(default=None, ge=2)
     max_length: int = Field(default=64, ge=8, le=4096)
     batch_size: int = Field(default=16, ge=1)

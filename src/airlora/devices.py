@@ -12,9 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-
-class DeviceError(ValueError):
-    """A device setting this machine cannot honour."""
+from airlora.errors import DeviceError
 
 
 def resolve_device(name: str) -> torch.device:

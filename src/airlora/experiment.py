@@ -84,9 +84,10 @@ def run_episode(
     if out is None:
         stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
         name = config.run_name or f"run-{config.method}-{stamp}-seed{config.seed}"
-        run = RunFolder.create(config.out_dir, name, config, config.seed, kind="run")
-    else:
-        run = RunFolder.create(out.parent, out.name, config, config.seed, kind="run")
+        out = Path(config.out_dir) / name
+    run = RunFolder.create(
+        out.parent, out.name, config, config.seed, kind="run", data_source=env.engine.task.source
+    )
     rounds: list[dict] = []
     try:
         obs, _ = env.reset(seed=config.seed)

@@ -50,7 +50,9 @@ def run_finetune(
     engine.server.check_rank_vector(ranks)  # a wrong length fails before any folder exists
 
     name = config.run_name or f"finetune-{datetime.now():%Y%m%d-%H%M%S}-seed{config.seed}"
-    run = RunFolder.create(config.out_dir, name, config, config.seed, kind="finetune")
+    run = RunFolder.create(
+        config.out_dir, name, config, config.seed, kind="finetune", data_source=engine.task.source
+    )
     rounds: list[RoundMetrics] = []
     try:
         for _ in range(config.train.rounds):

@@ -105,7 +105,18 @@ class RunFolder:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, out_dir: Path, name: str, config: BaseModel, seed: int, kind: str) -> RunFolder:
+    def create(
+        cls,
+        out_dir: Path,
+        name: str,
+        config: BaseModel,
+        seed: int,
+        kind: str,
+        data_source: str | None = None,
+    ) -> RunFolder:
+        """``data_source``: the file (or hub id) the task was read from, recorded beside the
+        config, which names only what was asked for (``ag_news`` may resolve to a copy
+        under the data directory or to the one shipped with the package)."""
         path = Path(out_dir) / name
         if path.exists():
             raise FileExistsError(f"run folder {path} already exists; choose another run name")
@@ -116,6 +127,7 @@ class RunFolder:
             "kind": kind,
             "status": "running",
             "seed": seed,
+            "data_source": data_source,
             "config_hash": config_hash(config),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": sys.argv,

@@ -30,7 +30,8 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +44,7 @@ from airlora.config import (
     dump_config,
     load_config,
 )
+from airlora.errors import CellError, os_error_message
 from airlora.runs import atomic_write_text, config_hash
 
 CELLS = "cells"
@@ -208,6 +210,47 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
     seal_cell(tmp, cell["id"])
     os.replace(tmp, final)
     return cell["id"]
+
+
+FAILED_CELLS = "failed-cells"
+
+
+def run_cell_reporting(sweep_dir: str, cell: dict, threads: int) -> dict:
+    """Run one cell; never raise. Returns ``{"id": ...}``, or with ``"error"`` the message of
+    what went wrong, so that the failure crosses any process boundary (a worker process, a
+    Ray task) as plain data and the driver raises :class:`~airlora.errors.CellError`.
+
+    A user error (bad data, a bad setting, a full disk) keeps its message. Anything else is a
+    bug: its traceback goes to ``failed-cells/<id>.log`` in the sweep folder and the message
+    says so. The cell's temporary folder is removed either way: nothing half-made is left.
+    """
+    try:
+        return {"id": run_cell(sweep_dir, cell, threads)}
+    except Exception as err:  # every failure becomes a message; see the docstring
+        import traceback
+
+        shutil.rmtree(Path(sweep_dir) / CELLS / f".tmp-{cell['id']}", ignore_errors=True)
+        if isinstance(err, OSError):
+            return {"id": cell["id"], "error": os_error_message(err)}
+        if isinstance(err, ValueError):  # AirLoraError and the validation errors
+            return {"id": cell["id"], "error": str(err)}
+        log = Path(sweep_dir) / FAILED_CELLS / f"{cell['id']}.log"
+        try:
+            log.parent.mkdir(exist_ok=True)
+            atomic_write_text(log, traceback.format_exc())
+            where = f"; the traceback is in {log}"
+        except OSError:
+            where = ""
+        return {
+            "id": cell["id"],
+            "error": f"internal error {type(err).__name__}: {err}{where}",
+        }
+
+
+def _outcome(result: dict) -> str:
+    if "error" in result:
+        raise CellError(result["id"], result["error"])
+    return result["id"]
 
 
 # ----------------------------------------------------------------------------- cell integrity
@@ -411,16 +454,29 @@ class _LocalExecutor:
             return
         if self.workers == 1:
             for c in todo:
-                yield run_cell(sweep_dir, c, self.threads)
+                yield _outcome(run_cell_reporting(sweep_dir, c, self.threads))
             return
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-            futures = [pool.submit(run_cell, sweep_dir, c, self.threads) for c in todo]
-            pending = set(futures)
+        pool = ProcessPoolExecutor(self.workers, mp_context=context)
+        futures = {pool.submit(run_cell_reporting, sweep_dir, c, self.threads): c for c in todo}
+        pending = set(futures)
+        try:
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    yield f.result()  # a failed cell stops the sweep with its error
+                    try:
+                        result = f.result()
+                    except BrokenProcessPool as err:
+                        raise CellError(
+                            futures[f]["id"],
+                            "the worker process running it died (killed, or out of memory); "
+                            "finished cells are kept: run the same command again to resume",
+                        ) from err
+                    # A failed cell stops the sweep: the cells in flight finish and are kept,
+                    # the queued ones are not started.
+                    yield _outcome(result)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -481,13 +537,24 @@ class _RayExecutor:
         if not todo:
             return
         ray = self.ray
-        task = ray.remote(run_cell).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0)
-        pending = [task.remote(sweep_dir, c, self.threads) for c in todo]
+        task = ray.remote(run_cell_reporting).options(
+            num_cpus=self.cpus, num_gpus=self.gpus, max_retries=0
+        )
+        refs = {task.remote(sweep_dir, c, self.threads): c for c in todo}
+        pending = list(refs)
         try:
             while pending:
                 finished, pending = ray.wait(pending, num_returns=1)
                 for ref in finished:
-                    yield ray.get(ref)  # a failed cell stops the sweep with its error
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayError as err:  # the worker itself died
+                        raise CellError(
+                            refs[ref]["id"],
+                            f"its Ray task failed ({type(err).__name__}); finished cells are "
+                            "kept: run the same command again to resume",
+                        ) from err
+                    yield _outcome(result)  # a failed cell stops the sweep with its error
         finally:
             for ref in pending:  # stopped early: in-flight cells stay unfinished, redone later
                 ray.cancel(ref, force=True)

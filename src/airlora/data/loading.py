@@ -16,19 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from airlora.config import DataConfig
+from airlora.datasets import packaged_dataset, packaged_datasets
+from airlora.errors import DataError
 
 FILE_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """Malformed input data; the message names the file, the row (1-based) and the problem."""
-
-    def __init__(self, path: Path | str, problem: str, row: int | None = None) -> None:
-        where = f"{path}" if row is None else f"{path}, row {row}"
-        super().__init__(f"{where}: {problem}")
-        self.path = str(path)
-        self.row = row
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -140,14 +131,29 @@ def read_csv(path: Path, config: DataConfig) -> TextExamples:
     text_cols = _text_columns(config.text_column)
     original = config.format == "ag_news_csv" or (
         config.format == "auto"
+        and config.header
         and config.text_column not in header
         and _looks_like_original_ag_news(header)
     )
-    if original:
+    if not config.header and not original:
+        # Columns by position; the first line is the first data row.
+        columns = [str(i) for i in range(len(header))]
+        label_col = config.label_column
+        bad = [c for c in [*text_cols, label_col] if not c.isdigit()]
+        if bad:
+            raise DataError(
+                path,
+                f"without a header, columns are 0-based positions; got {bad} "
+                f"(this file has {len(header)} columns: 0..{len(header) - 1})",
+            )
+        _check_columns(path, columns, text_cols, label_col)
+        first_rows: list[tuple[int, list[str]]] = [(1, header)]
+        start = 2
+    elif original:
         # The original release: no header, class index 1-4, title, description.
         columns = ["label", "title", "description"]
         text_cols, label_col = ["title", "description"], "label"
-        first_rows: list[tuple[int, list[str]]] = [(1, header)]
+        first_rows = [(1, header)]
         start = 2
     else:
         columns = header
@@ -269,7 +275,8 @@ def _load_hub(config: DataConfig) -> tuple[TextExamples, TextExamples | None]:
     except Exception as err:
         raise DataError(
             config.source,
-            "not a local file or folder, and the hub dataset could not be loaded "
+            "not a local file or folder, not a data set shipped with airlora "
+            f"({', '.join(packaged_datasets())}), and the hub dataset could not be loaded "
             f"({type(err).__name__}: {err}). Set AIRLORA_DATA_DIR or --data-dir to a folder "
             f"holding '{config.source}/train.csv', or pass a file path.",
         ) from err
@@ -286,28 +293,57 @@ def _load_hub(config: DataConfig) -> tuple[TextExamples, TextExamples | None]:
     return convert("train"), convert("test") if "test" in dsd else None
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """Where ``DataConfig.source`` was found: a ``file``, a ``folder`` (a path or a name under
+    the data directory), a ``packaged`` data set, or the ``hub`` (``path`` is None)."""
+
+    kind: str
+    path: Path | None
+
+
+def resolve_source(config: DataConfig) -> DataSource:
+    """Find ``config.source``: a path, then a name under the data directory, then a data set
+    shipped with the package, then a Hugging Face hub id. Nothing is read yet."""
+    source = Path(config.source).expanduser()
+    if source.is_file():
+        return DataSource("file", source)
+    if source.is_dir():
+        return DataSource("folder", source)
+    data_dir = config.resolved_data_dir()
+    if data_dir is not None and (data_dir / config.source).is_dir():
+        return DataSource("folder", data_dir / config.source)
+    if source.suffix.lower() in FILE_SUFFIXES:
+        raise DataError(source, "no such file")
+    packaged = packaged_dataset(config.source)
+    if packaged is not None:
+        return DataSource("packaged", packaged)
+    return DataSource("hub", None)
+
+
 def load_task(config: DataConfig, seed: int) -> TaskData:
     """Resolve ``config.source``, read it, and cut seeded train / validation / test splits.
 
     Without a test file, the test split is carved out of the training rows too.
     """
-    source = Path(config.source).expanduser()
-    data_dir = config.resolved_data_dir()
     test: TextExamples | None
-    if source.is_file():
-        train, test = read_file(source, config), None
-        origin = test_origin = str(source)
-    elif source.is_dir() or (data_dir is not None and (data_dir / config.source).is_dir()):
-        folder = source if source.is_dir() else data_dir / config.source  # type: ignore[operator]
-        train_path, test_path = _split_files(folder)
+    where = resolve_source(config)
+    if where.kind == "file":
+        train, test = read_file(where.path, config), None
+        origin = test_origin = str(where.path)
+    elif where.kind in {"folder", "packaged"}:
+        train_path, test_path = _split_files(where.path)
         train = read_file(train_path, config)
         test = read_file(test_path, config) if test_path else None
         origin, test_origin = str(train_path), str(test_path)
-    elif source.suffix.lower() in FILE_SUFFIXES:
-        raise DataError(source, "no such file")
     else:
         train, test = _load_hub(config)
         origin, test_origin = f"hub:{config.source}[train]", f"hub:{config.source}[test]"
+
+    if config.label_offset:
+        train = TextExamples(train.texts, train.labels - config.label_offset)
+        if test is not None:
+            test = TextExamples(test.texts, test.labels - config.label_offset)
 
     num_labels = config.num_labels or int(train.labels.max()) + 1
     for name, split in (("train", train), ("test", test)):
@@ -315,9 +351,21 @@ def load_task(config: DataConfig, seed: int) -> TaskData:
             continue
         bad = np.flatnonzero((split.labels < 0) | (split.labels >= num_labels))
         if bad.size:
+            label = int(split.labels[bad[0]])
+            shown = (
+                f"label {label + config.label_offset} (minus label_offset "
+                f"{config.label_offset}: {label})"
+                if config.label_offset
+                else f"label {label}"
+            )
+            hint = (
+                "; labels numbered from 1? set label_offset 1 (--label-offset 1)"
+                if label == num_labels and not config.label_offset
+                else ""
+            )
             raise DataError(
                 origin if name == "train" else test_origin,
-                f"label {int(split.labels[bad[0]])} out of range 0..{num_labels - 1}",
+                f"{shown} out of range 0..{num_labels - 1}{hint}",
                 int(bad[0]) + 1,
             )
     if num_labels < 2:

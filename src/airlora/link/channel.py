@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from airlora.errors import LinkError
+
 ChannelKind = Literal["awgn", "rayleigh", "rician"]
 
 
@@ -40,9 +42,9 @@ class ChannelModel:
 
     def __post_init__(self) -> None:
         if self.kind not in ("awgn", "rayleigh", "rician"):
-            raise ValueError(f"unknown channel '{self.kind}'; choose awgn, rayleigh or rician")
+            raise LinkError(f"unknown channel '{self.kind}'; choose awgn, rayleigh or rician")
         if self.rician_k < 0:
-            raise ValueError(f"rician_k must be >= 0, got {self.rician_k}")
+            raise LinkError(f"rician_k must be >= 0, got {self.rician_k}")
 
     @property
     def fading(self) -> bool:
@@ -105,7 +107,7 @@ class UniformSNR(SNRProcess):
 
     def __init__(self, low_db: float, high_db: float, seed: int = 0) -> None:
         if high_db < low_db:
-            raise ValueError(f"SNR range is empty: {low_db} > {high_db}")
+            raise LinkError(f"SNR range is empty: {low_db} > {high_db}")
         super().__init__(seed)
         self.low_db, self.high_db = float(low_db), float(high_db)
 
@@ -122,9 +124,9 @@ class GaussMarkovSNR(SNRProcess):
 
     def __init__(self, mean_db: float, std_db: float, rho: float, seed: int = 0) -> None:
         if not -1.0 < rho < 1.0:
-            raise ValueError(f"correlation rho must lie in (-1, 1), got {rho}")
+            raise LinkError(f"correlation rho must lie in (-1, 1), got {rho}")
         if std_db < 0:
-            raise ValueError(f"std_db must be >= 0, got {std_db}")
+            raise LinkError(f"std_db must be >= 0, got {std_db}")
         super().__init__(seed)
         self.mean_db, self.std_db, self.rho = float(mean_db), float(std_db), float(rho)
         self._state: float | None = None
@@ -165,28 +167,26 @@ def read_snr_trace(path: Path) -> np.ndarray:
 
     Rows are numbered from the first data row, as in data files (a header is not a row)."""
     if not path.is_file():
-        raise ValueError(f"SNR trace {path}: no such file")
+        raise LinkError(f"SNR trace {path}: no such file")
     values: list[float] = []
     header = 0
     with open(path, newline="", encoding="utf-8") as fh:
         for line_number, row in enumerate(csv.reader(fh), start=1):
             row_number = line_number - header
             if not row or not row[0].strip():
-                raise ValueError(f"SNR trace {path}, row {row_number}: missing value")
+                raise LinkError(f"SNR trace {path}, row {row_number}: missing value")
             try:
                 value = float(row[0])
             except ValueError:
                 if line_number == 1:
                     header = 1
                     continue
-                raise ValueError(
+                raise LinkError(
                     f"SNR trace {path}, row {row_number}: '{row[0]}' is not a number (dB)"
                 ) from None
             if not math.isfinite(value):
-                raise ValueError(
-                    f"SNR trace {path}, row {row_number}: value {row[0]} is not finite"
-                )
+                raise LinkError(f"SNR trace {path}, row {row_number}: value {row[0]} is not finite")
             values.append(value)
     if not values:
-        raise ValueError(f"SNR trace {path}: holds no values")
+        raise LinkError(f"SNR trace {path}: holds no values")
     return np.asarray(values)

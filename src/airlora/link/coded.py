@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from airlora.config import LinkConfig
+from airlora.errors import LinkError
 from airlora.link.base import LinkReport, shannon_airtime
 from airlora.link.digital import erased_items
 from airlora.link.quantization import (
@@ -61,9 +62,9 @@ class CodedLink(WirelessLink):
         self.config = config
         self.name = "coded"
         if config.modulation == "adaptive":
-            raise ValueError("the coded scheme needs a fixed modulation, not 'adaptive'")
+            raise LinkError("the coded scheme needs a fixed modulation, not 'adaptive'")
         if config.packet_bits > LDPC_MAX_K:
-            raise ValueError(f"coded packet_bits must be <= {LDPC_MAX_K}, got {config.packet_bits}")
+            raise LinkError(f"coded packet_bits must be <= {LDPC_MAX_K}, got {config.packet_bits}")
         crc_enc, crc_dec, ldpc_enc, ldpc_dec, mapper, demapper = _sionna()
         k_bits = self.modulation_at(0.0).bits_per_symbol
         self.k = config.packet_bits

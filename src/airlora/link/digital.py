@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from airlora.errors import LinkError
 from airlora.link.channel import ChannelModel
 from airlora.link.crc import CRC_BITS, detect_corrupted
 from airlora.link.modulation import Modulation
@@ -87,7 +88,7 @@ class PacketChannel:
         fast_path: bool = True,
     ) -> None:
         if packet_bits <= 0 or packet_bits % 8:
-            raise ValueError(f"packet_bits must be a positive multiple of 8, got {packet_bits}")
+            raise LinkError(f"packet_bits must be a positive multiple of 8, got {packet_bits}")
         self.modulation = modulation
         self.channel = channel
         self.packet_bits = packet_bits

@@ -15,13 +15,15 @@ from functools import cached_property
 import numpy as np
 from scipy.special import erfc
 
+from airlora.errors import LinkError
+
 MODULATIONS = {"bpsk": 1, "qpsk": 2, "16qam": 4, "64qam": 6}
 
 
 def check_modulation(name: str) -> str:
     key = name.lower().replace("-", "")
     if key not in MODULATIONS:
-        raise ValueError(f"unknown modulation '{name}'; choose one of {sorted(MODULATIONS)}")
+        raise LinkError(f"unknown modulation '{name}'; choose one of {sorted(MODULATIONS)}")
     return key
 
 

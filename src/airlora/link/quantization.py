@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from airlora.errors import LinkError
+
 CONTROL_BITS_PER_TENSOR = 64  # lo and hi as float32
 
 
@@ -24,7 +26,7 @@ class QuantizedTensor:
 
 def check_bits(bits: int) -> int:
     if not 2 <= int(bits) <= 16:
-        raise ValueError(f"quantisation bits must lie in 2..16, got {bits}")
+        raise LinkError(f"quantisation bits must lie in 2..16, got {bits}")
     return int(bits)
 
 

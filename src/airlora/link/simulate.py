@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from airlora.errors import LinkError
 from airlora.link.channel import ChannelModel
 from airlora.link.digital import PacketChannel
 from airlora.link.modulation import MODULATIONS, Modulation
@@ -29,7 +30,7 @@ def simulate_ber(
     directly where that is exact (BPSK/QPSK on AWGN); by default every symbol is simulated.
     """
     if n_bits <= 0:
-        raise ValueError(f"n_bits must be positive, got {n_bits}")
+        raise LinkError(f"n_bits must be positive, got {n_bits}")
     mod = Modulation(modulation)
     model = ChannelModel(channel, rician_k, block="symbol")
     link = PacketChannel(mod, model, SIM_PACKET_BITS, fast_path=fast_path)

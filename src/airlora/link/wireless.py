@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from airlora.config import LinkConfig
+from airlora.errors import LinkError
 from airlora.link.base import LinkReport, shannon_airtime
 from airlora.link.channel import (
     ChannelModel,
@@ -69,7 +70,7 @@ class WirelessLink:
 
     def __init__(self, config: LinkConfig, seed: int = 0) -> None:
         if config.scheme not in ("analog", "digital"):
-            raise ValueError(f"WirelessLink does not run scheme '{config.scheme}'")
+            raise LinkError(f"WirelessLink does not run scheme '{config.scheme}'")
         self.config = config
         self.name = config.scheme
         self.rng = np.random.default_rng(seed)
@@ -145,7 +146,7 @@ class WirelessLink:
     ) -> tuple[dict[str, torch.Tensor], LinkReport]:
         snr_db = float(snr_db)
         if not math.isfinite(snr_db):
-            raise ValueError(f"SNR must be a finite number of dB, got {snr_db}")
+            raise LinkError(f"SNR must be a finite number of dB, got {snr_db}")
         protected = set(protected) if self.config.protect_head else set()
         noisy = {k: v for k, v in tensors.items() if k not in protected}
         control = {k: v for k, v in tensors.items() if k in protected}

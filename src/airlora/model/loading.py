@@ -14,6 +14,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from airlora.errors import ModelError
+
 DEFAULT_MODEL_NAMES = {
     "default",
     "all-minilm-l6-v2",
@@ -25,10 +27,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-
-
-class ModelError(ValueError):
-    """A model that cannot be loaded; the message names the model and the problem."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pickle  # for its exception type only: nothing here unpickles
 from pathlib import Path
 
 from airlora.config import AirLLMConfig, PPOConfig
+from airlora.errors import PolicyError
 from airlora.policies.airllm import AirLLMPolicy
 from airlora.policies.base import POLICY_FILE, ActionLayout, RankPolicy, TrainingLog
 from airlora.policies.baselines import FixedRankPolicy, HeuristicPolicy, RandomPolicy
@@ -40,7 +41,7 @@ def make_policy(
         return PPOPolicy(layout, seed, ppo)
     if method in POLICIES:
         return POLICIES[method](layout, seed)
-    raise ValueError(f"unknown policy method '{method}'; choose one of {sorted(POLICIES)}")
+    raise PolicyError(f"unknown policy method '{method}'; choose one of {sorted(POLICIES)}")
 
 
 def load_policy(folder: Path | str) -> RankPolicy:
@@ -54,9 +55,9 @@ def load_policy(folder: Path | str) -> RankPolicy:
         method = meta["method"]
         layout = ActionLayout.from_dict(meta["layout"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{meta_path} is not a valid saved policy: {err}") from err
+        raise PolicyError(f"{meta_path} is not a valid saved policy: {err}") from err
     if method not in POLICIES:
-        raise ValueError(f"{meta_path} names unknown method '{method}'")
+        raise PolicyError(f"{meta_path} names unknown method '{method}'")
     try:
         return POLICIES[method]._from_saved(
             layout, int(meta.get("seed", 0)), meta["config"], folder
@@ -64,12 +65,12 @@ def load_policy(folder: Path | str) -> RankPolicy:
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as err:
-        raise ValueError(
+        raise PolicyError(
             f"{folder} is not a valid saved policy: its archive holds pickled objects, and "
             "airlora reads tensors only (nothing is unpickled)"
         ) from err
     except Exception as err:  # a damaged or foreign file: refused, never executed
-        raise ValueError(
+        raise PolicyError(
             f"{folder} is not a valid saved policy ({type(err).__name__}: {err})"
         ) from err
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from airlora.env.observation import denormalise_snr
+from airlora.errors import PolicyError
 from airlora.policies.base import ActionLayout, RankPolicy
 
 
@@ -71,7 +72,7 @@ class FixedRankPolicy(RankPolicy):
         super().__init__(layout, seed)
         self.rank = layout.r_max if rank is None else int(rank)
         if not 0 <= self.rank <= layout.r_max:
-            raise ValueError(f"rank {self.rank} lies outside 0..r_max={layout.r_max}")
+            raise PolicyError(f"rank {self.rank} lies outside 0..r_max={layout.r_max}")
 
     def act_batch(self, observations: np.ndarray, deterministic: bool = True) -> np.ndarray:
         return np.full((len(observations), self.layout.num_projections), self.rank, np.int64)
