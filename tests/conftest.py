@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import os
 import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 # The test configuration itself, not the Makefile, says what every test runs under, so that
@@ -161,3 +166,85 @@ def tiny_finetune_config(tiny_model_dir, tiny_data_dir, tmp_path):
             "run_name": "tiny",
         }
     )
+
+
+# ----------------------------------------------------------------------------- killing sweeps
+
+
+def cell_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def cells_in_flight(cells: Path, since_ns: int) -> list[str]:
+    """Cells being built by the current run: temporary folders made after it started (a
+    killed run's leftovers are older, and the next run removes them)."""
+    if not cells.exists():
+        return []
+    out = []
+    for p in cells.glob(".tmp-*"):
+        with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile
+            if p.stat().st_mtime_ns >= since_ns:
+                out.append(p.name)
+    return out
+
+
+def finished_cells(cells: Path) -> list[Path]:
+    return [p for p in cells.iterdir() if not p.name.startswith(".")] if cells.exists() else []
+
+
+def kill_sweep_inside_cells(
+    cmd: list[str],
+    cells: Path,
+    kills: int,
+    rng: random.Random,
+    env: dict | None = None,
+    targets: tuple[int, ...] = (0, 0, 1, 2),
+):
+    """Start ``cmd`` (a sweep) again and again; SIGKILL it (driver and workers) each time
+    while a cell is being built, after a random number of further cells has been sealed.
+    After every kill, check every finished cell against its seal and its earlier digest.
+    ``targets``: how many more cells must be sealed before a kill, drawn from these.
+    Returns one record per kill and the digests seen. Stops early when the sweep finishes."""
+    records: list[dict] = []
+    seen: dict[str, str] = {}
+    while len(records) < kills:
+        sealed_before = len(finished_cells(cells))
+        target = sealed_before + rng.choice(targets)
+        started = time.time_ns()
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if len(finished_cells(cells)) >= target and cells_in_flight(cells, started):
+                time.sleep(rng.uniform(0.0, 0.05))  # anywhere inside the cell, writes too
+                break
+            time.sleep(0.005)
+        if proc.poll() is not None:  # the sweep finished before the kill: nothing to kill
+            assert proc.returncode == 0
+            return records, seen
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # A temporary folder still there after the kill was a cell in flight at the kill.
+        in_flight = cells_in_flight(cells, started)
+        finished = finished_cells(cells)
+        for folder in finished:
+            from airlora.sweep import check_cell
+
+            assert check_cell(folder) is None, folder.name
+            digest = cell_digest(folder)
+            assert seen.setdefault(folder.name, digest) == digest, f"{folder} changed"
+        records.append(
+            {"in_flight": len(in_flight), "sealed": len(finished), "checked": len(finished)}
+        )
+    return records, seen

@@ -53,15 +53,29 @@ def test_adalora_edge_copy_matches_the_server_on_a_perfect_link(tiny_finetune_co
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_adalora_export_loads_with_peft(tiny_finetune_config, tmp_path):
+def test_adalora_export_gives_the_edge_logits_exactly_with_peft_alone(
+    tiny_finetune_config, tmp_path
+):
+    """The exported AdaLoRA folder, loaded by PEFT on a fresh base model, reproduces the
+    edge model's logits (pruned ranks and all), not just its adapter type."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    engine = _engine(tiny_finetune_config, rounds=2, steps=3)
-    engine.run_round(None, 10.0)
+    from airlora.data import collate
+
+    engine = _engine(tiny_finetune_config, target_rank=1, rounds=3, steps=4)
+    for _ in range(3):
+        engine.run_round(None, 10.0)
+    assert sum(engine.edge.rank_vector) < engine.edge.r_max * engine.edge.num_projections
     folder = engine.edge.export_peft(tmp_path / "ada")
     base = AutoModelForSequenceClassification.from_pretrained(
         tiny_finetune_config.model.name_or_path, num_labels=4
     )
-    loaded = PeftModel.from_pretrained(base, folder)
+    loaded = PeftModel.from_pretrained(base, folder).eval()
     assert loaded.peft_config["default"].peft_type.value == "ADALORA"
+    batch = collate(engine.task.edge_eval, list(range(16)), engine.pad_token_id)
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    engine.edge.peft_model.eval()
+    with torch.no_grad():
+        expected = engine.edge.peft_model(**batch).logits
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)

@@ -87,7 +87,12 @@ def test_surrogate_fits_logged_rounds_and_passes_checker(real_env, tmp_path):
         holdout_fraction=0.25,
     )
     fit = env.model.metrics
-    assert set(fit) >= {"holdout_r2", "holdout_mae"}
+    held = [r.accuracy for r in rows if r.episode == 3]  # the last of 4 episodes is held out
+    mean_of_fit = np.mean([r.accuracy for r in rows if r.episode < 3])
+    assert fit["holdout_mae_of_mean"] == pytest.approx(
+        np.mean(np.abs(np.array(held) - mean_of_fit))
+    )
+    assert fit["holdout_rounds"] == len(held) and fit["train_rounds"] == 3 * len(held)
     assert 0.0 <= fit["holdout_mae"] < 1.0
     check_env(env, skip_render_check=True)
     # Payload bookkeeping agrees with the real model's.
@@ -132,6 +137,8 @@ def test_accuracy_model_recovers_a_known_law():
             )
     fit = model.fit(rows)
     assert fit["holdout_r2"] > 0.95
+    # Far better than predicting the mean (a mean predictor scores R^2 <= 0 and this ratio 1).
+    assert fit["holdout_mae"] < 0.25 * fit["holdout_mae_of_mean"]
 
 
 def test_read_rounds_names_the_bad_line(tmp_path):

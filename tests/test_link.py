@@ -15,7 +15,7 @@ from airlora.cli import app
 from airlora.config import LinkConfig
 from airlora.link import WirelessLink, build_link, build_snr_process
 from airlora.link.channel import GaussMarkovSNR, TraceSNR, UniformSNR
-from airlora.link.crc import CRC_BITS, crc32_bits, detect_corrupted
+from airlora.link.crc import CRC32_POLY, CRC_BITS, crc32_bits, detect_corrupted
 from airlora.link.digital import PacketChannel, bytes_to_packets
 from airlora.link.modulation import Modulation, bpsk_rayleigh_ber, pick_modulation
 from airlora.link.quantization import bits_to_codes, codes_to_bits, dequantize, quantize
@@ -165,6 +165,74 @@ def test_crc_syndromes_agree_with_a_bit_serial_crc():
         flagged = detect_corrupted(np.flatnonzero(error), 1, data_bits)[0]
         disagreements += truth != flagged
     assert disagreements == 0
+
+
+def _bits_of(data: bytes) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(data, dtype=np.uint8))  # MSB first
+
+
+def test_crc_has_the_published_check_value():
+    """CRC-32 with the IEEE 802.3 generator, MSB first, init 0: CRC-32/POSIX (cksum) before
+    its final inversion. The catalogue's check value of "123456789" is 0x765E7680, so the
+    register must read 0x765E7680 ^ 0xFFFFFFFF."""
+    assert crc32_bits(_bits_of(b"123456789")) ^ 0xFFFFFFFF == 0x765E7680
+    assert crc32_bits(_bits_of(b"")) == 0
+
+
+def _generator_multiple(rng: np.random.Generator, length: int) -> np.ndarray:
+    """A random multiple of the generator g(x) (degree 32) as a bit pattern of ``length``."""
+    g = np.array([1, *[(CRC32_POLY >> (31 - j)) & 1 for j in range(32)]], dtype=np.uint8)
+    m = rng.integers(0, 2, length - 32, dtype=np.uint8)
+    m[rng.integers(0, m.size)] = 1  # not the zero multiple
+    product = np.zeros(length, dtype=np.uint8)
+    for i in np.flatnonzero(m):  # polynomial product over GF(2)
+        product[i : i + 33] ^= g
+    return product
+
+
+def test_error_patterns_that_are_multiples_of_the_generator_go_undetected():
+    """A real CRC cannot see an error that is a multiple of its generator: the check must
+    pass (no erasure), exactly as the bit-serial CRC of the received packet says."""
+    rng = np.random.default_rng(3)
+    data_bits = 64
+    for _ in range(50):
+        error = _generator_multiple(rng, data_bits + CRC_BITS)
+        assert error.sum() > 4  # many flipped bits, yet invisible to the CRC
+        data = rng.integers(0, 2, data_bits, dtype=np.uint8)
+        crc = crc32_bits(data)
+        sent = np.r_[data, [(crc >> (31 - j)) & 1 for j in range(32)]].astype(np.uint8)
+        received = sent ^ error
+        received_crc = int("".join(map(str, received[data_bits:])), 2)
+        assert crc32_bits(received[:data_bits]) == received_crc  # the truth: undetectable
+        assert not detect_corrupted(np.flatnonzero(error), 1, data_bits)[0]
+        # One more flipped bit is always seen (g has more than one term).
+        extra = error.copy()
+        extra[rng.integers(0, extra.size)] ^= 1
+        assert detect_corrupted(np.flatnonzero(extra), 1, data_bits)[0]
+
+
+def test_crc_agrees_with_the_bit_serial_crc_on_heavy_error_patterns():
+    """Up to 40 flipped bits per 96-bit packet, across several packets at once."""
+    rng = np.random.default_rng(4)
+    data_bits, n_packets = 64, 30
+    length = data_bits + CRC_BITS
+    for _ in range(20):
+        errors, truth = [], []
+        for k in range(n_packets):
+            error = np.zeros(length, dtype=np.uint8)
+            error[rng.choice(length, rng.integers(0, 41), replace=False)] = 1
+            if k % 7 == 3:
+                error = _generator_multiple(rng, length)
+            data = rng.integers(0, 2, data_bits, dtype=np.uint8)
+            crc = crc32_bits(data)
+            sent = np.r_[data, [(crc >> (31 - j)) & 1 for j in range(32)]].astype(np.uint8)
+            received = sent ^ error
+            received_crc = int("".join(map(str, received[data_bits:])), 2)
+            truth.append(crc32_bits(received[:data_bits]) != received_crc)
+            errors.append(np.flatnonzero(error) + k * length)
+        flagged = detect_corrupted(np.concatenate(errors), n_packets, data_bits)
+        assert flagged.tolist() == truth
+        assert not all(truth)  # the generator multiples are in there, and pass
 
 
 # ----------------------------------------------------------------------------- quantiser

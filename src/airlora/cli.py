@@ -915,6 +915,8 @@ def _run_train_policy_cli(config, quiet: bool) -> None:
         fit = result.surrogate_fit
         table.add_row("surrogate held-out R^2", f"{fit['holdout_r2']:.3f}")
         table.add_row("surrogate held-out MAE", f"{fit['holdout_mae']:.4f}")
+        if "holdout_mae_of_mean" in fit:
+            table.add_row("  MAE of predicting the mean", f"{fit['holdout_mae_of_mean']:.4f}")
     table.add_row("run folder", str(result.run_dir))
     console.print(table)
 

@@ -77,7 +77,8 @@ def code_revision() -> dict[str, object]:
             timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--", "."],
+            # No index lock: a run killed mid-call must not leave .git/index.lock behind.
+            ["git", "--no-optional-locks", "-C", str(here), "status", "--porcelain", "--", "."],
             capture_output=True,
             text=True,
             check=True,

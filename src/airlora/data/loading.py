@@ -368,8 +368,13 @@ def load_task(config: DataConfig, seed: int) -> TaskData:
                 f"{shown} out of range 0..{num_labels - 1}{hint}",
                 int(bad[0]) + 1,
             )
-    if num_labels < 2:
-        raise DataError(origin, "a classification task needs at least 2 classes")
+    present = np.unique(train.labels)
+    if num_labels < 2 or present.size < 2:
+        raise DataError(
+            origin,
+            f"a classification task needs at least 2 classes; the training labels hold only "
+            f"{present.tolist()}",
+        )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train))
     n_val = config.validation_size

@@ -229,7 +229,8 @@ class AccuracyModel:
     def fit(self, rows: Sequence[LoggedRound], holdout_fraction: float = 0.25) -> dict[str, float]:
         """Fit on all but the last ``holdout_fraction`` of episodes, score on those, refit on all.
 
-        Returns (and keeps in ``metrics``) R^2 and mean absolute error on the held-out rounds.
+        Returns (and keeps in ``metrics``) R^2 and mean absolute error on the held-out rounds,
+        beside the error of predicting the training mean (``holdout_mae_of_mean``).
         """
         episodes = sorted({r.episode for r in rows})
         n_hold = max(1, round(holdout_fraction * len(episodes)))
@@ -245,6 +246,8 @@ class AccuracyModel:
         self.metrics = {
             "holdout_r2": float(r2_score(yt, pred)) if len(yt) > 1 else float("nan"),
             "holdout_mae": float(mean_absolute_error(yt, pred)),
+            # What a fit must beat to mean anything: the training mean as the prediction.
+            "holdout_mae_of_mean": float(np.mean(np.abs(yt - float(np.mean(y))))),
             "holdout_rounds": len(test),
             "train_rounds": len(train),
         }
