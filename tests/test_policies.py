@@ -169,8 +169,9 @@ def test_trained_policies_beat_random_and_the_mid_rank(method, seed, untrained_s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: one thread is fastest, and deterministic
     try:
+        # The same initial policy, untrained (acting first would fix SB3's env count at 1).
+        before = evaluate_greedy(make_policy(method, _layout(), seed, LEARNING_PPO, AirLLMConfig()))
         policy = make_policy(method, _layout(), seed, LEARNING_PPO, AirLLMConfig())
-        before = evaluate_greedy(policy)
         policy.learn(lambda s: SyntheticRankEnv(), LEARNING_BUDGET, n_envs=LEARNING_PPO.n_envs)
         after = evaluate_greedy(policy)
     finally:
