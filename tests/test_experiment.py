@@ -252,7 +252,7 @@ def test_summary_table_tests_each_method_against_airllm_on_its_seeds():
 
 def test_method_overrides_merge_into_nested_sections():
     from airlora.config import ModelConfig, TrainConfig
-    from airlora.sweep import _merge
+    from airlora.sweep.planning import merge_section as _merge
 
     model = _merge(ModelConfig(), {"adalora": {"orth_reg_weight": 0.0}, "r_max": 16})
     assert model.adalora.orth_reg_weight == 0.0 and model.adalora.tinit_fraction == 0.1

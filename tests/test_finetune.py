@@ -7,9 +7,9 @@ import yaml
 from peft import PeftConfig
 from typer.testing import CliRunner
 
+from airlora import run_finetune
 from airlora.cli import app
 from airlora.config import FinetuneConfig
-from airlora.finetune import run_finetune
 from conftest import make_rows, write_csv
 
 runner = CliRunner()
@@ -55,10 +55,11 @@ def test_finetune_learns_the_tiny_task(tiny_finetune_config):
         }
     )
     result = run_finetune(config)
-    losses = [r.train_loss for r in result.rounds]
+    losses = [r["train_loss"] for r in result.rounds]
     assert losses[-1] < losses[0] - 0.3
     # four keyword-separable classes, a random tiny BERT: well above chance (0.25)
-    assert result.test_accuracy is not None and result.test_accuracy > 0.5
+    assert result.summary["test_accuracy"] is not None
+    assert result.summary["test_accuracy"] > 0.5
 
 
 def test_same_seed_same_metrics(tiny_finetune_config):
@@ -66,8 +67,8 @@ def test_same_seed_same_metrics(tiny_finetune_config):
     b = run_finetune(tiny_finetune_config.model_copy(update={"run_name": "b"}))
     keys = ("accuracy", "eval_loss", "train_loss", "complexity", "payload_params")
     for ra, rb in zip(a.rounds, b.rounds, strict=True):
-        assert {k: getattr(ra, k) for k in keys} == {k: getattr(rb, k) for k in keys}
-    assert a.test_accuracy == b.test_accuracy
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
+    assert a.summary["test_accuracy"] == b.summary["test_accuracy"]
 
 
 def _cli_args(config: FinetuneConfig, data: str | None = None) -> list[str]:

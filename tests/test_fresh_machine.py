@@ -205,7 +205,7 @@ def test_finished_cells_stay_sealed_when_a_later_cell_fails(
 def test_an_internal_error_in_a_cell_is_one_line_with_its_traceback_on_disk(
     tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
 ):
-    import airlora.sweep as sweep_mod
+    import airlora.sweep.cells as sweep_mod
 
     def boom(*_a, **_k):
         raise ZeroDivisionError("a bug")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from peft import PeftModel
 
+from airlora import run_finetune
 from airlora.config import FinetuneConfig
-from airlora.finetune import run_finetune
 from airlora.model import RankedLoRAModel, load_model
 
 pytestmark = pytest.mark.integration
@@ -59,6 +59,6 @@ def test_short_finetune_on_the_packaged_ag_news_sample(tmp_path):
     )
     result = run_finetune(config)
     # 36 steps of batch 16 already lift a pretrained encoder far above chance (0.25)
-    assert result.rounds[-1].accuracy > 0.6
+    assert result.rounds[-1]["accuracy"] > 0.6
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["summary"]["training_steps"] == 36

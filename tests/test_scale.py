@@ -26,7 +26,7 @@ from conftest import cell_digest, kill_sweep_inside_cells, tiny_decoder
 runner = CliRunner()
 
 # Columns that are measured wall times or identities, not results of the computation.
-NONDETERMINISTIC = ("run_id", "_time_s", "latency", "_s_per_", "wall")
+NONDETERMINISTIC = ("run_id", "_time_s", "latency", "_s_per_", "wall", "samples_per_s")
 
 
 def _tiny_sweep(cfg, tmp_path: Path, name: str) -> Path:

@@ -10,7 +10,6 @@ accuracy. The report states the configuration, the seeds and the code revision.
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +23,9 @@ import pandas as pd
 from scipy import stats
 
 from airlora.config import SweepConfig, load_config
-from airlora.sweep import CELLS, collect_results
+from airlora.runs import EPISODES_FILE, METRICS_FILE, SWEEP_FILE
+from airlora.sweep.planning import parse_cell_id
+from airlora.sweep.store import cell_records, finished_cells, first_manifest, read_results
 
 REFERENCE = "airllm"
 
@@ -194,14 +195,12 @@ def plot_pareto(summary: pd.DataFrame, folder: Path) -> list[Path]:
 def training_curves(sweep_dir: Path, bins: int = 40) -> pd.DataFrame:
     """Episode return against environment steps for every policy cell, on a common grid."""
     rows = []
-    for cell in sorted((sweep_dir / CELLS).glob("policy-*")):
-        path = cell / "episodes.jsonl"
-        if not path.is_file():
-            continue
-        name, r_max, seed = _policy_cell_parts(cell.name)
-        eps = pd.DataFrame([json.loads(x) for x in path.read_text().splitlines() if x])
+    for cell in finished_cells(sweep_dir, "policy"):
+        eps = pd.DataFrame(cell_records(sweep_dir, cell, EPISODES_FILE))
         if eps.empty:
             continue
+        parts = parse_cell_id(cell)
+        name, r_max, seed = parts["name"], parts["r_max"], parts["seed"]
         edges = np.linspace(0, eps.steps.max(), bins + 1)
         idx = np.clip(np.digitize(eps.steps, edges[1:-1]), 0, bins - 1)
         for b in range(bins):
@@ -217,13 +216,6 @@ def training_curves(sweep_dir: Path, bins: int = 40) -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(rows)
-
-
-def _policy_cell_parts(cell: str) -> tuple[str, int, int]:
-    body = cell.removeprefix("policy-")
-    rest, seed = body.rsplit("-s", 1)
-    name, r_max = rest.rsplit("-r", 1)
-    return name, int(r_max), int(seed)
 
 
 def plot_convergence(curves: pd.DataFrame, folder: Path) -> list[Path]:
@@ -267,11 +259,7 @@ def rank_heatmaps(sweep_dir: Path, table: pd.DataFrame, folder: Path) -> list[Pa
             & (table.snr_db == snr)
             & (table.seed == seed)
         ].cell.iloc[0]
-        rounds = [
-            json.loads(x)
-            for x in (sweep_dir / CELLS / cell / "metrics.jsonl").read_text().splitlines()
-            if x
-        ]
+        rounds = cell_records(sweep_dir, cell, METRICS_FILE)
         ranks = np.asarray([r["rank_vector"] for r in rounds]).T
         im = ax.imshow(ranks, aspect="auto", cmap="viridis", vmin=0, vmax=r_max)
         ax.set_title(f"{name}, SNR {snr:g} dB")
@@ -287,11 +275,9 @@ def rank_heatmaps(sweep_dir: Path, table: pd.DataFrame, folder: Path) -> list[Pa
 
 
 def _code_revision(sweep_dir: Path) -> str:
-    for manifest in sorted((sweep_dir / CELLS).glob("*/manifest.json")):
-        rev = json.loads(manifest.read_text()).get("code_revision", {})
-        dirty = " (uncommitted changes)" if rev.get("dirty") else ""
-        return f"{rev.get('commit', 'unknown')}{dirty}"
-    return "unknown"
+    rev = first_manifest(sweep_dir).get("code_revision", {})
+    dirty = " (uncommitted changes)" if rev.get("dirty") else ""
+    return f"{rev.get('commit', 'unknown')}{dirty}"
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
@@ -303,10 +289,10 @@ def _markdown_table(df: pd.DataFrame) -> str:
 def write_report(sweep_dir: Path) -> Path:
     """Figures under ``SWEEP_DIR/report/`` and ``report.md``; returns the Markdown path."""
     sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / "sweep.yaml").is_file():
-        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no sweep.yaml)")
-    config = load_config(sweep_dir / "sweep.yaml", SweepConfig)
-    table = collect_results(sweep_dir)
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no {SWEEP_FILE})")
+    config = load_config(sweep_dir / SWEEP_FILE, SweepConfig)
+    table = read_results(sweep_dir)
     if table.empty:
         raise ValueError(f"{sweep_dir} has no finished evaluation cell yet")
     folder = sweep_dir / "report"
@@ -398,7 +384,7 @@ def write_report(sweep_dir: Path) -> Path:
 
 def headline(sweep_dir: Path) -> pd.DataFrame:
     """Per method over every cell: mean final accuracy and parameters per round (demo print)."""
-    table = _usable(pd.read_csv(Path(sweep_dir) / "results.csv"))
+    table = _usable(read_results(sweep_dir))
     table = table[~table.diverged]
     out = table.groupby("name").agg(
         final_accuracy=("final_accuracy", "mean"),

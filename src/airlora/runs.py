@@ -1,8 +1,9 @@
-"""Run folders: config, per-round metrics, manifest, written so that nothing is half-written.
+"""Run folders, in one place: their file names, one atomic-write helper, the manifest.
 
 A run folder holds ``config.yaml`` (re-runnable), ``metrics.jsonl`` (one JSON object per
 round, appended and flushed as rounds finish), ``manifest.json`` (seed, versions, code
-revision, status) and whatever the run exports (``adapter/``).
+revision, status, data source) and whatever the run exports (``adapter/``, ``policy/``).
+Every module names these files through the constants below, never by literal.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,6 +24,20 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from airlora.config import dump_config
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+MANIFEST_FILE = "manifest.json"
+ADAPTER_DIR = "adapter"
+POLICY_DIR = "policy"
+EPISODES_FILE = "episodes.jsonl"
+ROUNDS_FILE = "rounds.jsonl"
+SURROGATE_FILE = "surrogate.json"
+POLICY_FILE = "policy.json"
+SURROGATE_DIR = "surrogate"
+EVAL_DIR = "eval"
+RESULT_FILE = "result.json"
+SWEEP_FILE = "sweep.yaml"
 
 TRACKED_PACKAGES = (
     "airlora",
@@ -40,19 +56,40 @@ TRACKED_PACKAGES = (
 )
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers see old or new."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Have ``write(tmp)`` write a temporary file beside ``path``, then rename it into
+    place: readers see the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8, flushed to disk) atomically; see :func:`atomic_write`."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(path, write)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every JSON object of a JSON-lines file (blank lines skipped); [] when it is absent."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def package_versions() -> dict[str, str]:
@@ -123,7 +160,7 @@ class RunFolder:
             raise FileExistsError(f"run folder {path} already exists; choose another run name")
         path.mkdir(parents=True)
         run = cls(path)
-        atomic_write_text(path / "config.yaml", dump_config(config))
+        atomic_write_text(path / CONFIG_FILE, dump_config(config))
         run._manifest = {
             "kind": kind,
             "status": "running",
@@ -140,10 +177,10 @@ class RunFolder:
         return run
 
     def _write_manifest(self) -> None:
-        atomic_write_text(self.path / "manifest.json", json.dumps(self._manifest, indent=2) + "\n")
+        atomic_write_text(self.path / MANIFEST_FILE, json.dumps(self._manifest, indent=2) + "\n")
 
     def append_metrics(self, record: dict) -> None:
-        self.append_record("metrics.jsonl", record)
+        self.append_record(METRICS_FILE, record)
 
     def append_record(self, filename: str, record: dict) -> None:
         """Append one JSON line to a log file of the run, flushed to disk."""
@@ -168,7 +205,4 @@ class RunFolder:
         self._write_manifest()
 
     def read_metrics(self) -> list[dict]:
-        path = self.path / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path / METRICS_FILE)

@@ -1,19 +1,14 @@
-"""`airlora train-policy` and `airlora evaluate-policy`, top to bottom.
+"""`airlora train-policy`, top to bottom.
 
-train-policy: check the inputs by building the real environment (model, data, link), create
-the run folder, optionally log real rounds and fit the surrogate (its held-out R^2 and MAE
-go to the manifest and the console), train the policy on the surrogate or on real rounds
-(episode returns to ``episodes.jsonl``, TensorBoard when asked), save it to ``policy/``.
-
-evaluate-policy: load a saved policy and its run's config, fix the SNR, and play real
-episodes (never the surrogate) greedily; write every round and a summary under
-``RUN_DIR/eval/``.
+Check the inputs by building the real environment (model, data, link), create the run
+folder, optionally log real rounds and fit the surrogate (its held-out R^2 and MAE go to the
+manifest and the console), train the policy on the surrogate or on real rounds (episode
+returns to ``episodes.jsonl``, TensorBoard when asked), save it to ``policy/``. Playing a
+saved policy is :func:`airlora.driver.evaluate_policy`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from airlora.config import PolicyTrainConfig, load_config
+from airlora.config import PolicyTrainConfig
 from airlora.env.real import RankSelectionEnv
 from airlora.env.surrogate import (
     LoggedRound,
@@ -31,11 +26,8 @@ from airlora.env.surrogate import (
     fit_surrogate,
     read_rounds,
 )
-from airlora.policies import ActionLayout, RankPolicy, load_policy, make_policy
-from airlora.runs import RunFolder, atomic_write_text
-
-POLICY_DIR = "policy"
-EPISODES_FILE = "episodes.jsonl"
+from airlora.policies import ActionLayout, RankPolicy, make_policy
+from airlora.runs import EPISODES_FILE, POLICY_DIR, ROUNDS_FILE, SURROGATE_DIR, RunFolder
 
 
 @dataclass
@@ -78,7 +70,7 @@ def run_train_policy(
                     real,
                     n,
                     seed=config.seed,
-                    on_round=lambda r: run.append_record("rounds.jsonl", r.__dict__),
+                    on_round=lambda r: run.append_record(ROUNDS_FILE, r.__dict__),
                 )
             server = real.engine.server
             per_rank = [p.d_in + p.d_out for p in server.projections]
@@ -94,7 +86,7 @@ def run_train_policy(
                 config.surrogate.holdout_fraction,
                 config.seed,
             )
-            surrogate.save(run.path / "surrogate", rows)
+            surrogate.save(run.path / SURROGATE_DIR, rows)
             fit = surrogate.model.metrics
             say(
                 f"surrogate fit on held-out episodes: R^2 {fit['holdout_r2']:.3f}, "
@@ -155,65 +147,3 @@ def _check_rounds(rows: list[LoggedRound], layout: ActionLayout) -> None:
 
 def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def run_evaluate_policy(
-    run_dir: Path,
-    snr_db: float,
-    episodes: int = 1,
-    seed: int = 10_000,
-    on_round: Callable[[dict], None] | None = None,
-    device: str | None = None,
-) -> dict:
-    """Play ``episodes`` real episodes at a fixed SNR with the run's saved policy (greedy);
-    ``device`` overrides the training run's ``train.device``."""
-    run_dir = Path(run_dir)
-    if not math.isfinite(snr_db):
-        raise ValueError(f"SNR must be a finite number of dB, got {snr_db}")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a train-policy run folder (no config.yaml)")
-    config = load_config(config_path, PolicyTrainConfig)
-    policy = load_policy(run_dir / POLICY_DIR)
-    link = config.link.model_copy(update={"snr_process": "fixed", "snr_db": snr_db})
-    train = config.train
-    if device is not None:
-        train = type(train).model_validate({**train.model_dump(), "device": device})
-    env = RankSelectionEnv.build(config.data, config.model, train, link, config.env, seed)
-    if list(env.projection_names) != list(policy.layout.projection_names):
-        raise ValueError("the saved policy was trained for other projections than this model's")
-    rounds: list[dict] = []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        done = False
-        while not done:
-            ranks = policy.act(obs, deterministic=True)
-            obs, reward, done, _, _ = env.step(ranks)
-            row = {"episode": episode, "reward": reward, **env.last_metrics.as_dict()}
-            rounds.append(row)
-            if on_round:
-                on_round(row)
-    ranks = np.asarray([r["rank_vector"] for r in rounds], dtype=np.float64)
-    summary = {
-        "snr_db": snr_db,
-        "episodes": episodes,
-        "method": policy.method,
-        "mean_rank_vector": ranks.mean(axis=0).round(3).tolist(),
-        "mean_rank": float(ranks.mean()),
-        "mean_reward": float(np.mean([r["reward"] for r in rounds])),
-        "final_accuracy": float(
-            np.mean([r["accuracy"] for r in rounds if r["round"] == config.train.rounds])
-        ),
-        "mean_payload_params": float(np.mean([r["payload_params"] for r in rounds])),
-        "projection_names": list(policy.layout.projection_names),
-    }
-    out = run_dir / "eval"
-    out.mkdir(exist_ok=True)
-    tag = f"snr{snr_db:g}dB"
-    atomic_write_text(
-        out / f"{tag}.json", json.dumps({"summary": summary, "rounds": rounds}, indent=1) + "\n"
-    )
-    return summary

@@ -40,9 +40,7 @@ from airlora.env.observation import (
 )
 from airlora.env.reward import round_reward
 from airlora.link import build_snr_process
-
-ROUNDS_FILE = "rounds.jsonl"
-SURROGATE_FILE = "surrogate.json"
+from airlora.runs import ROUNDS_FILE, SURROGATE_FILE, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -110,9 +108,7 @@ def collect_rounds(
 
 
 def write_rounds(rows: Sequence[LoggedRound], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r.__dict__) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r.__dict__) + "\n" for r in rows))
 
 
 def read_rounds(path: Path) -> list[LoggedRound]:
@@ -377,9 +373,7 @@ class SurrogateEnv(gym.Env):
             "head_params": self.head_params,
             "fit": self.model.metrics,
         }
-        tmp = folder / (SURROGATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        tmp.replace(folder / SURROGATE_FILE)
+        atomic_write_text(folder / SURROGATE_FILE, json.dumps(meta, indent=2))
 
 
 def fit_surrogate(

@@ -10,6 +10,7 @@ from airlora.errors import LinkError
 from airlora.link.channel import ChannelModel
 from airlora.link.digital import PacketChannel
 from airlora.link.modulation import MODULATIONS, Modulation
+from airlora.runs import atomic_write
 
 SIM_PACKET_BITS = 8192
 
@@ -100,8 +101,6 @@ def plot_ber_curves(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path

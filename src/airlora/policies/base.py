@@ -19,8 +19,7 @@ import gymnasium as gym
 import numpy as np
 
 from airlora.config import EnvConfig
-
-POLICY_FILE = "policy.json"
+from airlora.runs import POLICY_FILE, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -126,10 +125,9 @@ class RankPolicy(ABC):
             "layout": self.layout.as_dict(),
             "config": self.config_dict(),
         }
-        tmp = folder / (POLICY_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
         self._save_weights(folder)
-        tmp.replace(folder / POLICY_FILE)  # policy.json last: its presence marks a whole save
+        # policy.json last: its presence marks a whole save.
+        atomic_write_text(folder / POLICY_FILE, json.dumps(meta, indent=2))
         return folder
 
     def _save_weights(self, folder: Path) -> None:

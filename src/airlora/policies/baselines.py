@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -64,22 +65,39 @@ class FixedRankPolicy(RankPolicy):
     ----------
     layout, seed: see :class:`~airlora.policies.base.RankPolicy`.
     rank: the rank; default r_max.
+    rank_vector: one rank per projection instead (``airlora finetune --rank-vector``).
     """
 
     method = "lora"
 
-    def __init__(self, layout: ActionLayout, seed: int = 0, rank: int | None = None):
+    def __init__(
+        self,
+        layout: ActionLayout,
+        seed: int = 0,
+        rank: int | None = None,
+        rank_vector: Sequence[int] | None = None,
+    ):
         super().__init__(layout, seed)
         self.rank = layout.r_max if rank is None else int(rank)
-        if not 0 <= self.rank <= layout.r_max:
-            raise PolicyError(f"rank {self.rank} lies outside 0..r_max={layout.r_max}")
+        vector = [self.rank] * layout.num_projections if rank_vector is None else rank_vector
+        self.rank_vector = np.asarray(vector, dtype=np.int64)
+        if self.rank_vector.shape != (layout.num_projections,):
+            raise PolicyError(
+                f"rank vector has {len(vector)} entries; the model has "
+                f"{layout.num_projections} adapted projections"
+            )
+        if self.rank_vector.min() < 0 or self.rank_vector.max() > layout.r_max:
+            bad = int(
+                self.rank_vector[(self.rank_vector < 0) | (self.rank_vector > layout.r_max)][0]
+            )
+            raise PolicyError(f"rank {bad} lies outside 0..r_max={layout.r_max}")
 
     def act_batch(self, observations: np.ndarray, deterministic: bool = True) -> np.ndarray:
-        return np.full((len(observations), self.layout.num_projections), self.rank, np.int64)
+        return np.tile(self.rank_vector, (len(observations), 1))
 
     def config_dict(self) -> dict:
-        return {"rank": self.rank}
+        return {"rank": self.rank, "rank_vector": self.rank_vector.tolist()}
 
     @classmethod
     def _from_saved(cls, layout, seed, config, folder):
-        return cls(layout, seed, config.get("rank"))
+        return cls(layout, seed, config.get("rank"), config.get("rank_vector"))

@@ -1,0 +1,139 @@
+"""`airlora bench ...` (the project against its peer, in the same run) and `airlora link ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from airlora.cli.common import (
+    JsonOption,
+    console,
+    err_console,
+    key_value_table,
+    print_bench,
+    print_json,
+    typer_group,
+)
+
+bench_app = typer_group("Benchmarks: the project against its peer, in the same run.")
+link_app = typer_group("The link model on its own: BER against theory, curves.")
+
+
+@bench_app.command("train")
+def bench_train(
+    as_json: JsonOption = False,
+    model: Annotated[str, typer.Option(help="Model name or folder.")] = "default",
+    rmax: Annotated[int, typer.Option(help="r_max (every projection at r_max).")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 16,
+    max_length: Annotated[int, typer.Option(help="Tokens per text.")] = 64,
+    steps: Annotated[int, typer.Option(help="Training steps per timed repeat.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per side.")] = 5,
+    threads: Annotated[int, typer.Option(help="torch threads (0: default).")] = 0,
+) -> None:
+    """Training samples/s of the round engine against a plain PEFT LoRA loop."""
+    from airlora.bench.train import bench_train as run
+    from airlora.config import DataConfig, ModelConfig
+
+    with err_console.status("benchmarking training steps (project vs. plain PEFT loop)"):
+        result = run(
+            ModelConfig(name_or_path=model, r_max=rmax),
+            DataConfig(batch_size=batch_size, max_length=max_length),
+            steps=steps,
+            repeats=repeats,
+            threads=threads,
+        )
+    print_bench(result, as_json)
+
+
+@bench_app.command("link")
+def bench_link(
+    as_json: JsonOption = False,
+    n_params: Annotated[int, typer.Option(help="float32 parameters sent.")] = 1_000_000,
+    repeats: Annotated[int, typer.Option(help="Interleaved repeats per chain.")] = 5,
+) -> None:
+    """Bit/s of the uncoded digital chain (8-bit, QPSK, AWGN 5 dB) against Sionna's chain."""
+    from airlora.bench.link import bench_link as run
+
+    with err_console.status("benchmarking the digital chain (project, Sionna, naive NumPy)"):
+        result = run(n_params=n_params, repeats=repeats)
+    print_bench(result, as_json)
+
+
+@bench_app.command("policy")
+def bench_policy(
+    decisions: Annotated[int, typer.Option(help="Decisions timed.")] = 50,
+    rounds: Annotated[int, typer.Option(help="Real rounds timed.")] = 3,
+    as_json: JsonOption = False,
+) -> None:
+    """Wall time of one AirLLM decision (PPO + full DDIM sampling) against one real round."""
+    from airlora.bench.policy import bench_policy as run
+
+    with err_console.status("benchmarking a decision against a real round"):
+        result = run(decisions=decisions, rounds=rounds)
+    print_bench(result, as_json)
+
+
+@bench_app.command("convergence")
+def bench_convergence(
+    seeds: Annotated[int, typer.Option(help="Evaluation seeds per method.", min=1)] = 5,
+    budget: Annotated[int, typer.Option(help="Environment steps per run at most.")] = 30_000,
+    search: Annotated[
+        bool, typer.Option(help="Run the hyper-parameter grid for both methods first.")
+    ] = True,
+    ablation: Annotated[
+        bool, typer.Option(help="Also run airllm with the denoiser frozen (coarse only).")
+    ] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Steps to 95 % of the optimum on the synthetic environment: airllm against ppo."""
+    from airlora.bench.convergence import bench_convergence as run
+
+    with err_console.status("benchmarking convergence") as status:
+        result = run(
+            seeds=seeds,
+            budget=budget,
+            search=search,
+            ablation=ablation,
+            progress=lambda m: status.update(f"benchmarking convergence: {m}"),
+        )
+    print_bench(result, as_json)
+
+
+@link_app.command("simulate")
+def link_simulate(
+    modulation: Annotated[str, typer.Option(help="bpsk, qpsk, 16qam or 64qam.")] = "qpsk",
+    snr_db: Annotated[float, typer.Option(help="Es/N0 in dB (energy per symbol).")] = 6.0,
+    n_bits: Annotated[int, typer.Option(help="Bits to send.")] = 1_000_000,
+    channel: Annotated[str, typer.Option(help="awgn, rayleigh or rician.")] = "awgn",
+    rician_k: Annotated[float, typer.Option(help="Rician K factor (linear).")] = 4.0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    fast_path: Annotated[
+        bool, typer.Option(help="Draw bit errors directly where exact (BPSK/QPSK, AWGN).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure the BER of mapper -> channel -> hard demapper and compare it with theory."""
+    from airlora.link.simulate import simulate_ber
+
+    result = simulate_ber(modulation, snr_db, n_bits, channel, rician_k, seed, fast_path)
+    if as_json:
+        print_json(result)
+        return
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in result.items()]
+    console.print(key_value_table("BER: measured against theory", rows))
+
+
+@link_app.command("plot")
+def link_plot(
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("ber_curves.png"),
+    n_bits: Annotated[int, typer.Option(help="Bits per simulated point.")] = 200_000,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Draw measured against theoretical BER for every modulation, AWGN and Rayleigh."""
+    from airlora.link.simulate import plot_ber_curves
+
+    with err_console.status("simulating BER curves"):
+        path = plot_ber_curves(out, n_bits=n_bits, seed=seed)
+    console.print(f"wrote {path}")

@@ -1,0 +1,147 @@
+"""The rank-selection environment and the policies that learn in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from airlora.config.base import ConfigBase
+
+
+class EnvConfig(ConfigBase):
+    """The rank-selection environment (design section 1): reward and observation scaling.
+
+    Parameters
+    ----------
+    cost_weight:
+        lambda in R_t = a_t - lambda * C_t / C_max. Default 0.1: sending every projection at
+        r_max then costs 0.1 of accuracy, about what rank 8 gains over rank 1 early in training
+        (docs/link-sweep.md), so neither term swamps the other.
+    reward_form:
+        ``accuracy`` (a_t minus the cost) or ``gain`` (a_t - a_{t-1} minus the cost; a_0 is the
+        accuracy of the unadapted model). Default ``accuracy``.
+    snr_norm_low_db, snr_norm_high_db:
+        SNR range mapped to [-1, 1] in the observation (values outside go beyond, clipped at
+        +-3). Default -10 and 30 dB.
+    use_complexity:
+        Put the complexity features in the observation; false zeroes them (an ablation).
+        Default true.
+    """
+
+    cost_weight: float = Field(default=0.1, ge=0)
+    reward_form: Literal["accuracy", "gain"] = "accuracy"
+    snr_norm_low_db: float = -10.0
+    snr_norm_high_db: float = 30.0
+    use_complexity: bool = True
+
+    @model_validator(mode="after")
+    def _range(self) -> EnvConfig:
+        if self.snr_norm_high_db <= self.snr_norm_low_db:
+            raise ValueError("snr_norm_high_db must exceed snr_norm_low_db")
+        return self
+
+
+class PPOConfig(ConfigBase):
+    """Stable-Baselines3 PPO hyper-parameters (SB3 names; defaults tuned for short episodes).
+
+    ``n_steps`` is per environment copy; one PPO update sees ``n_steps * n_envs`` steps.
+    """
+
+    learning_rate: float = Field(default=1e-3, gt=0)
+    n_steps: int = Field(default=128, ge=2)
+    n_envs: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    n_epochs: int = Field(default=10, ge=1)
+    gamma: float = Field(default=0.9, ge=0, le=1)
+    gae_lambda: float = Field(default=0.95, ge=0, le=1)
+    clip_range: float = Field(default=0.2, gt=0)
+    ent_coef: float = Field(default=0.0, ge=0)
+    net_arch: list[int] = [64, 64]
+
+
+class AirLLMConfig(ConfigBase):
+    """AirLLM beyond its PPO agent: the coarse decision, the denoiser, its DDIM sampler and the
+    alternation of PPO and denoiser phases.
+
+    Parameters
+    ----------
+    use_denoiser:
+        False: the rank vector is the coarse decision expanded to its groups, with no
+        denoiser (an ablation). Default true.
+    depth_bands:
+        The coarse decision is one rank level per (projection type, depth band); the layers
+        are cut into this many contiguous bands. Default 2.
+    train_timesteps:
+        Diffusion steps of the noise schedule (``DDIMScheduler.num_train_timesteps``). Default 100.
+    inference_steps:
+        DDIM steps per decision. Default 10.
+    hidden:
+        Width of the denoiser MLP (3 hidden layers). Default 128.
+    cond_dropout:
+        Probability that the condition is dropped in training (classifier-free guidance).
+        Default 0.1.
+    guidance_weight:
+        w in eps = eps_uncond + w (eps_cond - eps_uncond); 0 is unconditional, 1 conditional.
+        Default 1.5.
+    learning_rate:
+        Adam learning rate of the denoiser. Default 1e-3.
+    updates_per_phase:
+        Gradient steps of one denoiser phase. Default 200.
+    batch_size:
+        Denoiser minibatch. Default 256.
+    elite_fraction:
+        Share of the buffer (highest reward residual after a fitted state+coarse baseline) the
+        denoiser is trained on. Default 0.3.
+    buffer_size:
+        Most recent (state, coarse, fine, reward) tuples kept. Default 8192.
+    explore_std:
+        Std (in ranks) of the residual prior the denoiser starts from. Default 1.0.
+    warm_start_updates:
+        Gradient steps fitting the denoiser to that prior before training. Default 1000.
+    ppo_rollouts_per_phase:
+        PPO rollouts (each ``n_steps * n_envs`` steps) between two denoiser phases. Default 1.
+    """
+
+    use_denoiser: bool = True
+    depth_bands: int = Field(default=2, ge=1)
+    train_timesteps: int = Field(default=100, ge=2)
+    inference_steps: int = Field(default=10, ge=1)
+    hidden: int = Field(default=128, ge=8)
+    cond_dropout: float = Field(default=0.1, ge=0, lt=1)
+    guidance_weight: float = Field(default=0.5, ge=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    updates_per_phase: int = Field(default=200, ge=0)
+    batch_size: int = Field(default=256, ge=2)
+    elite_fraction: float = Field(default=0.2, gt=0, le=1)
+    buffer_size: int = Field(default=8192, ge=16)
+    explore_std: float = Field(default=1.0, ge=0)
+    warm_start_updates: int = Field(default=1000, ge=0)
+    ppo_rollouts_per_phase: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _steps(self) -> AirLLMConfig:
+        if self.inference_steps > self.train_timesteps:
+            raise ValueError("inference_steps cannot exceed train_timesteps")
+        return self
+
+
+class SurrogateConfig(ConfigBase):
+    """Reward model fitted on logged real rounds (design section 3).
+
+    Parameters
+    ----------
+    real_episodes:
+        Real episodes logged before fitting (random and heuristic rank vectors over the SNR
+        process). Default 8.
+    holdout_fraction:
+        Share of logged episodes held out to report R^2 and mean absolute error. Default 0.25.
+    rounds_file:
+        A ``rounds.jsonl`` logged by an earlier run (same model and r_max) to fit on instead of
+        logging new real episodes. Default none.
+    """
+
+    real_episodes: int = Field(default=8, ge=2)
+    rounds_file: Path | None = None
+    holdout_fraction: float = Field(default=0.25, gt=0, lt=1)

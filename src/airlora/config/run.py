@@ -1,0 +1,247 @@
+"""What one command runs: a fixed-rank fine-tuning, a policy training, an episode, a sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from airlora.config.base import ConfigBase
+from airlora.config.link import LinkConfig
+from airlora.config.policy import AirLLMConfig, EnvConfig, PPOConfig, SurrogateConfig
+from airlora.config.task import DataConfig, ModelConfig, TrainConfig
+
+
+class FinetuneConfig(ConfigBase):
+    """One remote fine-tuning episode with fixed ranks (``airlora finetune``).
+
+    Parameters
+    ----------
+    rank:
+        Rank of every adapted projection (``0..model.r_max``). Default: ``model.r_max`` (8).
+    rank_vector:
+        One rank per adapted projection; overrides ``rank`` when given.
+    seed:
+        Seeds data splits, batch order, initialisation and the link. Default 0.
+    final_test:
+        Evaluate the edge's final model on the whole test split. Default true.
+    out_dir:
+        Where run folders are created. Default ``runs``.
+    run_name:
+        Folder name of this run; default: ``finetune-<timestamp>-seed<seed>``.
+    """
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    link: LinkConfig = LinkConfig()
+    rank: int | None = Field(default=None, ge=0)
+    rank_vector: list[int] | None = None
+    seed: int = 0
+    final_test: bool = True
+    out_dir: Path = Path("runs")
+    run_name: str | None = None
+
+    @field_validator("rank_vector")
+    @classmethod
+    def _non_negative(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(r < 0 for r in v):
+            raise ValueError(f"rank_vector entries must be >= 0, got {v}")
+        return v
+
+    def rank_vector_for(self, num_projections: int) -> list[int]:
+        """The rank vector this config asks for, given the model's projection count."""
+        if self.rank_vector is not None:
+            return list(self.rank_vector)
+        rank = self.model.r_max if self.rank is None else self.rank
+        return [rank] * num_projections
+
+    @model_validator(mode="after")
+    def _within_r_max(self) -> FinetuneConfig:
+        r_max = self.model.r_max
+        if self.rank is not None and self.rank > r_max:
+            raise ValueError(f"rank {self.rank} exceeds model.r_max {r_max}")
+        if self.rank_vector is not None and any(r > r_max for r in self.rank_vector):
+            raise ValueError(f"rank_vector {self.rank_vector} has entries above r_max {r_max}")
+        return self
+
+
+class PolicyTrainConfig(ConfigBase):
+    """`airlora train-policy`: a policy trained on the real (or surrogate) environment.
+
+    The episode is ``train.rounds`` rounds of ``train.steps_per_round`` steps; the SNR of each
+    round comes from ``link``'s SNR process. The default link is where rank and channel meet:
+    uncoded digital with adaptive modulation (target BER 1e-4), 1,024-bit packets with CRC and
+    a 0.25 s airtime deadline per round at 1 MHz, SNR uniform over -5..25 dB. The deadline lets
+    about 31k parameters through on BPSK at 10 dB and all of rank 8 on 64-QAM at 25 dB; below
+    about 7 dB no packet survives. What does not fit is not delivered (the tail of the stream).
+    """
+
+    method: Literal["airllm", "ppo", "random", "heuristic"] = "airllm"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig(rounds=5, steps_per_round=8, warmup_steps=4)
+    link: LinkConfig = LinkConfig(
+        scheme="digital",
+        modulation="adaptive",
+        target_ber=1e-4,
+        packet_bits=1024,
+        deadline_s=0.25,
+        snr_process="uniform",
+        snr_low_db=-5.0,
+        snr_high_db=25.0,
+    )
+    env: EnvConfig = EnvConfig()
+    ppo: PPOConfig = PPOConfig()
+    airllm: AirLLMConfig = AirLLMConfig()
+    surrogate: SurrogateConfig | None = None
+    total_steps: int = Field(default=20_000, ge=1)
+    seed: int = 0
+    tensorboard: bool = False
+    out_dir: Path = Path("runs")
+    run_name: str | None = None
+
+
+METHODS = ("airllm", "ppo", "lora", "adalora", "random", "heuristic")
+
+
+class RunConfig(ConfigBase):
+    """`airlora run`: one real episode of one method (design section 4).
+
+    Every method goes through the same round engine, link model and edge evaluation.
+    ``lora`` sends ``rank`` (default r_max) on every projection; ``adalora`` runs PEFT's AdaLoRA
+    with ``model.adalora``'s budget; ``random`` and ``heuristic`` need nothing more; ``airllm``
+    and ``ppo`` play the saved policy in ``policy`` (a folder written by ``train-policy``).
+    Defaults of the episode and the link are those of :class:`PolicyTrainConfig`.
+    """
+
+    method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic"] = "lora"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig(rounds=5, steps_per_round=8, warmup_steps=4)
+    link: LinkConfig = PolicyTrainConfig.model_fields["link"].default
+    env: EnvConfig = EnvConfig()
+    rank: int | None = Field(default=None, ge=0)
+    policy: Path | None = None
+    seed: int = 0
+    final_test: bool = False
+    out_dir: Path = Path("runs")
+    run_name: str | None = None
+
+    @model_validator(mode="after")
+    def _method_inputs(self) -> RunConfig:
+        if self.method in ("airllm", "ppo") and self.policy is None:
+            raise ValueError(
+                f"method {self.method} plays a saved policy: give policy (a train-policy run's "
+                "policy/ folder)"
+            )
+        if self.rank is not None and self.rank > self.model.r_max:
+            raise ValueError(f"rank {self.rank} exceeds model.r_max {self.model.r_max}")
+        if (self.method == "adalora") != (self.model.adapter == "adalora"):
+            adapter = "adalora" if self.method == "adalora" else "lora"
+            self.model = self.model.model_copy(update={"adapter": adapter})
+        return self
+
+
+class MethodSpec(ConfigBase):
+    """One entry of a sweep: a method, optionally with settings that make it an ablation.
+
+    Parameters
+    ----------
+    name: label in tables and figures (``airllm``, ``airllm-no-denoiser``, ``lora-r4``...).
+    method: one of airllm, ppo, lora, adalora, random, heuristic.
+    rank: lora's fixed rank; default r_max.
+    airllm, env, ppo, model, train: overrides merged into the sweep's sections for this entry
+        (for example ``airllm: {use_denoiser: false}``, ``env: {use_complexity: false}``,
+        ``model: {adalora: {orth_reg_weight: 0.0}}``, ``train: {learning_rate: 0.01}``).
+    """
+
+    name: str
+    method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic"]
+    rank: int | None = Field(default=None, ge=0)
+    airllm: dict = {}
+    env: dict = {}
+    ppo: dict = {}
+    model: dict = {}
+    train: dict = {}
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"method name '{v}' must be letters, digits, '-', '_' or '.'")
+        return v
+
+
+class SweepConfig(ConfigBase):
+    """`airlora sweep`: methods x r_max x SNR x seeds, every cell a real episode.
+
+    Policies (airllm, ppo and their ablations) are trained once per (entry, r_max, seed) on a
+    surrogate fitted to real rounds logged once per (r_max, seed), then evaluated at every
+    SNR. ``train.rounds`` etc. describe the episode of every cell.
+
+    Parameters
+    ----------
+    name: the sweep's folder name under ``out_dir``.
+    methods: the entries (:class:`MethodSpec`).
+    r_max: values of r_max.
+    snr_db: fixed SNRs (Es/N0, dB) of the evaluation episodes.
+    seeds: seeds; each seeds its policy training and its evaluation episodes.
+    workers: parallel worker processes. Default 1.
+    threads_per_worker: torch threads in each worker; 0 shares the cores evenly.
+    """
+
+    name: str = "sweep"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig(rounds=5, steps_per_round=8, warmup_steps=4)
+    link: LinkConfig = PolicyTrainConfig.model_fields["link"].default
+    env: EnvConfig = EnvConfig()
+    ppo: PPOConfig = PPOConfig()
+    airllm: AirLLMConfig = AirLLMConfig()
+    surrogate: SurrogateConfig = SurrogateConfig()
+    total_steps: int = Field(default=20_000, ge=1)
+    methods: list[MethodSpec]
+    r_max: list[int] = [8]
+    snr_db: list[float] = [0.0, 10.0, 20.0]
+    seeds: list[int] = [0]
+    workers: int = Field(default=1, ge=1)
+    threads_per_worker: int = Field(default=0, ge=0)
+    out_dir: Path = Path("runs")
+
+    @model_validator(mode="after")
+    def _entries(self) -> SweepConfig:
+        names = [m.name for m in self.methods]
+        if not names:
+            raise ValueError("a sweep needs at least one method")
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}")
+        if any(r <= 0 for r in self.r_max):
+            raise ValueError(f"r_max values must be positive, got {self.r_max}")
+        for m in self.methods:
+            if m.rank is not None and m.rank > min(self.r_max):
+                raise ValueError(f"{m.name}: rank {m.rank} exceeds r_max {min(self.r_max)}")
+        return self
+
+
+def surrogate_section(
+    current: dict | None,
+    enabled: bool | None,
+    real_episodes: int | None = None,
+    rounds_file: Path | str | None = None,
+) -> dict | None:
+    """The ``surrogate`` section of a :class:`PolicyTrainConfig` after the switches of
+    ``train-policy``: ``enabled`` False trains on real rounds (None); True, or a number of
+    episodes, or a rounds file, turns the surrogate on with those settings; nothing given
+    keeps ``current``."""
+    if enabled is False:
+        return None
+    if enabled is None and real_episodes is None and rounds_file is None:
+        return current
+    section = dict(current or {})
+    if real_episodes is not None:
+        section["real_episodes"] = real_episodes
+    if rounds_file is not None:
+        section["rounds_file"] = str(rounds_file)
+    return section

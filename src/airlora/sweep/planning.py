@@ -1,0 +1,99 @@
+"""What a sweep does, as cells with stable ids, and how an id reads back.
+
+- ``rounds-r{R}-s{seed}``: real episodes logged for the surrogate (once per r_max and seed);
+- ``policy-{name}-r{R}-s{seed}``: a policy trained on that surrogate (a train-policy folder);
+- ``eval-{name}-r{R}-snr{S}-s{seed}``: one real episode at a fixed SNR (a run folder).
+"""
+
+from __future__ import annotations
+
+from airlora.config import SweepConfig
+
+TRAINED = ("airllm", "ppo")
+
+
+def rounds_id(r_max: int, seed: int) -> str:
+    return f"rounds-r{r_max}-s{seed}"
+
+
+def policy_id(name: str, r_max: int, seed: int) -> str:
+    return f"policy-{name}-r{r_max}-s{seed}"
+
+
+def eval_id(name: str, r_max: int, snr_db: float, seed: int) -> str:
+    return f"eval-{name}-r{r_max}-snr{snr_db:g}-s{seed}"
+
+
+def parse_cell_id(cell_id: str) -> dict:
+    """The parts of a cell id: ``kind``, ``r_max``, ``seed``, and ``name`` / ``snr_db``
+    where the kind has them (method names may hold '-'; the numbers are read from the end)."""
+    kind, _, body = cell_id.partition("-")
+    body, _, seed = body.rpartition("-s")
+    out: dict = {"kind": kind, "seed": int(seed)}
+    if kind == "eval":
+        body, _, snr = body.rpartition("-snr")
+        out["snr_db"] = float(snr)
+    if kind in ("policy", "eval"):
+        body, _, r_max = body.rpartition("-r")
+        out["name"] = body
+    else:
+        r_max = body.removeprefix("r")
+    out["r_max"] = int(r_max)
+    return out
+
+
+def merge_section(section, overrides: dict):
+    """A config section with overrides merged in, nested mappings included."""
+    merged = section.model_dump(mode="json")
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return type(section).model_validate(merged)
+
+
+def cell_model(config: SweepConfig, r_max: int, overrides: dict | None = None):
+    return merge_section(config.model, {**(overrides or {}), "r_max": r_max})
+
+
+def plan(config: SweepConfig) -> list[list[dict]]:
+    """The cells of each stage, in order: rounds, policies, evaluations."""
+    rounds, policies, evals = [], [], []
+    trained = [m for m in config.methods if m.method in TRAINED]
+    for r_max in config.r_max:
+        for seed in config.seeds:
+            if trained:
+                rounds.append(
+                    {
+                        "kind": "rounds",
+                        "id": rounds_id(r_max, seed),
+                        "r_max": r_max,
+                        "seed": seed,
+                    }
+                )
+            for m in trained:
+                policies.append(
+                    {
+                        "kind": "policy",
+                        "id": policy_id(m.name, r_max, seed),
+                        "name": m.name,
+                        "r_max": r_max,
+                        "seed": seed,
+                        "rounds": rounds_id(r_max, seed),
+                    }
+                )
+            for m in config.methods:
+                for snr in config.snr_db:
+                    cell = {
+                        "kind": "eval",
+                        "id": eval_id(m.name, r_max, snr, seed),
+                        "name": m.name,
+                        "r_max": r_max,
+                        "snr_db": snr,
+                        "seed": seed,
+                    }
+                    if m.method in TRAINED:
+                        cell["policy"] = policy_id(m.name, r_max, seed)
+                    evals.append(cell)
+    return [rounds, policies, evals]
