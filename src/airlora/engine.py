@@ -30,7 +30,7 @@ from airlora.data import (
 )
 from airlora.devices import autocast, autocast_dtype, resolve_device
 from airlora.link import Link, LinkReport
-from airlora.model import RankedLoRAModel, load_model, resolve_model_source
+from airlora.model import RankAdapter, RankedLoRAModel, load_model, resolve_model_source
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ class RoundEngine:
 
     def __init__(
         self,
-        server: RankedLoRAModel,
-        edge: RankedLoRAModel,
+        server: RankAdapter,
+        edge: RankAdapter,
         task: EncodedTask,
         link: Link,
         train_config: TrainConfig,
@@ -310,7 +310,7 @@ class RoundEngine:
         return float(np.mean(losses))
 
     @torch.no_grad()
-    def evaluate(self, model: RankedLoRAModel, split: EncodedSplit) -> tuple[float, float]:
+    def evaluate(self, model: RankAdapter, split: EncodedSplit) -> tuple[float, float]:
         """Accuracy and mean cross-entropy of ``model`` on ``split``."""
         net = model.peft_model
         net.eval()

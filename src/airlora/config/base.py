@@ -25,9 +25,16 @@ class ConfigBase(BaseModel):
         out = dict(data)
         for name, field in cls.model_fields.items():
             default = field.default
-            if isinstance(default, BaseModel) and isinstance(out.get(name), dict):
-                out[name] = {**default.model_dump(exclude_unset=True), **out[name]}
+            if isinstance(default, ConfigBase) and isinstance(out.get(name), dict):
+                given = type(default).implied(out[name])
+                out[name] = {**default.model_dump(exclude_unset=True), **given}
         return out
+
+    @classmethod
+    def implied(cls, given: dict) -> dict:
+        """What a partial mapping of this section implies beyond what it says (a domain rule
+        that the CLI and the API share); applied before the section's defaults fill in."""
+        return given
 
 
 def load_config(path: Path, cls: type[ConfigBase]) -> ConfigBase:
@@ -54,14 +61,7 @@ def dump_config(config: BaseModel) -> str:
 
 
 def apply_overrides(mapping: dict, overrides: dict[str, object]) -> dict:
-    """Set dotted paths (``"link.snr_db"``) in a nested config mapping; returns it.
-
-    One rule of the domain lives here so that the CLI and the API agree: a fixed SNR given
-    without an SNR process means a fixed SNR process (``snr_db`` alone would be ignored by
-    the uniform process that episodes default to)."""
-    overrides = dict(overrides)
-    if "link.snr_db" in overrides and "link.snr_process" not in overrides:
-        overrides["link.snr_process"] = "fixed"
+    """Set dotted paths (``"link.snr_db"``) in a nested config mapping; returns it."""
     for path, value in overrides.items():
         *parents, leaf = path.split(".")
         node = mapping

@@ -94,6 +94,14 @@ class LinkConfig(ConfigBase):
     code_rate: float = Field(default=0.5, gt=0.05, lt=0.95)
     bits_per_param: int = Field(default=32, ge=1, le=64)
 
+    @classmethod
+    def implied(cls, given: dict) -> dict:
+        """An ``snr_db`` given without an ``snr_process`` means a fixed SNR: otherwise the
+        uniform process that policy runs default to would silently ignore it."""
+        if "snr_db" in given and "snr_process" not in given:
+            return {**given, "snr_process": "fixed"}
+        return given
+
     @field_validator("modulation", mode="before")
     @classmethod
     def _known_modulation(cls, v: object) -> object:

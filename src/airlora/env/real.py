@@ -70,6 +70,12 @@ class RankSelectionEnv(gym.Env):
         )
         return cls(engine, link, env, seed)
 
+    @property
+    def previous_accuracy(self) -> float:
+        """The edge accuracy the next round's reward is measured against (the unadapted
+        model's after a reset)."""
+        return self._prev_acc
+
     def _observation(self, complexity: ComplexityFeatures | None = None) -> np.ndarray:
         """The state before the next round; the terminal one repeats the last complexity."""
         if complexity is None:

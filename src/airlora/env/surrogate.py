@@ -77,7 +77,7 @@ def collect_rounds(
     out: list[LoggedRound] = []
     for episode in range(episodes):
         env.reset(seed=seed + episode)
-        prev = base._prev_acc
+        prev = base.previous_accuracy
         done = False
         while not done:
             if episode % 2 == 0:

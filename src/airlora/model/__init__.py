@@ -6,6 +6,7 @@ from airlora.model.adapters import (
     RankedLoRAModel,
     default_target_modules,
 )
+from airlora.model.base import RankAdapter
 from airlora.model.loading import LoadedModel, ModelError, load_model, resolve_model_source
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "ModelError",
     "Payload",
     "Projection",
+    "RankAdapter",
     "RankedLoRAModel",
     "default_target_modules",
     "load_model",

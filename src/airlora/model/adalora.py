@@ -21,13 +21,11 @@ from peft.tuners.adalora import AdaLoraLayer
 from torch import nn
 
 from airlora.model.adapters import (
-    ADAPTER,
-    HEAD_PREFIX,
     Payload,
     Projection,
-    RankedLoRAModel,
     default_target_modules,
 )
+from airlora.model.base import ADAPTER, HEAD_PREFIX, plain_head_name
 
 
 class AdaLoRAModel:
@@ -144,7 +142,7 @@ class AdaLoRAModel:
         return [params[n] for n in self._head_names]
 
     def head_tensor_names(self) -> list[str]:
-        return [HEAD_PREFIX + RankedLoRAModel._plain_head_name(n) for n in self._head_names]
+        return [HEAD_PREFIX + plain_head_name(n) for n in self._head_names]
 
     def payload(self, ranks: Sequence[int] | None = None) -> Payload:
         ranks = self.rank_vector if ranks is None else self.check_rank_vector(ranks)

@@ -27,8 +27,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors.torch import save_file
 from torch import nn
 
-ADAPTER = "default"
-HEAD_PREFIX = "head."
+from airlora.model.base import ADAPTER, HEAD_PREFIX, plain_head_name
 
 # Attention projections per model family: the M projections a rank vector addresses.
 ATTENTION_TARGETS: dict[str, list[str]] = {
@@ -271,12 +270,7 @@ class RankedLoRAModel:
 
     def head_tensor_names(self) -> list[str]:
         """Transmission names of the head's tensors (``head.classifier.weight``, ...)."""
-        return [HEAD_PREFIX + self._plain_head_name(n) for n in self._head_names]
-
-    @staticmethod
-    def _plain_head_name(peft_name: str) -> str:
-        name = peft_name.removeprefix("base_model.model.")
-        return name.replace(f".modules_to_save.{ADAPTER}.", ".")
+        return [HEAD_PREFIX + plain_head_name(n) for n in self._head_names]
 
     def payload(self, ranks: Sequence[int] | None = None) -> Payload:
         """Parameters sent for a rank vector (default: the current one)."""
