@@ -173,6 +173,10 @@ def test_sweep_resumes_after_a_kill_without_redoing_or_losing_cells(tiny_finetun
         assert (out / "report" / f"{stem}.pdf").is_file()
         assert f"report/{stem}.png" in report
     assert "p vs airllm" in report and "±" in report and "Code revision" in report
+    assert "Paired comparisons against airllm" in report and "MDD" in report
+    comparisons = pd.read_csv(out / "report" / "comparisons.csv")
+    assert set(comparisons.method) == {"lora", "heuristic"}
+    assert (comparisons.n == 4).all()  # paired on 2 SNRs x 2 seeds
     summary = pd.read_csv(out / "report" / "summary.csv")
     p = summary[summary.method != "airllm"].p_vs_airllm
     assert ((p >= 0) & (p <= 1) | p.isna()).all()  # the numbers: see the test below
@@ -189,25 +193,23 @@ def test_sweep_refuses_a_folder_of_another_configuration(tiny_finetune_config, t
     assert result.exit_code == 2 and "unknown preset" in result.output
 
 
-def test_confidence_interval_and_welch_test_against_scipy():
+def test_confidence_interval_against_scipy():
     import numpy as np
     from scipy import stats
 
-    from airlora.report import mean_ci, welch_p
+    from airlora.report import mean_ci
 
     x = np.array([0.80, 0.82, 0.85, 0.79])
     mean, half = mean_ci(x)
     lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
     assert mean == pytest.approx(x.mean()) and half == pytest.approx((hi - lo) / 2)
     assert np.isnan(mean_ci([0.8])[1])
-    y = np.array([0.70, 0.72, 0.71])
-    assert welch_p(x, y) == pytest.approx(stats.ttest_ind(x, y, equal_var=False).pvalue)
-    assert np.isnan(welch_p(x, [0.7]))
 
 
 def test_summary_table_tests_each_method_against_airllm_on_its_seeds():
-    """Hand-made results with spread: every non-airllm row carries scipy's Welch p-value on
-    exactly its own cell's seeds, and diverged episodes are left out."""
+    """Hand-made results with spread: every non-airllm row carries scipy's paired t-test
+    p-value on exactly its own cell's seeds (paired by seed), and diverged episodes are left
+    out."""
     import numpy as np
     import pandas as pd
     from scipy import stats
@@ -244,7 +246,9 @@ def test_summary_table_tests_each_method_against_airllm_on_its_seeds():
             continue
         mine = table[(table.name == row.method) & (table.snr_db == row.snr_db) & ~table.diverged]
         ref = table[(table.name == "airllm") & (table.snr_db == row.snr_db)]
-        expected = stats.ttest_ind(mine.final_accuracy, ref.final_accuracy, equal_var=False).pvalue
+        mine, ref = mine.sort_values("seed"), ref.sort_values("seed")
+        assert mine.seed.tolist() == ref.seed.tolist()
+        expected = stats.ttest_rel(mine.final_accuracy, ref.final_accuracy).pvalue
         assert row.p_vs_airllm == pytest.approx(expected) and row.seeds == 4
     assert summary[summary.method != "airllm"].p_vs_airllm.notna().all()
     assert summary.diverged.sum() == 1
