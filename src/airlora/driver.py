@@ -197,8 +197,13 @@ def run_episode(
 ) -> EpisodeResult:
     """Play one real episode of the config's method; ``out`` overrides the run folder path
     (sweeps use it). A :class:`~airlora.config.FinetuneConfig` plays its fixed rank vector."""
-    started = time.perf_counter()
     callback = as_callback(callback)
+    if isinstance(config, RunConfig) and config.formulation == "online":
+        from airlora.online import run_online
+
+        run_dir, rows, summary = run_online(config, callback.on_round, out)
+        return EpisodeResult(run_dir, rows, summary)
+    started = time.perf_counter()
     env_config = config.env if isinstance(config, RunConfig) else EnvConfig()
     env = RankSelectionEnv.build(
         config.data, config.model, config.train, config.link, env_config, config.seed

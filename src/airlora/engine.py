@@ -124,6 +124,8 @@ class RoundEngine:
         Optimiser, schedule and the number of local steps K per round.
     pad_token_id, vocab_size, special_ids:
         From the tokenizer; for batching and the complexity features.
+    unk_token_id:
+        The tokenizer's unknown token, for the online state's OOV rate (None: no such token).
     seed:
         Seeds the batch order and torch.
     eval_batch_size:
@@ -157,6 +159,7 @@ class RoundEngine:
         protect_head: bool = True,
         device: torch.device | str = "cpu",
         amp_dtype: torch.dtype | None = None,
+        unk_token_id: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
@@ -173,6 +176,7 @@ class RoundEngine:
         self.protect_head = protect_head
         self.batch_size = batch_size
         self.meter = ComplexityMeter(task.train, vocab_size, max_length, special_ids)
+        self.special_ids, self.unk_token_id = special_ids, unk_token_id
         self._initial = (server.snapshot(), edge.snapshot())
         self._initial_accuracy: float | None = None
         self.reset(seed)
@@ -255,6 +259,7 @@ class RoundEngine:
             protect_head=protect_head,
             device=device,
             amp_dtype=amp_dtype,
+            unk_token_id=tok.unk_token_id,
         )
 
     # ------------------------------------------------------------------ one round

@@ -146,6 +146,8 @@ def _names(text: str) -> list[str]:
 # names that are not here (quiet, config_file...) are not config fields.
 FIELDS: dict[str, str | tuple[str, Callable[[Any], Any]]] = {
     "method": "method",
+    "formulation": "formulation",
+    "steps": "online.steps",
     "model": "model.name_or_path",
     "rmax": "model.r_max",
     "target_modules": ("model.target_modules", _names),

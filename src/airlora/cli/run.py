@@ -14,6 +14,7 @@ from airlora.cli.common import (
     DataDirOption,
     DataOption,
     DeviceOption,
+    JsonOption,
     LabelColumnOption,
     LabelOffsetOption,
     LinkOption,
@@ -38,6 +39,7 @@ from airlora.cli.common import (
     fail,
     key_value_table,
     num,
+    print_json,
     progress_bar,
     shown,
 )
@@ -82,9 +84,13 @@ def round_table(rows: list[dict]) -> Table:
     return table
 
 
-def play(config, quiet: bool) -> None:
+def play(config, quiet: bool, as_json: bool = False) -> None:
     """Run one episode with a progress bar; print its rounds and summary."""
     from airlora.driver import run_episode
+
+    if getattr(config, "formulation", "round") == "online":
+        play_online(config, quiet, as_json)
+        return
 
     label = getattr(config, "method", "finetune")
     rounds = config.train.rounds
@@ -96,7 +102,10 @@ def play(config, quiet: bool) -> None:
             progress.update(task, advance=1, status=status)
 
         result = run_episode(config, on_round)
-    console.print(round_table(result.rounds))
+    if as_json:
+        print_json({**result.summary, "run_dir": str(result.run_dir)})
+    else:
+        console.print(round_table(result.rounds))
     if result.summary["diverged"]:
         raise fail(
             f"the run diverged in round {result.summary['diverged_round']} (non-finite loss or "
@@ -104,11 +113,32 @@ def play(config, quiet: bool) -> None:
             "'diverged' and its figures are null, not numbers",
             DIVERGED_EXIT,
         )
+    if as_json:
+        return
     summary = result.summary
     rows = [
         (k.replace("_", " "), shown(summary[k])) for k in SUMMARY_KEYS if summary[k] is not None
     ]
     console.print(key_value_table("Summary", [*rows, ("run folder", str(result.run_dir))]))
+
+
+def play_online(config, quiet: bool, as_json: bool) -> None:
+    from airlora.driver import run_episode
+
+    with progress_bar(f"online {config.method}", "steps", quiet, status=True) as progress:
+        task = progress.add_task("steps", total=config.online.steps, status="loading")
+
+        def on_step(row: dict) -> None:
+            status = "violated" if row["violated"] else f"loss {num(row['train_loss'], '.3f')}"
+            progress.update(task, completed=row["step"], status=status)
+
+        result = run_episode(config, on_step)
+    if as_json:
+        print_json({**result.summary, "run_dir": str(result.run_dir)})
+        return
+    skip = ("validations",)
+    rows = [(k.replace("_", " "), shown(v)) for k, v in result.summary.items() if k not in skip]
+    console.print(key_value_table("Online run", [*rows, ("run folder", str(result.run_dir))]))
 
 
 def finetune(
@@ -184,6 +214,16 @@ def run(
     policy: Annotated[
         Path | None, typer.Option(help="airllm / ppo: a saved policy folder (train-policy).")
     ] = None,
+    formulation: Annotated[
+        str | None,
+        typer.Option(
+            help="round (an episode of rounds; the default) or online (one step = one "
+            "training step; airllm and ppo learn during the run; --link shannon)."
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="online: training steps of the run. [150]")
+    ] = None,
     snr_db: SnrOption = None,
     snr_process: SnrProcessOption = None,
     snr_low_db: Annotated[float | None, typer.Option(help="Uniform SNR low end, dB.")] = None,
@@ -209,6 +249,7 @@ def run(
     ] = False,
     out: OutOption = None,
     run_name: RunNameOption = None,
+    as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """One real episode of one method through the shared engine, link and edge evaluation.
@@ -219,7 +260,7 @@ def run(
     """
     from airlora.config import RunConfig
 
-    play(RunConfig.model_validate(config_mapping(config_file, locals())), quiet)
+    play(RunConfig.model_validate(config_mapping(config_file, locals())), quiet, as_json)
 
 
 def demo(

@@ -18,8 +18,9 @@ class LinkConfig(ConfigBase):
     scheme:
         ``perfect`` (bit-exact, Shannon airtime), ``analog`` (power-normalised parameters sent
         uncoded, two per complex symbol), ``digital`` (quantise, packetise with CRC, Gray QAM,
-        hard decisions) or ``coded`` (``digital`` with 5G NR LDPC from Sionna; extra
-        ``airlora[sionna]``). Default ``perfect``.
+        hard decisions), ``coded`` (``digital`` with 5G NR LDPC from Sionna; extra
+        ``airlora[sionna]``), or ``shannon`` (the online formulation's capacity cost against a
+        slot, :class:`~airlora.config.OnlineSettings`). Default ``perfect``.
     snr_db:
         The SNR when ``snr_process`` is ``fixed``, and the mean of ``gauss_markov``. Default 10.
     snr_process:
@@ -65,7 +66,7 @@ class LinkConfig(ConfigBase):
         Bits per parameter of the ``perfect`` scheme (float32). Default 32.
     """
 
-    scheme: Literal["perfect", "analog", "digital", "coded"] = "perfect"
+    scheme: Literal["perfect", "analog", "digital", "coded", "shannon"] = "perfect"
     snr_db: float = 10.0
     snr_process: Literal["fixed", "uniform", "gauss_markov", "trace"] = "fixed"
     snr_low_db: float = 0.0

@@ -13,6 +13,52 @@ from airlora.config.policy import AirLLMConfig, EnvConfig, PPOConfig, SurrogateC
 from airlora.config.task import DataConfig, ModelConfig, TrainConfig
 
 
+class OnlineSettings(ConfigBase):
+    """The online formulation (the authors' reference implementation): one environment step
+    is one training step, and the policy learns during the single fine-tuning run.
+
+    Parameters
+    ----------
+    steps:
+        Training steps of the run (environment steps, violated ones included). Default 150.
+    episode_steps:
+        Steps per episode: PPO updates once per episode; the model is never reset. Default 15.
+    snr_levels_db:
+        The SNR of every step is drawn uniformly from these levels (Es/N0, dB). Default
+        -5, 0, 5, 10, 15.
+    bandwidth_hz, slot_s, bits_per_param:
+        The Shannon cost C = params x bits / (B log2(1 + SNR) T). Defaults 100 MHz, 1 s, 32.
+    cost_weight:
+        lambda: the reward is -loss - lambda C, or -penalty C - lambda C when C > 1.
+        Default 0.1.
+    violation_penalty:
+        The penalty factor of a violated step (which does not train). Default 10.
+    min_rank:
+        Smallest rank of a projection (ranks are min_rank..r_max). Default 1.
+    validate_every:
+        Steps between validations of the server model; the best one is kept and scored on
+        the test split at the end. Default 100.
+    """
+
+    steps: int = Field(default=150, ge=1)
+    episode_steps: int = Field(default=15, ge=1)
+    snr_levels_db: list[float] = [-5.0, 0.0, 5.0, 10.0, 15.0]
+    bandwidth_hz: float = Field(default=1e8, gt=0)
+    slot_s: float = Field(default=1.0, gt=0)
+    bits_per_param: int = Field(default=32, ge=1)
+    cost_weight: float = Field(default=0.1, ge=0)
+    violation_penalty: float = Field(default=10.0, ge=0)
+    min_rank: int = Field(default=1, ge=0)
+    validate_every: int = Field(default=100, ge=1)
+
+    @field_validator("snr_levels_db")
+    @classmethod
+    def _some_levels(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("snr_levels_db needs at least one level")
+        return v
+
+
 class FinetuneConfig(ConfigBase):
     """One remote fine-tuning episode with fixed ranks (``airlora finetune``).
 
@@ -114,9 +160,17 @@ class RunConfig(ConfigBase):
     with ``model.adalora``'s budget; ``random`` and ``heuristic`` need nothing more; ``airllm``
     and ``ppo`` play the saved policy in ``policy`` (a folder written by ``train-policy``).
     Defaults of the episode and the link are those of :class:`PolicyTrainConfig`.
+
+    ``formulation: online`` runs the authors' formulation instead (:class:`OnlineSettings`):
+    one step is one training step, ``airllm`` and ``ppo`` learn during the run (``ppo`` and
+    ``airllm`` settings; no saved policy), and the link is the ``shannon`` cost.
     """
 
     method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic"] = "lora"
+    formulation: Literal["round", "online"] = "round"
+    online: OnlineSettings = OnlineSettings()
+    ppo: PPOConfig = PPOConfig()
+    airllm: AirLLMConfig = AirLLMConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig(rounds=5, steps_per_round=8, warmup_steps=4)
@@ -131,10 +185,18 @@ class RunConfig(ConfigBase):
 
     @model_validator(mode="after")
     def _method_inputs(self) -> RunConfig:
-        if self.method in ("airllm", "ppo") and self.policy is None:
+        if self.formulation == "online":
+            if self.link.scheme != "shannon":
+                raise ValueError(
+                    "the online formulation runs on the shannon link (link.scheme: shannon); "
+                    f"got '{self.link.scheme}'"
+                )
+            if self.method == "adalora":
+                raise ValueError("adalora is not in the online harness yet")
+        elif self.method in ("airllm", "ppo") and self.policy is None:
             raise ValueError(
                 f"method {self.method} plays a saved policy: give policy (a train-policy run's "
-                "policy/ folder)"
+                "policy/ folder), or learn online with formulation: online"
             )
         if self.rank is not None and self.rank > self.model.r_max:
             raise ValueError(f"rank {self.rank} exceeds model.r_max {self.model.r_max}")

@@ -29,8 +29,10 @@ OBSERVATION_FIELDS: tuple[str, ...] = (
 OBS_LIMIT = 3.0
 
 
-def observation_space() -> spaces.Box:
-    n = len(OBSERVATION_FIELDS)
+def observation_space(size: int | None = None) -> spaces.Box:
+    """The round formulation's layout (``OBSERVATION_FIELDS``), or ``size`` entries (the
+    online formulation's state has one entry per projection)."""
+    n = len(OBSERVATION_FIELDS) if size is None else size
     return spaces.Box(-OBS_LIMIT, OBS_LIMIT, shape=(n,), dtype=np.float32)
 
 

@@ -41,7 +41,6 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 
 from airlora.config import AirLLMConfig, PPOConfig
 from airlora.env.observation import (
-    OBSERVATION_FIELDS,
     observation_space,
     projection_groups,
     rank_space,
@@ -172,7 +171,7 @@ class AirLLMPolicy(RankPolicy):
         )
         self.group_index = np.asarray(groups, dtype=np.int64)
         self.coarse_space = rank_space(len(self.group_names), layout.r_max)
-        cond_dim = len(OBSERVATION_FIELDS) + len(self.group_names)
+        cond_dim = layout.obs_dim + len(self.group_names)
         self.sampler = DDIMSampler(layout.num_projections, cond_dim, self.airllm_config, seed=seed)
         # x = +-1 means +-r_max/2 ranks: a finer grid than +-r_max for the same model error.
         self.residual_scale = layout.r_max / 2.0
@@ -215,7 +214,7 @@ class AirLLMPolicy(RankPolicy):
     def _agent(self) -> PPO:
         if self.agent is None:
             self.agent = new_ppo(
-                SpacesOnlyEnv(observation_space(), self.coarse_space),
+                SpacesOnlyEnv(observation_space(self.layout.obs_dim), self.coarse_space),
                 self.ppo_config,
                 self.seed,
                 None,
@@ -236,7 +235,7 @@ class AirLLMPolicy(RankPolicy):
         rng = np.random.default_rng(self.seed)
         cond = np.concatenate(
             [
-                rng.uniform(-1, 1, (n, len(OBSERVATION_FIELDS))),
+                rng.uniform(-1, 1, (n, self.layout.obs_dim)),
                 rng.integers(0, self.layout.r_max + 1, (n, len(self.group_names)))
                 / self.layout.r_max,
             ],
@@ -310,7 +309,13 @@ class AirLLMPolicy(RankPolicy):
     @classmethod
     def _from_saved(cls, layout, seed, config, folder):
         policy = cls(layout, seed, PPOConfig(**config["ppo"]), AirLLMConfig(**config["airllm"]))
-        policy.agent = load_ppo(folder / PPO_FILE, policy.coarse_space, policy.ppo_config, seed)
+        policy.agent = load_ppo(
+            folder / PPO_FILE,
+            observation_space(layout.obs_dim),
+            policy.coarse_space,
+            policy.ppo_config,
+            seed,
+        )
         path = folder / DENOISER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"saved policy is missing {path}")

@@ -19,16 +19,19 @@ import gymnasium as gym
 import numpy as np
 
 from airlora.config import EnvConfig
+from airlora.env.observation import OBSERVATION_FIELDS
 from airlora.runs import POLICY_FILE, atomic_write_text
 
 
 @dataclass(frozen=True)
 class ActionLayout:
-    """The rank vector a policy emits: one rank in 0..r_max per named projection."""
+    """The rank vector a policy emits: one rank in 0..r_max per named projection, and the
+    size of the observation it reads (the round formulation's fixed layout by default)."""
 
     projection_names: tuple[str, ...]
     r_max: int
     env: EnvConfig = field(default_factory=EnvConfig)
+    obs_dim: int = len(OBSERVATION_FIELDS)
 
     @property
     def num_projections(self) -> int:
@@ -39,16 +42,19 @@ class ActionLayout:
             "projection_names": list(self.projection_names),
             "r_max": self.r_max,
             "env": self.env.model_dump(mode="json"),
+            "obs_dim": self.obs_dim,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> ActionLayout:
-        return cls(tuple(d["projection_names"]), int(d["r_max"]), EnvConfig(**d["env"]))
+        obs_dim = int(d.get("obs_dim", len(OBSERVATION_FIELDS)))  # older saves: the fixed layout
+        return cls(tuple(d["projection_names"]), int(d["r_max"]), EnvConfig(**d["env"]), obs_dim)
 
     @classmethod
     def of_env(cls, env: gym.Env) -> ActionLayout:
         base = env.unwrapped
-        return cls(tuple(base.projection_names), int(base.r_max), base.config)
+        obs_dim = int(base.observation_space.shape[0])
+        return cls(tuple(base.projection_names), int(base.r_max), base.config, obs_dim)
 
 
 @dataclass

@@ -102,11 +102,13 @@ def new_ppo(env: VecEnv | gym.Env, config: PPOConfig, seed: int, tensorboard_dir
     return agent
 
 
-def load_ppo(path: Path, act_space: gym.Space, config: PPOConfig, seed: int) -> PPO:
+def load_ppo(
+    path: Path, obs_space: gym.Space, act_space: gym.Space, config: PPOConfig, seed: int
+) -> PPO:
     """Rebuild the agent from the config and read only the archive's tensors (weights_only)."""
     if not path.is_file():
         raise FileNotFoundError(f"saved policy is missing {path}")
-    agent = new_ppo(SpacesOnlyEnv(observation_space(), act_space), config, seed, None)
+    agent = new_ppo(SpacesOnlyEnv(obs_space, act_space), config, seed, None)
     with warnings.catch_warnings():
         # torch's weights-only reader notes foreign pickle protocols before refusing them.
         warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -134,10 +136,17 @@ class PPOPolicy(RankPolicy):
     def action_space(self) -> gym.Space:
         return rank_space(self.layout.num_projections, self.layout.r_max)
 
+    @property
+    def observation_space(self) -> gym.Space:
+        return observation_space(self.layout.obs_dim)
+
     def _agent(self) -> PPO:
         if self.agent is None:
             self.agent = new_ppo(
-                SpacesOnlyEnv(observation_space(), self.action_space), self.config, self.seed, None
+                SpacesOnlyEnv(self.observation_space, self.action_space),
+                self.config,
+                self.seed,
+                None,
             )
         return self.agent
 
@@ -180,5 +189,7 @@ class PPOPolicy(RankPolicy):
     @classmethod
     def _from_saved(cls, layout, seed, config, folder):
         policy = cls(layout, seed, PPOConfig(**config["ppo"]))
-        policy.agent = load_ppo(folder / PPO_FILE, policy.action_space, policy.config, seed)
+        policy.agent = load_ppo(
+            folder / PPO_FILE, policy.observation_space, policy.action_space, policy.config, seed
+        )
         return policy

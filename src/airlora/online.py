@@ -1,0 +1,170 @@
+"""`airlora run --formulation online`: the authors' formulation, top to bottom.
+
+1. Check every input by building the engine (model, data) with a schedule that spans the
+   run's ``online.steps`` training steps, and the online environment over it.
+2. Create the run folder (config, manifest with seed, versions, code revision, data source).
+3. Run ``online.steps`` environment steps, each one training step (or a violated step that
+   trains nothing):
+   - ``lora`` plays its fixed rank (at least ``min_rank``) on every projection; ``random``
+     draws ranks; ``heuristic`` takes the largest uniform rank that fits this step's slot;
+   - ``airllm`` and ``ppo`` *learn while the model trains*: their ``learn`` drives the
+     environment, PPO updates once per episode window, and the model is never reset.
+   Every ``validate_every`` steps (and at the end) the server model is scored on the
+   validation split; the best state is kept.
+4. Restore the best state, score it on the test split, export the adapter, and write one
+   summary: ``test_accuracy``, ``best_validation_accuracy``, ``steps``,
+   ``violation_fraction``, ``mean_params_per_step`` (over the steps that sent), ...
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from airlora.config import RunConfig
+from airlora.engine import RoundEngine
+from airlora.env.online import OnlineRankEnv
+from airlora.link import build_link
+from airlora.policies import ActionLayout, make_policy
+from airlora.runs import ADAPTER_DIR, RunFolder
+
+
+def build_online_env(config: RunConfig) -> OnlineRankEnv:
+    """The engine (a schedule over the run's steps; the link is unused: the Shannon cost
+    prices each step) and the online environment over it."""
+    steps = config.online.steps
+    train = config.train.model_copy(update={"rounds": 1, "steps_per_round": steps})
+    link = config.link.model_copy(update={"scheme": "perfect"})
+    engine = RoundEngine.build(config.data, config.model, train, build_link(link), config.seed)
+    return OnlineRankEnv(
+        engine,
+        config.online,
+        unk_token_id=engine.unk_token_id,
+        special_ids=tuple(engine.special_ids),
+        seed=config.seed,
+    )
+
+
+class _Tracker:
+    """Logs every step, validates every ``validate_every`` steps, keeps the best state."""
+
+    def __init__(self, env: OnlineRankEnv, run: RunFolder, on_step: Callable[[dict], None]):
+        self.env, self.run, self.on_step = env, run, on_step
+        self.rows: list[dict] = []
+        self.best_accuracy = -math.inf
+        self.best_state: dict | None = None
+        self.validations: list[tuple[int, float]] = []
+
+    def record(self, info: dict) -> None:
+        row = dict(info)
+        self.run.append_metrics(row)
+        self.rows.append(row)
+        self.on_step(row)
+        if row["step"] % self.env.settings.validate_every == 0:
+            self.validate()
+
+    def validate(self) -> None:
+        step = self.env.steps_done
+        if self.validations and self.validations[-1][0] == step:
+            return
+        accuracy = self.env.validate()
+        self.validations.append((step, accuracy))
+        if accuracy > self.best_accuracy:
+            self.best_accuracy = accuracy
+            self.best_state = self.env.engine.server.snapshot()
+
+
+def _play_fixed(env: OnlineRankEnv, config: RunConfig, tracker: _Tracker) -> None:
+    rng = np.random.default_rng(config.seed)
+    m = len(env.projection_names)
+    env.reset(seed=config.seed)
+    for _ in range(config.online.steps):
+        if config.method == "lora":
+            rank = env.r_max if config.rank is None else config.rank
+            ranks = np.full(m, max(rank, env.min_rank))
+        elif config.method == "heuristic":
+            ranks = np.full(m, env.largest_uniform_rank())
+        else:  # random
+            ranks = rng.integers(env.min_rank, env.r_max + 1, size=m)
+        _, _, done, _, info = env.step(ranks)
+        tracker.record(info)
+        if done:
+            env.reset()
+
+
+def _learn_online(env: OnlineRankEnv, config: RunConfig, tracker: _Tracker) -> dict:
+    episode = config.online.episode_steps
+    # One PPO update per episode window, on its transitions (as the reference does).
+    ppo = config.ppo.model_copy(update={"n_steps": episode, "batch_size": episode, "n_envs": 1})
+    policy = make_policy(config.method, ActionLayout.of_env(env), config.seed, ppo, config.airllm)
+
+    def on_steps(_steps: int) -> bool:
+        if env.last_info and env.last_info["step"] > len(tracker.rows):
+            tracker.record(env.last_info)
+        return env.steps_done < config.online.steps  # PPO would finish its rollout: stop
+
+    log = policy.learn(lambda _seed: env, config.online.steps, 1, on_steps=on_steps)
+    return {"episode_returns": log.episode_returns}
+
+
+def run_online(
+    config: RunConfig, on_step: Callable[[dict], None] | None = None, out: Path | None = None
+) -> tuple[Path, list[dict], dict]:
+    """Run the online formulation; returns the run folder, the step rows and the summary."""
+    started = time.perf_counter()
+    env = build_online_env(config)
+    if out is None:
+        stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+        name = config.run_name or f"online-{config.method}-{stamp}-seed{config.seed}"
+        out = Path(config.out_dir) / name
+    run = RunFolder.create(
+        out.parent, out.name, config, config.seed, "online", data_source=env.engine.task.source
+    )
+    try:
+        tracker = _Tracker(env, run, on_step or (lambda _row: None))
+        extra = {}
+        if config.method in ("airllm", "ppo"):
+            extra = _learn_online(env, config, tracker)
+        else:
+            _play_fixed(env, config, tracker)
+        tracker.validate()  # the final state competes too
+        env.engine.server.restore(tracker.best_state)
+        engine = env.engine
+        test_accuracy, test_loss = engine.evaluate(engine.server, engine.task.test)
+        summary = summarize_online(tracker.rows, test_accuracy, test_loss, tracker, extra)
+        engine.server.export_peft(run.path / ADAPTER_DIR)
+        run.finish(summary, started)
+    except BaseException as err:
+        run.fail(err)
+        raise
+    return run.path, tracker.rows, summary
+
+
+def summarize_online(
+    rows: list[dict], test_accuracy: float, test_loss: float, tracker: _Tracker, extra: dict
+) -> dict:
+    sent = [r for r in rows if not r["violated"]]
+    losses = [r["train_loss"] for r in sent if r["train_loss"] is not None]
+    return {
+        "steps": len(rows),
+        "trained_steps": len(sent),
+        "violation_fraction": 1 - len(sent) / len(rows) if rows else math.nan,
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "best_validation_accuracy": tracker.best_accuracy,
+        "best_validation_step": max(tracker.validations, key=lambda v: v[1])[0],
+        "validations": [list(v) for v in tracker.validations],
+        "mean_params_per_step": float(np.mean([r["payload_params"] for r in sent]))
+        if sent
+        else 0.0,
+        "mean_cost": float(np.mean([r["cost"] for r in rows])),
+        "mean_reward": float(np.mean([r["reward"] for r in rows])),
+        "mean_rank": float(np.mean([np.mean(r["rank_vector"]) for r in rows])),
+        "final_train_loss": losses[-1] if losses else None,
+        "episodes": len(extra.get("episode_returns", [])) or None,
+    }

@@ -1,0 +1,129 @@
+"""The online formulation: the Shannon cost, violated steps, determinism, the command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from airlora.cli import app
+from airlora.config import RunConfig
+from airlora.link import ShannonCost
+from conftest import tiny_task_sections
+
+runner = CliRunner()
+
+
+def test_shannon_cost_is_the_formula():
+    cost = ShannonCost(bandwidth_hz=1e8, slot_s=1.0, bits_per_param=32)
+    for params, snr_db in [(1, -5.0), (71_168, 0.0), (884_880 * 8, 10.0), (10**9, 15.0)]:
+        expected = params * 32 / (1e8 * math.log2(1 + 10 ** (snr_db / 10)) * 1.0)
+        assert cost.cost(params, snr_db) == pytest.approx(expected, rel=1e-12, abs=1e-9)
+    # OPT-1.3B, every adapter at rank 8 (r(d_in + d_out + 1) per projection) at 10 dB: C 0.655
+    assert cost.cost(8 * 110_592 + 8 * 774_288, 10.0) == pytest.approx(0.6547, abs=1e-3)
+    n = cost.max_params(5.0)
+    assert cost.cost(n, 5.0) <= 1.0 < cost.cost(n + 1, 5.0)
+
+
+def _config(model_dir, data_dir, tmp_path, **online) -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            **tiny_task_sections(model_dir, data_dir),
+            "method": "lora",
+            "formulation": "online",
+            "link": {"scheme": "shannon"},
+            "train": {"warmup_steps": 0, "learning_rate": 1e-2, "threads": 1},
+            "online": {"steps": 12, "episode_steps": 4, "validate_every": 5, **online},
+            "out_dir": str(tmp_path / "runs"),
+        }
+    )
+
+
+def test_a_violated_step_trains_nothing_and_pays_the_penalty(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    from airlora.online import build_online_env
+
+    # 1 kHz: even rank 1 everywhere overflows the slot; 1 GHz: everything fits.
+    env = build_online_env(_config(tiny_model_dir, tiny_data_dir, tmp_path, bandwidth_hz=1e3))
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (4 + len(env.projection_names),) and env.observation_space.contains(obs)
+    before = {k: v.clone() for k, v in env.engine.server.snapshot().items()}
+    batch = env._batch.copy()
+    ranks = np.full(len(env.projection_names), 2)
+    snr = env._snr_db
+    _, reward, _, _, info = env.step(ranks)
+    cost = env.cost_model.cost(env.payload_params([2] * len(ranks)), snr)
+    assert info["violated"] and cost > 1 and info["train_loss"] is None
+    assert reward == pytest.approx(-10 * cost - 0.1 * cost)
+    after = env.engine.server.snapshot()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every weight unchanged
+    assert np.array_equal(env._batch, batch)  # the batch waits for a step that trains
+    assert env.engine.steps_done == 0
+
+    env.cost_model = ShannonCost(1e9, 1.0, 32)
+    snr = env._snr_db
+    _, reward, _, _, info = env.step(ranks)
+    assert not info["violated"] and env.engine.steps_done == 1
+    assert reward == pytest.approx(-info["train_loss"] - 0.1 * info["cost"])
+    assert info["cost"] == pytest.approx(env.cost_model.cost(info["payload_params"], snr))
+    after = env.engine.server.snapshot()
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_heuristic_takes_the_largest_rank_that_fits(tiny_model_dir, tiny_data_dir, tmp_path):
+    from airlora.online import build_online_env
+
+    env = build_online_env(_config(tiny_model_dir, tiny_data_dir, tmp_path, bandwidth_hz=1e3))
+    env.reset(seed=0)
+    m = len(env.projection_names)
+    for snr in (-5.0, 15.0):
+        env._snr_db = snr
+        r = env.largest_uniform_rank()
+        fits = env.cost_model.cost(env.payload_params([r] * m), snr) <= 1
+        above = r < env.r_max and env.cost_model.cost(env.payload_params([r + 1] * m), snr) <= 1
+        assert (fits or r == env.min_rank) and not above
+
+
+@pytest.mark.parametrize("method", ["lora", "heuristic", "airllm"])
+def test_same_seed_same_online_run(method, tiny_model_dir, tiny_data_dir, tmp_path):
+    from airlora.online import run_online
+
+    base = _config(tiny_model_dir, tiny_data_dir, tmp_path, bandwidth_hz=5e4)
+    base = base.model_copy(update={"method": method})
+    a_dir, a_rows, a = run_online(base.model_copy(update={"run_name": "a"}))
+    _, b_rows, b = run_online(base.model_copy(update={"run_name": "b"}))
+    assert a_rows == b_rows and a == b
+    assert a["steps"] == 12 and 0.0 <= a["violation_fraction"] <= 1.0
+    assert [v[0] for v in a["validations"]] == [5, 10, 12]
+    assert (a_dir / "adapter" / "adapter_config.json").is_file()
+    assert len((a_dir / "metrics.jsonl").read_text().splitlines()) == 12
+
+
+def test_run_formulation_online_json(tiny_model_dir, tiny_data_dir, tmp_path):
+    config = _config(tiny_model_dir, tiny_data_dir, tmp_path)
+    path = tmp_path / "online.yaml"
+    import yaml
+
+    body = config.model_dump(mode="json")
+    for key in ("formulation", "link", "online", "method"):
+        body.pop(key)
+    path.write_text(yaml.safe_dump(body))
+    args = ["run", "--config", str(path), "--formulation", "online", "--method", "airllm"]
+    args += ["--link", "shannon", "--steps", "8", "--seed", "0", "--json", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = json.loads(result.stdout)
+    assert {"test_accuracy", "mean_params_per_step", "violation_fraction", "steps"} <= set(summary)
+    assert summary["steps"] == 8 and 0 <= summary["test_accuracy"] <= 1
+
+
+def test_online_needs_the_shannon_link():
+    with pytest.raises(ValueError, match="shannon"):
+        RunConfig(formulation="online", link={"scheme": "digital"})
+    result = runner.invoke(app, ["run", "--link", "shannon", "--quiet"])
+    assert result.exit_code == 2 and "--formulation online" in result.stderr
