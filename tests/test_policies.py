@@ -316,3 +316,20 @@ def test_train_policy_bad_input_leaves_no_run_folder(tiny_finetune_config, tmp_p
 def test_cost_weight_is_reported_in_the_env_config():
     assert EnvConfig().cost_weight == pytest.approx(0.1)
     assert SyntheticRankEnv().config.cost_weight == pytest.approx(0.5)
+
+
+def test_guidance_scale_one_is_the_conditional_sample():
+    """eps = eps_u + w (eps_c - eps_u): at w = 1 the unconditional prediction plays no part
+    (here it is poisoned with NaN and the sample stays finite), at w = 1.5 it does."""
+    sampler = DDIMSampler(4, 2, AirLLMConfig(train_timesteps=50, inference_steps=5), seed=0)
+    real = sampler.denoiser.forward
+
+    def poisoned(x, t, c, present):
+        eps = real(x, t, c, present)
+        return torch.where(present[:, None] > 0, eps, torch.full_like(eps, float("nan")))
+
+    sampler.denoiser.forward = poisoned
+    cond = torch.ones(3, 2)
+    noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(sampler.sample(cond, guidance_weight=1.0, noise=noise)).all()
+    assert torch.isnan(sampler.sample(cond, guidance_weight=1.5, noise=noise)).all()

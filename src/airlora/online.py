@@ -97,19 +97,26 @@ def _play_fixed(env: OnlineRankEnv, config: RunConfig, tracker: _Tracker) -> Non
             env.reset()
 
 
-def _learn_online(env: OnlineRankEnv, config: RunConfig, tracker: _Tracker) -> dict:
+def learn_policy_online(
+    env: OnlineRankEnv, config: RunConfig, on_steps: Callable[[int], bool]
+) -> list[float]:
+    """The policy learns from the environment, whose steps train the model; ``on_steps``
+    returning False stops it. Returns the episode returns."""
     episode = config.online.episode_steps
     # One PPO update per episode window, on its transitions (as the reference does).
     ppo = config.ppo.model_copy(update={"n_steps": episode, "batch_size": episode, "n_envs": 1})
     policy = make_policy(config.method, ActionLayout.of_env(env), config.seed, ppo, config.airllm)
+    log = policy.learn(lambda _seed: env, config.online.steps, 1, on_steps=on_steps)
+    return log.episode_returns
 
+
+def _learn_online(env: OnlineRankEnv, config: RunConfig, tracker: _Tracker) -> dict:
     def on_steps(_steps: int) -> bool:
         if env.last_info and env.last_info["step"] > len(tracker.rows):
             tracker.record(env.last_info)
         return env.steps_done < config.online.steps  # PPO would finish its rollout: stop
 
-    log = policy.learn(lambda _seed: env, config.online.steps, 1, on_steps=on_steps)
-    return {"episode_returns": log.episode_returns}
+    return {"episode_returns": learn_policy_online(env, config, on_steps)}
 
 
 def run_online(

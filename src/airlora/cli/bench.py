@@ -101,6 +101,21 @@ def bench_convergence(
     print_bench(result, as_json)
 
 
+@bench_app.command("online")
+def bench_online(
+    steps: Annotated[int, typer.Option(help="Online steps per timed run.")] = 60,
+    repeats: Annotated[int, typer.Option(help="Runs per side, alternating.")] = 2,
+    as_json: JsonOption = False,
+) -> None:
+    """Online training steps/s with airllm deciding (and learning) every step, against the
+    same loop at fixed ranks."""
+    from airlora.bench.online import bench_online as run
+
+    with err_console.status("benchmarking the online loop (airllm vs fixed ranks)"):
+        result = run(steps=steps, repeats=repeats)
+    print_bench(result, as_json)
+
+
 @link_app.command("simulate")
 def link_simulate(
     modulation: Annotated[str, typer.Option(help="bpsk, qpsk, 16qam or 64qam.")] = "qpsk",
