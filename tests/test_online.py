@@ -127,3 +127,47 @@ def test_online_needs_the_shannon_link():
         RunConfig(formulation="online", link={"scheme": "digital"})
     result = runner.invoke(app, ["run", "--link", "shannon", "--quiet"])
     assert result.exit_code == 2 and "--formulation online" in result.stderr
+
+
+def test_an_online_sweep_runs_resumes_and_reports_paired_comparisons(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    import pandas as pd
+    import yaml
+
+    from airlora.config import SweepConfig
+    from airlora.sweep import plan
+
+    body = {
+        **tiny_task_sections(tiny_model_dir, tiny_data_dir),
+        "name": "online",
+        "formulation": "online",
+        "train": {"warmup_steps": 0, "learning_rate": 1e-2, "threads": 1},
+        "link": {"scheme": "shannon"},
+        "online": {"steps": 8, "episode_steps": 4, "validate_every": 4, "bandwidth_hz": 5e4},
+        "methods": [
+            {"name": "airllm", "method": "airllm"},
+            {"name": "lora", "method": "lora"},
+            {"name": "heuristic", "method": "heuristic"},
+        ],
+        "r_max": [2],
+        "seeds": [0, 1, 2],
+        "workers": 1,
+        "threads_per_worker": 1,
+    }
+    path = tmp_path / "online.yaml"
+    path.write_text(yaml.safe_dump(body))
+    config = SweepConfig.model_validate(body)
+    assert [c["id"] for c in plan(config)[0]][:2] == ["online-airllm-r2-s0", "online-lora-r2-s0"]
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 9 and table["test_accuracy"].between(0, 1).all()
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    report = (out / "report.md").read_text()
+    assert "Paired comparisons against airllm" in report and "MDD" in report
+    comparisons = pd.read_csv(out / "report" / "comparisons.csv")
+    assert set(comparisons.method) == {"lora", "heuristic"} and (comparisons.n == 3).all()
+    assert (out / "report" / "online_pareto.png").stat().st_size > 1000

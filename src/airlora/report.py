@@ -20,27 +20,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from airlora.config import SweepConfig, load_config
 from airlora.runs import EPISODES_FILE, METRICS_FILE, SWEEP_FILE
-from airlora.stats import compare_to_reference, paired_comparison
+from airlora.stats import compare_to_reference, mean_ci, paired_comparison
 from airlora.sweep.planning import parse_cell_id
 from airlora.sweep.store import cell_records, finished_cells, first_manifest, read_results
 
 REFERENCE = "airllm"
-
-
-def mean_ci(values: pd.Series | np.ndarray) -> tuple[float, float]:
-    """Mean and half-width of the 95 % Student-t interval (NaN half-width for n < 2)."""
-    x = np.asarray(values, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if len(x) == 0:
-        return math.nan, math.nan
-    if len(x) < 2:
-        return float(x.mean()), math.nan
-    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean()), float(half)
 
 
 def paired_p(mine: pd.DataFrame, ref: pd.DataFrame, metric: str = "final_accuracy") -> float:
@@ -55,7 +42,7 @@ def paired_p(mine: pd.DataFrame, ref: pd.DataFrame, metric: str = "final_accurac
     return paired_comparison(joined["x"], joined["ref"])["p_t"]
 
 
-def _fmt(mean: float, half: float, digits: int = 4) -> str:
+def fmt_ci(mean: float, half: float, digits: int = 4) -> str:
     if math.isnan(mean):
         return "-"
     if math.isnan(half):
@@ -297,9 +284,9 @@ def _comparison_lines(comparisons: pd.DataFrame) -> list[str]:
                     comparisons.mean_diff, comparisons.ci_low, comparisons.ci_high, strict=True
                 )
             ],
-            "p (t)": comparisons.p_t.map(_p),
-            "p (Wilcoxon)": comparisons.p_wilcoxon.map(_p),
-            "p Holm": comparisons.p_holm.map(_p),
+            "p (t)": comparisons.p_t.map(fmt_p),
+            "p (Wilcoxon)": comparisons.p_wilcoxon.map(fmt_p),
+            "p Holm": comparisons.p_holm.map(fmt_p),
             "MDD": comparisons.mdd.map(lambda v: "-" if math.isnan(v) else f"{v:.4f}"),
         }
     )
@@ -311,16 +298,16 @@ def _comparison_lines(comparisons: pd.DataFrame) -> list[str]:
         "this table; MDD: the smallest true difference this design detects with power 0.8 at "
         "5 %. A difference below its MDD that is not significant is not detectable here.",
         "",
-        _markdown_table(show),
+        markdown_table(show),
         "",
     ]
 
 
-def _p(v: float) -> str:
+def fmt_p(v: float) -> str:
     return "-" if math.isnan(v) else f"{v:.3g}"
 
 
-def _markdown_table(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame) -> str:
     head = "| " + " | ".join(df.columns) + " |\n| " + " | ".join("---" for _ in df.columns) + " |\n"
     body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in df.to_numpy())
     return head + body
@@ -335,6 +322,10 @@ def write_report(sweep_dir: Path) -> Path:
     table = read_results(sweep_dir)
     if table.empty:
         raise ValueError(f"{sweep_dir} has no finished evaluation cell yet")
+    if config.formulation == "online":
+        from airlora.online_report import write_online_report
+
+        return write_online_report(sweep_dir, config, table, _code_revision(sweep_dir))
     folder = sweep_dir / "report"
     folder.mkdir(exist_ok=True)
     summary = summary_table(table)
@@ -380,7 +371,7 @@ def write_report(sweep_dir: Path) -> Path:
                 "SNR dB": sub.snr_db.map(lambda v: f"{v:g}"),
                 "method": sub.method,
                 "final accuracy": [
-                    _fmt(m, h)
+                    fmt_ci(m, h)
                     for m, h in zip(sub.final_accuracy, sub.final_accuracy_ci95, strict=True)
                 ],
                 "params / round": sub.payload_params_per_round.map(lambda v: f"{v:,.0f}"),
@@ -391,7 +382,7 @@ def write_report(sweep_dir: Path) -> Path:
         )
         if summary.diverged.any():
             show["diverged"] = sub.diverged.to_numpy()
-        lines += [_markdown_table(show), ""]
+        lines += [markdown_table(show), ""]
     comparisons = compare_to_reference(table[~table.diverged], REFERENCE)
     comparisons.to_csv(folder / "comparisons.csv", index=False)
     lines += _comparison_lines(comparisons)
@@ -404,7 +395,7 @@ def write_report(sweep_dir: Path) -> Path:
         "Decision: the method's compute to pick the ranks; latency: decision + server "
         "training + airtime.",
         "",
-        _markdown_table(
+        markdown_table(
             pd.DataFrame(
                 {
                     "method": overhead.index,
@@ -428,9 +419,21 @@ def write_report(sweep_dir: Path) -> Path:
 
 
 def headline(sweep_dir: Path) -> pd.DataFrame:
-    """Per method over every cell: mean final accuracy and parameters per round (demo print)."""
+    """Per method over every cell: mean final accuracy and parameters per round (demo print);
+    for an online sweep, the test accuracy and parameters per step."""
     table = _usable(read_results(sweep_dir))
     table = table[~table.diverged]
+    if "violation_fraction" in table:  # an online sweep
+        return (
+            table.groupby("name")
+            .agg(
+                final_accuracy=("test_accuracy", "mean"),
+                params_per_round=("mean_params_per_step", "mean"),
+                mean_rank=("mean_rank", "mean"),
+                episode_return=("mean_reward", "mean"),
+            )
+            .sort_values("final_accuracy", ascending=False)
+        )
     out = table.groupby("name").agg(
         final_accuracy=("final_accuracy", "mean"),
         params_per_round=("mean_payload_params", "mean"),

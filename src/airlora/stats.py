@@ -23,6 +23,18 @@ import pandas as pd
 from scipy import stats
 
 
+def mean_ci(values: pd.Series | np.ndarray) -> tuple[float, float]:
+    """Mean and half-width of the 95 % Student-t interval (NaN half-width for n < 2)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) < 2:
+        return float(x.mean()), math.nan
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(half)
+
+
 def minimum_detectable_difference(
     sd_diff: float, n: int, alpha: float = 0.05, power: float = 0.8
 ) -> float:

@@ -250,6 +250,9 @@ class SweepConfig(ConfigBase):
     r_max: values of r_max.
     snr_db: fixed SNRs (Es/N0, dB) of the evaluation episodes.
     seeds: seeds; each seeds its policy training and its evaluation episodes.
+    formulation: ``round`` (the above) or ``online``: one cell per (entry, r_max, seed), a
+        whole online run (:class:`OnlineSettings`; policies learn inside it; ``snr_db`` is
+        not used: every step draws its SNR from ``online.snr_levels_db``).
     workers: parallel worker processes. Default 1.
     threads_per_worker: torch threads in each worker; 0 shares the cores evenly.
     """
@@ -264,6 +267,8 @@ class SweepConfig(ConfigBase):
     airllm: AirLLMConfig = AirLLMConfig()
     surrogate: SurrogateConfig = SurrogateConfig()
     total_steps: int = Field(default=20_000, ge=1)
+    formulation: Literal["round", "online"] = "round"
+    online: OnlineSettings = OnlineSettings()
     methods: list[MethodSpec]
     r_max: list[int] = [8]
     snr_db: list[float] = [0.0, 10.0, 20.0]
@@ -284,6 +289,8 @@ class SweepConfig(ConfigBase):
         for m in self.methods:
             if m.rank is not None and m.rank > min(self.r_max):
                 raise ValueError(f"{m.name}: rank {m.rank} exceeds r_max {min(self.r_max)}")
+        if self.formulation == "online" and self.link.scheme != "shannon":
+            raise ValueError("an online sweep runs on the shannon link (link.scheme: shannon)")
         return self
 
 

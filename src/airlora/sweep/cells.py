@@ -84,10 +84,17 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
         from airlora.driver import run_episode
 
         assert spec is not None
-        link = merge_section(config.link, {"snr_process": "fixed", "snr_db": cell["snr_db"]})
+        online = cell["kind"] == "online"
+        link = config.link
+        if not online:
+            link = merge_section(link, {"snr_process": "fixed", "snr_db": cell["snr_db"]})
         policy = cells / cell["policy"] / "policy" if "policy" in cell else None
         run_config = RunConfig(
             method=spec.method,
+            formulation=config.formulation,
+            online=config.online,
+            ppo=merge_section(config.ppo, spec.ppo),
+            airllm=merge_section(config.airllm, spec.airllm),
             data=config.data,
             model=model,
             train=train,
@@ -96,6 +103,7 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
             rank=spec.rank,
             policy=policy,
             seed=cell["seed"],
+            final_test=online,  # the online run scores its best state on the test split
             out_dir=cells,
         )
         result = run_episode(run_config, out=tmp)
@@ -104,7 +112,7 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
             "name": spec.name,
             "method": spec.method,
             "r_max": cell["r_max"],
-            "snr_db": cell["snr_db"],
+            "snr_db": cell.get("snr_db"),
             "seed": cell["seed"],
             # The policy by its cell id, not its path: the same sweep anywhere hashes the same.
             "config_hash": config_hash(

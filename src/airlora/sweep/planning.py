@@ -2,7 +2,8 @@
 
 - ``rounds-r{R}-s{seed}``: real episodes logged for the surrogate (once per r_max and seed);
 - ``policy-{name}-r{R}-s{seed}``: a policy trained on that surrogate (a train-policy folder);
-- ``eval-{name}-r{R}-snr{S}-s{seed}``: one real episode at a fixed SNR (a run folder).
+- ``eval-{name}-r{R}-snr{S}-s{seed}``: one real episode at a fixed SNR (a run folder);
+- ``online-{name}-r{R}-s{seed}``: one whole run of the online formulation (a run folder).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def eval_id(name: str, r_max: int, snr_db: float, seed: int) -> str:
     return f"eval-{name}-r{r_max}-snr{snr_db:g}-s{seed}"
 
 
+def online_id(name: str, r_max: int, seed: int) -> str:
+    return f"online-{name}-r{r_max}-s{seed}"
+
+
 def parse_cell_id(cell_id: str) -> dict:
     """The parts of a cell id: ``kind``, ``r_max``, ``seed``, and ``name`` / ``snr_db``
     where the kind has them (method names may hold '-'; the numbers are read from the end)."""
@@ -33,7 +38,7 @@ def parse_cell_id(cell_id: str) -> dict:
     if kind == "eval":
         body, _, snr = body.rpartition("-snr")
         out["snr_db"] = float(snr)
-    if kind in ("policy", "eval"):
+    if kind in ("policy", "eval", "online"):
         body, _, r_max = body.rpartition("-r")
         out["name"] = body
     else:
@@ -58,7 +63,23 @@ def cell_model(config: SweepConfig, r_max: int, overrides: dict | None = None):
 
 
 def plan(config: SweepConfig) -> list[list[dict]]:
-    """The cells of each stage, in order: rounds, policies, evaluations."""
+    """The cells of each stage, in order: rounds, policies, evaluations (an online sweep:
+    one stage of online runs)."""
+    if config.formulation == "online":
+        return [
+            [
+                {
+                    "kind": "online",
+                    "id": online_id(m.name, r_max, seed),
+                    "name": m.name,
+                    "r_max": r_max,
+                    "seed": seed,
+                }
+                for r_max in config.r_max
+                for seed in config.seeds
+                for m in config.methods
+            ]
+        ]
     rounds, policies, evals = [], [], []
     trained = [m for m in config.methods if m.method in TRAINED]
     for r_max in config.r_max:

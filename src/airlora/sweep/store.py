@@ -72,7 +72,7 @@ def _check_unsealed(folder: Path) -> str | None:
             json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             return f"{path.relative_to(folder)} is unreadable ({type(err).__name__}) and unsealed"
-    if folder.name.startswith("eval-") and not (folder / RESULT_FILE).is_file():
+    if folder.name.startswith(("eval-", "online-")) and not (folder / RESULT_FILE).is_file():
         return f"{RESULT_FILE} is missing"
     return None
 
@@ -117,11 +117,9 @@ def check_writable(folder: Path, min_free_bytes: int) -> None:
 
 def read_results(sweep_dir: Path) -> pd.DataFrame:
     """Every finished evaluation cell's result, one row each (reads only)."""
-    rows = [
-        json.loads(p.read_text(encoding="utf-8"))
-        for p in sorted((Path(sweep_dir) / CELLS).glob(f"eval-*/{RESULT_FILE}"))
-    ]
-    table = pd.DataFrame(rows)
+    folder = Path(sweep_dir) / CELLS
+    paths = sorted([*folder.glob(f"eval-*/{RESULT_FILE}"), *folder.glob(f"online-*/{RESULT_FILE}")])
+    table = pd.DataFrame([json.loads(p.read_text(encoding="utf-8")) for p in paths])
     if not table.empty:
         table = table.sort_values(["name", "r_max", "snr_db", "seed"]).reset_index(drop=True)
     return table
