@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -333,3 +334,39 @@ def test_guidance_scale_one_is_the_conditional_sample():
     noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(sampler.sample(cond, guidance_weight=1.0, noise=noise)).all()
     assert torch.isnan(sampler.sample(cond, guidance_weight=1.5, noise=noise)).all()
+
+
+def test_the_reward_weighted_loss_equals_a_hand_computation():
+    from airlora.policies.diffusion import reward_weights, weighted_noise_loss
+
+    rewards = torch.tensor([1.0, 2.0, 3.0, 30.0])
+    # mean 9, population std sqrt(((8^2 + 7^2 + 6^2 + 21^2) / 4)) = sqrt(147.5)
+    sd = math.sqrt(147.5)
+    expected_w = [min(max(1 + 0.1 * (r - 9.0) / (sd + 1e-6), 0.1), 10.0) for r in (1, 2, 3, 30)]
+    w = reward_weights(rewards)
+    assert w.tolist() == pytest.approx(expected_w, rel=1e-6)
+    clipped = reward_weights(torch.tensor([0.0, 1000.0]), scale=100.0).tolist()
+    assert clipped == pytest.approx([0.1, 10.0])
+    predicted = torch.tensor([[1.0, 0.0], [0.0, 0.0], [2.0, 2.0], [0.0, 1.0]])
+    noise = torch.zeros(4, 2)
+    per_sample = [0.5, 0.0, 4.0, 0.5]  # mean over the two dimensions of the squared error
+    hand = sum(wi * li for wi, li in zip(expected_w, per_sample, strict=True)) / 4
+    assert float(weighted_noise_loss(predicted, noise, w)) == pytest.approx(hand, rel=1e-6)
+    assert float(weighted_noise_loss(predicted, noise)) == pytest.approx(sum(per_sample) / 4)
+
+
+def test_airllm_trains_its_denoiser_reward_weighted_on_request():
+    cfg = SMALL_AIRLLM.model_copy(update={"denoiser_objective": "reward_weighted"})
+    policy = make_policy("airllm", _layout(), 0, SMALL_PPO, cfg)
+    calls = []
+    real = policy.sampler.train
+
+    def spy(x0, cond, updates, batch_size, rewards=None, **kw):
+        calls.append((len(x0), rewards is not None))
+        return real(x0, cond, updates, batch_size, rewards=rewards, **kw)
+
+    policy.sampler.train = spy
+    policy.learn(lambda s: SyntheticRankEnv(), 256, n_envs=2)
+    warm, *phases = calls  # the warm start fits the exploration prior, unweighted
+    assert not warm[1] and phases and all(weighted for _, weighted in phases)
+    assert phases[-1][0] == len(policy.buffer)  # every sample of the buffer, not an elite

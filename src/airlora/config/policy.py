@@ -91,6 +91,10 @@ class AirLLMConfig(ConfigBase):
         Gradient steps of one denoiser phase. Default 200.
     batch_size:
         Denoiser minibatch. Default 256.
+    denoiser_objective:
+        ``elite``: fit the samples whose refinement earned the most (the default here);
+        ``reward_weighted``: the reference's loss on every sample, weighted by
+        ``clip(1 + 0.1 z, 0.1, 10)`` with ``z`` the minibatch-standardised reward.
     elite_fraction:
         Share of the buffer (highest reward residual after a fitted state+coarse baseline) the
         denoiser is trained on. Default 0.3.
@@ -115,6 +119,7 @@ class AirLLMConfig(ConfigBase):
     updates_per_phase: int = Field(default=200, ge=0)
     batch_size: int = Field(default=256, ge=2)
     elite_fraction: float = Field(default=0.2, gt=0, le=1)
+    denoiser_objective: Literal["elite", "reward_weighted"] = "elite"
     buffer_size: int = Field(default=8192, ge=16)
     explore_std: float = Field(default=1.0, ge=0)
     warm_start_updates: int = Field(default=1000, ge=0)

@@ -254,6 +254,12 @@ class AirLLMPolicy(RankPolicy):
         obs, coarse, fine, reward = self.buffer.arrays()
         cond = self.condition(obs, coarse)
         residual = self.center((fine - self.expand(coarse)) / self.residual_scale)
+        if cfg.denoiser_objective == "reward_weighted":  # the reference: every sample, weighted
+            loss = self.sampler.train(
+                residual, cond, cfg.updates_per_phase, cfg.batch_size, rewards=reward
+            )
+            self.denoiser_losses.append(loss)
+            return loss
         gain = refinement_gain(cond.astype(np.float64), residual, reward)
         keep = np.argsort(gain)[-max(1, round(cfg.elite_fraction * len(gain))) :]
         loss = self.sampler.train(residual[keep], cond[keep], cfg.updates_per_phase, cfg.batch_size)

@@ -32,6 +32,21 @@ def timestep_embedding(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
+def reward_weights(rewards: torch.Tensor, scale: float = 0.1) -> torch.Tensor:
+    """Per-sample weights of the reward-weighted loss: ``clip(1 + scale z, 0.1, 10)`` with
+    ``z`` the rewards standardised over the minibatch (population std, +1e-6)."""
+    z = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+    return torch.clamp(1.0 + scale * z, 0.1, 10.0).detach()
+
+
+def weighted_noise_loss(
+    predicted: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over samples of (weight x mean over dimensions of the squared error)."""
+    per_sample = ((predicted - noise) ** 2).mean(dim=1)
+    return per_sample.mean() if weights is None else (weights * per_sample).mean()
+
+
 class Denoiser(nn.Module):
     """eps-prediction MLP: (x_t, t, condition, present flag) -> predicted noise.
 
@@ -101,15 +116,26 @@ class DDIMSampler:
 
     # ------------------------------------------------------------------ training
 
-    def train(self, x0: np.ndarray, cond: np.ndarray, updates: int, batch_size: int) -> float:
+    def train(
+        self,
+        x0: np.ndarray,
+        cond: np.ndarray,
+        updates: int,
+        batch_size: int,
+        rewards: np.ndarray | None = None,
+        reward_scale: float = 0.1,
+    ) -> float:
         """``updates`` Adam steps of the denoising loss on (x0, cond) pairs; mean loss.
 
-        Each step drops the condition of a ``cond_dropout`` share of the batch.
+        Each step drops the condition of a ``cond_dropout`` share of the batch. With
+        ``rewards``, the loss of each sample is weighted by :func:`reward_weights` of the
+        minibatch's rewards (the reference's reward-weighted noise prediction).
         """
         if updates <= 0 or len(x0) == 0:
             return float("nan")
         x0_t = torch.as_tensor(x0, dtype=torch.float32)
         c_t = torch.as_tensor(cond, dtype=torch.float32)
+        r_t = None if rewards is None else torch.as_tensor(rewards, dtype=torch.float32)
         n = len(x0_t)
         g = self.generator
         self.denoiser.train()
@@ -121,7 +147,8 @@ class DDIMSampler:
             t = torch.randint(0, self.config.train_timesteps, (len(idx),), generator=g)
             xt = self.scheduler.add_noise(x, noise, t)
             present = (torch.rand(len(idx), generator=g) >= self.config.cond_dropout).float()
-            loss = torch.mean((self.denoiser(xt, t, c, present) - noise) ** 2)
+            weights = None if r_t is None else reward_weights(r_t[idx], reward_scale)
+            loss = weighted_noise_loss(self.denoiser(xt, t, c, present), noise, weights)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
