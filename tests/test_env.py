@@ -93,7 +93,9 @@ def test_surrogate_fits_logged_rounds_and_passes_checker(real_env, tmp_path):
         np.mean(np.abs(np.array(held) - mean_of_fit))
     )
     assert fit["holdout_rounds"] == len(held) and fit["train_rounds"] == 3 * len(held)
-    assert 0.0 <= fit["holdout_mae"] < 1.0
+    # This ridge does not beat the mean on 3 held-out rounds (issue 13 replaces it); it must
+    # not be absurd either: a surrogate that predicts 0 or 1 fails this.
+    assert 0.0 <= fit["holdout_mae"] < 2 * fit["holdout_mae_of_mean"]
     check_env(env, skip_render_check=True)
     # Payload bookkeeping agrees with the real model's.
     ranks = np.full(len(per_rank), 3)

@@ -202,6 +202,44 @@ def test_finished_cells_stay_sealed_when_a_later_cell_fails(
     assert not (out / "cells" / "eval-broken-r2-snr10-s0").exists()
 
 
+def test_a_failed_cell_lets_cells_in_flight_finish_sealed_and_starts_no_queued_cell(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """2 workers; cells alternate lora / broken over 6 seeds. The first broken cell fails at
+    once while lora-s0 is in flight: lora-s0 finishes and is sealed; beyond the few cells the
+    worker pool has already taken, the queued ones (seeds 4 and 5) never start."""
+    from airlora.sweep import check_cell
+
+    methods = [
+        {"name": "lora", "method": "lora"},
+        {"name": "broken", "method": "lora", "model": {"name_or_path": str(tmp_path / "nowhere")}},
+    ]
+    body = {"methods": methods, "snr_db": [10.0], "seeds": list(range(6)), "workers": 2}
+    sweep = _sweep(tmp_path, tiny_model_dir, tiny_data_dir, **body)
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["sweep", str(sweep), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "error: cell eval-broken-r2-snr10-s" in result.stderr
+    cells = out / "cells"
+    finished = sorted(p.name for p in cells.iterdir())
+    assert "eval-lora-r2-snr10-s0" in finished  # in flight at the failure: finished
+    assert all(check_cell(cells / name) is None for name in finished)
+    assert not [n for n in finished if n.endswith(("-s4", "-s5"))]  # queued: never started
+    assert not list(cells.glob(".tmp-*"))
+
+
+def test_an_empty_yaml_section_is_a_config_like_any_other(tiny_model_dir, tiny_data_dir, tmp_path):
+    import yaml as _yaml
+
+    from airlora.config import RunConfig, apply_overrides
+
+    mapping = apply_overrides(_yaml.safe_load("link:\ntrain:\n"), {"link.snr_db": 5.0})
+    assert RunConfig.model_validate(mapping).link.snr_db == 5.0
+    config = tmp_path / "run.yaml"
+    config.write_text("link:\n")
+    result = runner.invoke(app, ["run", "--config", str(config), "--rounds", "0"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: train.rounds")
+
+
 def test_an_internal_error_in_a_cell_is_one_line_with_its_traceback_on_disk(
     tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
 ):

@@ -98,6 +98,10 @@ def test_same_seed_same_online_run(method, tiny_model_dir, tiny_data_dir, tmp_pa
     a_dir, a_rows, a = run_online(base.model_copy(update={"run_name": "a"}))
     _, b_rows, b = run_online(base.model_copy(update={"run_name": "b"}))
     assert a_rows == b_rows and a == b
+    shared = {"diverged", "final_accuracy", "mean_accuracy", "episode_return", "mean_rank"}
+    shared |= {"total_payload_params", "total_airtime_s", "training_steps", "test_accuracy"}
+    assert shared <= set(a)  # the keys of every episode summary
+    assert a["training_steps"] == round(12 * (1 - a["violation_fraction"]))
     assert a["steps"] == 12 and 0.0 <= a["violation_fraction"] <= 1.0
     assert [v[0] for v in a["validations"]] == [5, 10, 12]
     assert (a_dir / "adapter" / "adapter_config.json").is_file()

@@ -24,6 +24,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 _EXPORTS = {
     "airlora.config": (
         "AirLLMConfig",
+        "OnlineSettings",
         "DataConfig",
         "EnvConfig",
         "FinetuneConfig",
@@ -53,11 +54,14 @@ _EXPORTS = {
     "airlora.env.real": ("RankSelectionEnv",),
     "airlora.env.surrogate": ("SurrogateEnv", "fit_surrogate"),
     "airlora.env.synthetic": ("SyntheticRankEnv",),
+    "airlora.env.online": ("OnlineRankEnv",),
+    "airlora.online": ("run_online",),
     "airlora.errors": (
         "AirLoraError",
         "CellError",
         "ConfigError",
         "DataError",
+        "DeviceError",
         "LinkError",
         "ModelError",
         "PolicyError",

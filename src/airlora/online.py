@@ -157,7 +157,22 @@ def summarize_online(
 ) -> dict:
     sent = [r for r in rows if not r["violated"]]
     losses = [r["train_loss"] for r in sent if r["train_loss"] is not None]
+    slot = tracker.env.settings.slot_s
+    window = tracker.env.settings.episode_steps
+    returns = [sum(r["reward"] for r in rows[i : i + window]) for i in range(0, len(rows), window)]
+    validated = [acc for _, acc in tracker.validations]
     return {
+        # The keys every episode summary has (driver.summarize), in this formulation's terms:
+        # accuracies of the server model on the validation split, a step's airtime at capacity.
+        "diverged": False,
+        "diverged_round": None,
+        "final_accuracy": validated[-1],
+        "mean_accuracy": float(np.mean(validated)),
+        "episode_return": float(np.mean(returns)),
+        "total_payload_params": int(sum(r["payload_params"] for r in sent)),
+        "total_airtime_s": float(sum(r["cost"] for r in sent) * slot),
+        "training_steps": len(sent),
+        # The online formulation's own figures.
         "steps": len(rows),
         "trained_steps": len(sent),
         "violation_fraction": 1 - len(sent) / len(rows) if rows else math.nan,

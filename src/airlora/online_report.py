@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from airlora.config import SweepConfig
+from airlora.runs import REPORT_DIR, REPORT_FILE
 from airlora.stats import compare_to_reference, mean_ci
 
 REFERENCE = "airllm"
@@ -66,7 +67,7 @@ def write_online_report(
 ) -> Path:
     from airlora.report import fmt_ci, fmt_p, markdown_table
 
-    folder = sweep_dir / "report"
+    folder = sweep_dir / REPORT_DIR
     folder.mkdir(exist_ok=True)
     summary = online_summary(table)
     summary.to_csv(folder / "summary.csv", index=False)
@@ -136,6 +137,6 @@ def write_online_report(
             "",
         ]
     lines += ["## Figure", "", f"![online_pareto](report/{figure.name})", ""]
-    path = sweep_dir / "report.md"
+    path = sweep_dir / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

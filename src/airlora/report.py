@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from airlora.config import SweepConfig, load_config
-from airlora.runs import EPISODES_FILE, METRICS_FILE, SWEEP_FILE
+from airlora.runs import EPISODES_FILE, METRICS_FILE, REPORT_DIR, REPORT_FILE, SWEEP_FILE
 from airlora.stats import compare_to_reference, mean_ci, paired_comparison
 from airlora.sweep.planning import parse_cell_id
 from airlora.sweep.store import cell_records, finished_cells, first_manifest, read_results
@@ -326,7 +326,7 @@ def write_report(sweep_dir: Path) -> Path:
         from airlora.online_report import write_online_report
 
         return write_online_report(sweep_dir, config, table, _code_revision(sweep_dir))
-    folder = sweep_dir / "report"
+    folder = sweep_dir / REPORT_DIR
     folder.mkdir(exist_ok=True)
     summary = summary_table(table)
     summary.to_csv(folder / "summary.csv", index=False)
@@ -413,7 +413,7 @@ def write_report(sweep_dir: Path) -> Path:
         if fig.suffix == ".png":
             lines.append(f"![{fig.stem}](report/{fig.name})")
             lines.append("")
-    path = sweep_dir / "report.md"
+    path = sweep_dir / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 

@@ -38,6 +38,9 @@ SURROGATE_DIR = "surrogate"
 EVAL_DIR = "eval"
 RESULT_FILE = "result.json"
 SWEEP_FILE = "sweep.yaml"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_DIR = "report"
+REPORT_FILE = "report.md"
 
 TRACKED_PACKAGES = (
     "airlora",

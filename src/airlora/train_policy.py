@@ -27,7 +27,14 @@ from airlora.env.surrogate import (
     read_rounds,
 )
 from airlora.policies import ActionLayout, RankPolicy, make_policy
-from airlora.runs import EPISODES_FILE, POLICY_DIR, ROUNDS_FILE, SURROGATE_DIR, RunFolder
+from airlora.runs import (
+    EPISODES_FILE,
+    POLICY_DIR,
+    ROUNDS_FILE,
+    SURROGATE_DIR,
+    TENSORBOARD_DIR,
+    RunFolder,
+)
 
 
 @dataclass
@@ -115,7 +122,7 @@ def run_train_policy(
                 EPISODES_FILE, {"steps": steps, "episode": len(returns), "return": episode_return}
             )
 
-        tensorboard = run.path / "tensorboard" if config.tensorboard else None
+        tensorboard = run.path / TENSORBOARD_DIR if config.tensorboard else None
         say(f"training {config.method} for {config.total_steps} environment steps")
         policy.learn(make_env, config.total_steps, n_envs, on_episode, on_steps, tensorboard)
         policy.save(run.path / POLICY_DIR)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from airlora.config import LinkConfig
+from airlora.errors import LinkError
 from airlora.link import WirelessLink
 from airlora.link.quantization import dequantize, quantize
 
@@ -43,8 +44,13 @@ def _naive_numpy(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _sionna_chain() -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
-    from sionna.phy.channel import AWGN
-    from sionna.phy.mapping import Demapper, Mapper
+    try:
+        from sionna.phy.channel import AWGN
+        from sionna.phy.mapping import Demapper, Mapper
+    except ImportError as err:
+        raise LinkError(
+            "bench link measures against Sionna's chain: pip install 'airlora[sionna]'"
+        ) from err
 
     mapper = Mapper("qam", 2)
     demapper = Demapper("maxlog", "qam", 2, hard_out=True)

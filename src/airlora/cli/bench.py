@@ -9,6 +9,7 @@ import typer
 
 from airlora.cli.common import (
     JsonOption,
+    config_mapping,
     console,
     err_console,
     key_value_table,
@@ -36,10 +37,13 @@ def bench_train(
     from airlora.bench.train import bench_train as run
     from airlora.config import DataConfig, ModelConfig
 
+    given = config_mapping(
+        None, {"model": model, "rmax": rmax, "batch_size": batch_size, "max_length": max_length}
+    )
     with err_console.status("benchmarking training steps (project vs. plain PEFT loop)"):
         result = run(
-            ModelConfig(name_or_path=model, r_max=rmax),
-            DataConfig(batch_size=batch_size, max_length=max_length),
+            ModelConfig.model_validate(given["model"]),
+            DataConfig.model_validate(given["data"]),
             steps=steps,
             repeats=repeats,
             threads=threads,

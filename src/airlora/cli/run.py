@@ -43,6 +43,7 @@ from airlora.cli.common import (
     progress_bar,
     shown,
 )
+from airlora.runs import REPORT_DIR
 
 ROUND_COLUMNS = [
     ("round", lambda r: str(r["round"])),
@@ -280,4 +281,4 @@ def demo(
     with sweep_progress(quiet) as (on_cell, on_problem):
         sweep_dir, report = run_demo(out, on_cell=on_cell, on_problem=on_problem)
     print_headline(sweep_dir)
-    console.print(f"report: {report} (figures in {report.parent / 'report'})")
+    console.print(f"report: {report} (figures in {report.parent / REPORT_DIR})")

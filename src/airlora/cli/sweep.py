@@ -20,6 +20,7 @@ from airlora.cli.common import (
     overrides,
     progress_bar,
 )
+from airlora.runs import REPORT_DIR
 
 
 @contextlib.contextmanager
@@ -79,7 +80,7 @@ def sweep(
     """
     from airlora.config import SweepConfig, apply_overrides, read_yaml_mapping
     from airlora.presets import preset_mapping
-    from airlora.sweep import run_sweep
+    from airlora.sweep import RESULTS, run_sweep
 
     if (config_file is None) == (preset is None):
         raise ValueError("give a sweep config file or --preset, not both and not neither")
@@ -98,7 +99,7 @@ def sweep(
             gpus_per_cell=gpus_per_cell,
         )
     sweep_dir = out or config.out_dir / config.name
-    console.print(f"{len(table)} evaluation cells in {sweep_dir / 'results.csv'}")
+    console.print(f"{len(table)} evaluation cells in {sweep_dir / f'{RESULTS}.csv'}")
 
 
 def report(
@@ -110,7 +111,7 @@ def report(
     with err_console.status("writing the report"):
         path = write_report(sweep_dir)
     print_headline(sweep_dir)
-    console.print(f"report: {path} (figures in {path.parent / 'report'})")
+    console.print(f"report: {path} (figures in {path.parent / REPORT_DIR})")
 
 
 def print_headline(sweep_dir: Path) -> None:

@@ -25,6 +25,8 @@ class ConfigBase(BaseModel):
         out = dict(data)
         for name, field in cls.model_fields.items():
             default = field.default
+            if isinstance(default, ConfigBase) and name in out and out[name] is None:
+                out[name] = {}  # an empty section in YAML (`train:`) means its defaults
             if isinstance(default, ConfigBase) and isinstance(out.get(name), dict):
                 given = type(default).implied(out[name])
                 out[name] = {**default.model_dump(exclude_unset=True), **given}
@@ -66,6 +68,8 @@ def apply_overrides(mapping: dict, overrides: dict[str, object]) -> dict:
         *parents, leaf = path.split(".")
         node = mapping
         for key in parents:
-            node = node.setdefault(key, {})
+            if not isinstance(node.get(key), dict):  # absent, or empty in YAML (`link:`)
+                node[key] = {}
+            node = node[key]
         node[leaf] = value
     return mapping

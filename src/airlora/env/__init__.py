@@ -20,6 +20,10 @@ def __getattr__(name: str) -> Any:
         from airlora.env.real import RankSelectionEnv
 
         return RankSelectionEnv
+    if name == "OnlineRankEnv":
+        from airlora.env.online import OnlineRankEnv
+
+        return OnlineRankEnv
     if name in ("SurrogateEnv", "fit_surrogate"):
         from airlora.env import surrogate
 
@@ -29,6 +33,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "OBSERVATION_FIELDS",
+    "OnlineRankEnv",
     "RankSelectionEnv",
     "SurrogateEnv",
     "SyntheticRankEnv",

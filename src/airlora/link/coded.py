@@ -40,7 +40,7 @@ def _sionna():
         from sionna.phy.fec.ldpc import LDPC5GDecoder, LDPC5GEncoder
         from sionna.phy.mapping import Demapper, Mapper
     except ImportError as err:  # pragma: no cover - depends on the extra
-        raise ImportError(
+        raise LinkError(
             "the 'coded' link scheme needs Sionna PHY: pip install 'airlora[sionna]'"
         ) from err
     return CRCEncoder, CRCDecoder, LDPC5GEncoder, LDPC5GDecoder, Mapper, Demapper

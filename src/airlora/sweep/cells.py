@@ -15,7 +15,14 @@ from pathlib import Path
 
 from airlora.config import PolicyTrainConfig, RunConfig, SurrogateConfig, SweepConfig, load_config
 from airlora.errors import CellError, os_error_message
-from airlora.runs import RESULT_FILE, ROUNDS_FILE, SWEEP_FILE, atomic_write_text, config_hash
+from airlora.runs import (
+    POLICY_DIR,
+    RESULT_FILE,
+    ROUNDS_FILE,
+    SWEEP_FILE,
+    atomic_write_text,
+    config_hash,
+)
 from airlora.sweep.planning import cell_model, merge_section
 from airlora.sweep.store import CELLS, seal_cell
 
@@ -88,7 +95,7 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
         link = config.link
         if not online:
             link = merge_section(link, {"snr_process": "fixed", "snr_db": cell["snr_db"]})
-        policy = cells / cell["policy"] / "policy" if "policy" in cell else None
+        policy = cells / cell["policy"] / POLICY_DIR if "policy" in cell else None
         run_config = RunConfig(
             method=spec.method,
             formulation=config.formulation,
