@@ -17,6 +17,7 @@ import pandas as pd
 from airlora.config import SweepConfig
 from airlora.runs import REPORT_DIR, REPORT_FILE
 from airlora.stats import compare_to_reference, mean_ci
+from airlora.tables import fmt_ci, fmt_p, markdown_table
 
 REFERENCE = "airllm"
 
@@ -65,8 +66,6 @@ def _pareto(summary: pd.DataFrame, folder: Path) -> Path:
 def write_online_report(
     sweep_dir: Path, config: SweepConfig, table: pd.DataFrame, revision: str
 ) -> Path:
-    from airlora.report import fmt_ci, fmt_p, markdown_table
-
     folder = sweep_dir / REPORT_DIR
     folder.mkdir(exist_ok=True)
     summary = online_summary(table)

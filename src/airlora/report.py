@@ -26,6 +26,7 @@ from airlora.runs import EPISODES_FILE, METRICS_FILE, REPORT_DIR, REPORT_FILE, S
 from airlora.stats import compare_to_reference, mean_ci, paired_comparison
 from airlora.sweep.planning import parse_cell_id
 from airlora.sweep.store import cell_records, finished_cells, first_manifest, read_results
+from airlora.tables import fmt_ci, fmt_p, markdown_table
 
 REFERENCE = "airllm"
 
@@ -40,14 +41,6 @@ def paired_p(mine: pd.DataFrame, ref: pd.DataFrame, metric: str = "final_accurac
         .dropna()
     )
     return paired_comparison(joined["x"], joined["ref"])["p_t"]
-
-
-def fmt_ci(mean: float, half: float, digits: int = 4) -> str:
-    if math.isnan(mean):
-        return "-"
-    if math.isnan(half):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
 def _usable(table: pd.DataFrame) -> pd.DataFrame:
@@ -301,16 +294,6 @@ def _comparison_lines(comparisons: pd.DataFrame) -> list[str]:
         markdown_table(show),
         "",
     ]
-
-
-def fmt_p(v: float) -> str:
-    return "-" if math.isnan(v) else f"{v:.3g}"
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(df.columns) + " |\n| " + " | ".join("---" for _ in df.columns) + " |\n"
-    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in df.to_numpy())
-    return head + body
 
 
 def write_report(sweep_dir: Path) -> Path:
