@@ -175,3 +175,24 @@ def test_an_online_sweep_runs_resumes_and_reports_paired_comparisons(
     comparisons = pd.read_csv(out / "report" / "comparisons.csv")
     assert set(comparisons.method) == {"lora", "heuristic"} and (comparisons.n == 3).all()
     assert (out / "report" / "online_pareto.png").stat().st_size > 1000
+
+
+def test_adalora_runs_online_with_its_own_ranks_priced(tiny_model_dir, tiny_data_dir, tmp_path):
+    from airlora.online import run_online
+
+    config = _config(tiny_model_dir, tiny_data_dir, tmp_path, bandwidth_hz=5e4)
+    config = RunConfig.model_validate(
+        {
+            **config.model_dump(mode="json"),
+            "method": "adalora",
+            "model": {**config.model.model_dump(mode="json"), "adalora": {"target_rank": 1}},
+        }
+    )
+    _, rows, summary = run_online(config)
+    assert summary["steps"] == 12 and 0 <= summary["test_accuracy"] <= 1
+    sums = [sum(r["rank_vector"]) for r in rows]
+    assert sums[-1] < sums[0]  # PEFT's schedule pruned, and the pruned ranks were priced
+    for r in rows:
+        assert r["cost"] == pytest.approx(
+            ShannonCost(5e4, 1.0, 32).cost(r["payload_params"], r["snr_db"])
+        )

@@ -191,8 +191,6 @@ class RunConfig(ConfigBase):
                     "the online formulation runs on the shannon link (link.scheme: shannon); "
                     f"got '{self.link.scheme}'"
                 )
-            if self.method == "adalora":
-                raise ValueError("adalora is not in the online harness yet")
         elif self.method in ("airllm", "ppo") and self.policy is None:
             raise ValueError(
                 f"method {self.method} plays a saved policy: give policy (a train-policy run's "

@@ -123,8 +123,16 @@ class OnlineRankEnv(gym.Env):
         return int(self.engine.server.payload(ranks).adapter_params)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
-        ranks = np.clip(np.asarray(action, dtype=np.int64).reshape(-1), self.min_rank, self.r_max)
-        ranks = [int(r) for r in ranks]
+        server = self.engine.server
+        if server.chooses_ranks:  # AdaLoRA prunes on its own schedule: its ranks are priced
+            ranks = list(server.rank_vector)
+            if not any(ranks):  # before its first update E is all zero: the budget is r_max
+                ranks = [self.r_max] * len(ranks)
+        else:
+            ranks = np.clip(
+                np.asarray(action, dtype=np.int64).reshape(-1), self.min_rank, self.r_max
+            )
+            ranks = [int(r) for r in ranks]
         params = self.payload_params(ranks)
         cost = self.cost_model.cost(params, self._snr_db)
         s = self.settings
@@ -133,7 +141,8 @@ class OnlineRankEnv(gym.Env):
             loss = math.nan
             reward = -s.violation_penalty * cost - s.cost_weight * cost
         else:
-            self.engine.server.set_rank_vector(ranks)
+            if not server.chooses_ranks:
+                server.set_rank_vector(ranks)
             self._ranks = ranks
             loss = self.engine.train_steps([self._batch])
             reward = -loss - s.cost_weight * cost
