@@ -101,6 +101,8 @@ def test_same_seed_same_online_run(method, tiny_model_dir, tiny_data_dir, tmp_pa
     shared = {"diverged", "final_accuracy", "mean_accuracy", "episode_return", "mean_rank"}
     shared |= {"total_payload_params", "total_airtime_s", "training_steps", "test_accuracy"}
     assert shared <= set(a)  # the keys of every episode summary
+    if method in ("lora", "heuristic"):  # uniform ranks: nothing spread within a group
+        assert a["group_rank_spread"] == 0.0
     assert a["training_steps"] == round(12 * (1 - a["violation_fraction"]))
     assert a["steps"] == 12 and 0.0 <= a["violation_fraction"] <= 1.0
     assert [v[0] for v in a["validations"]] == [5, 10, 12]

@@ -29,6 +29,7 @@ import numpy as np
 
 from airlora.config import RunConfig
 from airlora.engine import RoundEngine
+from airlora.env.observation import projection_groups
 from airlora.env.online import OnlineRankEnv
 from airlora.link import build_link
 from airlora.policies import ActionLayout, make_policy
@@ -147,12 +148,28 @@ def run_online(
         engine = env.engine
         test_accuracy, test_loss = engine.evaluate(engine.server, engine.task.test)
         summary = summarize_online(tracker.rows, test_accuracy, test_loss, tracker, extra)
+        summary["group_rank_spread"] = group_rank_spread(
+            tracker.rows, env.projection_names, config.airllm.depth_bands
+        )
         engine.server.export_peft(run.path / ADAPTER_DIR)
         run.finish(summary, started)
     except BaseException as err:
         run.fail(err)
         raise
     return run.path, tracker.rows, summary
+
+
+def group_rank_spread(rows: list[dict], names: list[str], depth_bands: int) -> float:
+    """Mean over steps of the within-group standard deviation of the ranks (groups: AirLLM's
+    coarse groups, projection type x depth band): 0 when every group is uniform, as a coarse
+    decision alone makes it; what the denoiser's refinement adds shows here."""
+    _, groups = projection_groups(names, depth_bands)
+    index = np.asarray(groups)
+    spreads = []
+    for r in rows:
+        ranks = np.asarray(r["rank_vector"], dtype=np.float64)
+        spreads.append(np.mean([ranks[index == g].std() for g in np.unique(index)]))
+    return float(np.mean(spreads)) if spreads else float("nan")
 
 
 def summarize_online(

@@ -37,6 +37,10 @@ def online_summary(table: pd.DataFrame) -> pd.DataFrame:
                 "params_per_step": float(g["mean_params_per_step"].mean()),
                 "violation_fraction": float(g["violation_fraction"].mean()),
                 "mean_rank": float(g["mean_rank"].mean()),
+                # Within-group rank spread (what a refinement adds to a coarse decision).
+                "group_rank_spread": float(g["group_rank_spread"].mean())
+                if "group_rank_spread" in g
+                else math.nan,
                 "best_validation_accuracy": float(g["best_validation_accuracy"].mean()),
             }
         )
@@ -103,6 +107,9 @@ def write_online_report(
             "params / step": summary.params_per_step.map(lambda v: f"{v:,.0f}"),
             "violations": summary.violation_fraction.map(lambda v: f"{v:.3f}"),
             "mean rank": summary.mean_rank.map(lambda v: f"{v:.2f}"),
+            "rank spread in groups": summary.group_rank_spread.map(
+                lambda v: "-" if math.isnan(v) else f"{v:.2f}"
+            ),
         }
     )
     lines += ["## Per method", "", markdown_table(show), ""]
