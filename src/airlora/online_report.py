@@ -17,7 +17,7 @@ import pandas as pd
 from airlora.config import SweepConfig
 from airlora.runs import REPORT_DIR, REPORT_FILE
 from airlora.stats import compare_to_reference, mean_ci
-from airlora.tables import fmt_ci, fmt_p, markdown_table
+from airlora.tables import comparison_frame, fmt_ci, markdown_table
 
 REFERENCE = "airllm"
 
@@ -114,24 +114,7 @@ def write_online_report(
     )
     lines += ["## Per method", "", markdown_table(show), ""]
     if not comparisons.empty:
-        diff = [
-            f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            for d, lo, hi in zip(
-                comparisons.mean_diff, comparisons.ci_low, comparisons.ci_high, strict=True
-            )
-        ]
-        paired = pd.DataFrame(
-            {
-                "r_max": comparisons.r_max,
-                "method": comparisons.method,
-                "pairs": comparisons.n,
-                "diff vs airllm": diff,
-                "p (t)": comparisons.p_t.map(fmt_p),
-                "p (Wilcoxon)": comparisons.p_wilcoxon.map(fmt_p),
-                "p Holm": comparisons.p_holm.map(fmt_p),
-                "MDD": comparisons.mdd.map(lambda v: "-" if math.isnan(v) else f"{v:.4f}"),
-            }
-        )
+        paired = comparison_frame(comparisons)
         lines += [
             "## Paired comparisons against airllm",
             "",

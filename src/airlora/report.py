@@ -26,7 +26,7 @@ from airlora.runs import EPISODES_FILE, METRICS_FILE, REPORT_DIR, REPORT_FILE, S
 from airlora.stats import compare_to_reference, mean_ci, paired_comparison
 from airlora.sweep.planning import parse_cell_id
 from airlora.sweep.store import cell_records, finished_cells, first_manifest, read_results
-from airlora.tables import fmt_ci, fmt_p, markdown_table
+from airlora.tables import comparison_frame, fmt_ci, markdown_table
 
 REFERENCE = "airllm"
 
@@ -266,23 +266,7 @@ def _code_revision(sweep_dir: Path) -> str:
 def _comparison_lines(comparisons: pd.DataFrame) -> list[str]:
     if comparisons.empty:
         return []
-    show = pd.DataFrame(
-        {
-            "r_max": comparisons.r_max,
-            "method": comparisons.method,
-            "pairs": comparisons.n,
-            "diff vs airllm": [
-                f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-                for d, lo, hi in zip(
-                    comparisons.mean_diff, comparisons.ci_low, comparisons.ci_high, strict=True
-                )
-            ],
-            "p (t)": comparisons.p_t.map(fmt_p),
-            "p (Wilcoxon)": comparisons.p_wilcoxon.map(fmt_p),
-            "p Holm": comparisons.p_holm.map(fmt_p),
-            "MDD": comparisons.mdd.map(lambda v: "-" if math.isnan(v) else f"{v:.4f}"),
-        }
-    )
+    show = comparison_frame(comparisons)
     return [
         "## Paired comparisons against airllm",
         "",

@@ -21,7 +21,6 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 
 from airlora.config import EnvConfig, OnlineSettings
 from airlora.engine import RoundEngine
@@ -175,7 +174,6 @@ class OnlineRankEnv(gym.Env):
                 return r
         return self.min_rank
 
-    @torch.no_grad()
     def validate(self) -> float:
         """Accuracy of the server model (current ranks) on the validation split."""
         return self.engine.evaluate(self.engine.server, self.engine.task.validation)[0]
