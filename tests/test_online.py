@@ -198,3 +198,103 @@ def test_adalora_runs_online_with_its_own_ranks_priced(tiny_model_dir, tiny_data
         assert r["cost"] == pytest.approx(
             ShannonCost(5e4, 1.0, 32).cost(r["payload_params"], r["snr_db"])
         )
+
+
+def test_rank_levels():
+    from airlora.env.online import rank_levels
+
+    assert rank_levels(1, 64, "log2") == (1, 2, 4, 8, 16, 32, 64)
+    assert rank_levels(1, 12, "log2") == (1, 2, 4, 8, 12)
+    assert rank_levels(0, 8, "log2") == (0, 1, 2, 4, 8)
+    assert rank_levels(3, 4, "log2") == (3, 4)
+    assert rank_levels(1, 4, "linear") == (1, 2, 3, 4)
+    with pytest.raises(ValueError, match="rank_levels"):
+        rank_levels(1, 4, "cubic")
+
+
+def test_learned_policies_choose_among_log2_levels(tiny_model_dir, tiny_data_dir, tmp_path):
+    from airlora.online import build_online_env, run_online
+    from airlora.policies import ActionLayout
+
+    # r_max 8: levels 1, 2, 4, 8; the action is an index into them.
+    config = _config(tiny_model_dir, tiny_data_dir, tmp_path, bandwidth_hz=1e9, rank_levels="log2")
+    config = RunConfig.model_validate(
+        {
+            **config.model_dump(mode="json"),
+            "method": "airllm",
+            "model": {**config.model.model_dump(mode="json"), "r_max": 8},
+        }
+    )
+    env = build_online_env(config)
+    assert env.rank_levels == (1, 2, 4, 8) and set(env.action_space.nvec) == {4}
+    assert ActionLayout.of_env(env).r_max == 3
+    assert env.decode(np.array([0, 1, 2, 3, 7])) == [1, 2, 4, 8, 8]
+    _, rows, _ = run_online(config)
+    played = {r for row in rows for r in row["rank_vector"]}
+    assert played <= {1, 2, 4, 8} and len(played) > 1
+
+
+def test_adalora_link_budget_fits_where_r_max_never_does(tiny_model_dir, tiny_data_dir, tmp_path):
+    from airlora.online import adalora_link_budget, build_online_env, run_online
+
+    def adalora(budget: str, bandwidth_hz: float) -> RunConfig:
+        config = _config(
+            tiny_model_dir,
+            tiny_data_dir,
+            tmp_path,
+            bandwidth_hz=bandwidth_hz,
+            adalora_budget=budget,
+            snr_levels_db=[0.0, 10.0],
+        )
+        return RunConfig.model_validate({**config.model_dump(mode="json"), "method": "adalora"})
+
+    # A bandwidth at which rank 2 everywhere just fits at 10 dB, rank 4 (r_max) nowhere.
+    probe = build_online_env(adalora("r_max", 1e9))
+    m = len(probe.projection_names)
+    per_rank = probe.payload_params([1] * m)  # the payload is linear in the rank
+    bandwidth = 2 * per_rank * 32 / math.log2(1 + 10.0) * 1.0001
+    env = build_online_env(adalora("r_max", bandwidth))
+    assert [env.largest_uniform_rank(s) for s in (0.0, 10.0)] == [1, 2]
+    # target: mean 1.5 -> 2; start 1.5 x 2 = 3 fits nowhere -> 2, so the target drops to 1
+    assert adalora_link_budget(env) == (2, 1)
+    _, _, at_r_max = run_online(adalora("r_max", bandwidth).model_copy(update={"run_name": "a"}))
+    assert at_r_max["violation_fraction"] == 1.0  # rank 4 never fits: AdaLoRA never trains
+    _, _, linked = run_online(adalora("link", bandwidth).model_copy(update={"run_name": "b"}))
+    assert linked["adalora_start_rank"] <= 4 and linked["violation_fraction"] < 1.0
+
+
+def test_projection_scales_an_overflowing_rank_vector_into_the_slot(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    from airlora.online import build_online_env, run_online
+
+    config = _config(tiny_model_dir, tiny_data_dir, tmp_path, constraint="project")
+    env = build_online_env(config)
+    env.reset(seed=0)
+    m = len(env.projection_names)
+    per_rank = env.payload_params([1] * m)
+    # Rank 3 everywhere just fits at this SNR (the tiny BERT's projections are all alike).
+    env._snr_db = 10.0
+    env.cost_model = ShannonCost(3 * per_rank * 32 / math.log2(11.0) * 1.0001, 1.0, 32)
+    # Above min_rank (1) the proposal asks 3 and 2 (mean 2.5), the slot has room for 2:
+    # scaled by 0.8 and floored, 1 + floor(2.4) and 1 + floor(1.6).
+    proposed = [4] * (m // 2) + [3] * (m - m // 2)
+    assert env.cost_model.cost(env.payload_params(proposed), 10.0) > 1
+    ranks = env.project(proposed)
+    assert env.cost_model.cost(env.payload_params(ranks), 10.0) <= 1
+    assert ranks == [3] * (m // 2) + [2] * (m - m // 2)
+    # A proposal with r_max on one projection and min_rank elsewhere still fits once projected.
+    lopsided = [4] + [1] * (m - 1)
+    env.cost_model = ShannonCost(1.5 * per_rank * 32 / math.log2(11.0), 1.0, 32)
+    assert env.cost_model.cost(env.payload_params(env.project(lopsided)), 10.0) <= 1
+    env.cost_model = ShannonCost(3 * per_rank * 32 / math.log2(11.0) * 1.0001, 1.0, 32)
+    _, reward, _, _, info = env.step_ranks(proposed)
+    assert info["projected"] and not info["violated"] and info["rank_vector"] == ranks
+    assert env.engine.steps_done == 1 and reward == pytest.approx(
+        -info["train_loss"] - 0.1 * info["cost"]
+    )
+    # A whole run at r_max: every overflowing step is projected and trains.
+    lora = _config(tiny_model_dir, tiny_data_dir, tmp_path, constraint="project", bandwidth_hz=5e4)
+    _, rows, summary = run_online(lora)
+    assert summary["violation_fraction"] == 0.0 and summary["projected_fraction"] > 0
+    assert all(r["cost"] <= 1 for r in rows)

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from airlora.config import RunConfig
+from airlora.config import ModelConfig, RunConfig
 from airlora.engine import RoundEngine
 from airlora.env.observation import projection_groups
 from airlora.env.online import OnlineRankEnv
+from airlora.errors import ConfigError
 from airlora.link import build_link
 from airlora.policies import ActionLayout, make_policy
 from airlora.runs import ADAPTER_DIR, RunFolder
@@ -38,18 +39,44 @@ from airlora.runs import ADAPTER_DIR, RunFolder
 
 def build_online_env(config: RunConfig) -> OnlineRankEnv:
     """The engine (a schedule over the run's steps; the link is unused: the Shannon cost
-    prices each step) and the online environment over it."""
+    prices each step) and the online environment over it. With ``adalora_budget: link`` the
+    AdaLoRA model is built a second time, at the budget the first one's link prices."""
     steps = config.online.steps
     train = config.train.model_copy(update={"rounds": 1, "steps_per_round": steps})
     link = config.link.model_copy(update={"scheme": "perfect"})
-    engine = RoundEngine.build(config.data, config.model, train, build_link(link), config.seed)
-    return OnlineRankEnv(
-        engine,
-        config.online,
-        unk_token_id=engine.unk_token_id,
-        special_ids=tuple(engine.special_ids),
-        seed=config.seed,
-    )
+
+    def build(model: ModelConfig) -> OnlineRankEnv:
+        engine = RoundEngine.build(config.data, model, train, build_link(link), config.seed)
+        return OnlineRankEnv(
+            engine,
+            config.online,
+            unk_token_id=engine.unk_token_id,
+            special_ids=tuple(engine.special_ids),
+            seed=config.seed,
+        )
+
+    env = build(config.model)
+    if config.method == "adalora" and config.online.adalora_budget == "link":
+        start, target = adalora_link_budget(env)
+        settings = config.model.adalora.model_copy(update={"target_rank": target})
+        env = build(config.model.model_copy(update={"r_max": start, "adalora": settings}))
+    return env
+
+
+def adalora_link_budget(env: OnlineRankEnv) -> tuple[int, int]:
+    """AdaLoRA's start and target ranks matched to the link: the target is the mean, over
+    the SNR levels, of the largest uniform rank that fits a slot; the start is 1.5 times it
+    (PEFT's default ratio, 12 to 8), at most r_max and at most what fits at the best SNR
+    (a start that fits nowhere would never train, so never prune)."""
+    fitting = [env.largest_uniform_rank(s) for s in env.settings.snr_levels_db]
+    target = max(1, round(float(np.mean(fitting))))
+    start = min(env.r_max, max(fitting), max(target, math.ceil(1.5 * target)))
+    if start <= 1:
+        raise ConfigError(
+            "adalora_budget link: only rank 1 fits a slot at the best SNR level, so AdaLoRA "
+            "has nothing to prune; raise bandwidth_hz or use adalora_budget r_max"
+        )
+    return start, min(target, start - 1)
 
 
 class _Tracker:
@@ -93,9 +120,9 @@ def _play_fixed(env: OnlineRankEnv, config: RunConfig, tracker: _Tracker) -> Non
             ranks = np.full(m, env.largest_uniform_rank())
         elif config.method == "adalora":  # its own ranks (the environment prices them)
             ranks = np.full(m, env.r_max)
-        else:  # random
-            ranks = rng.integers(env.min_rank, env.r_max + 1, size=m)
-        _, _, done, _, info = env.step(ranks)
+        else:  # random: uniform over the levels a learned policy chooses from
+            ranks = rng.choice(np.asarray(env.rank_levels), size=m)
+        _, _, done, _, info = env.step_ranks(ranks)
         tracker.record(info)
         if done:
             env.reset()
@@ -151,6 +178,9 @@ def run_online(
         summary["group_rank_spread"] = group_rank_spread(
             tracker.rows, env.projection_names, config.airllm.depth_bands
         )
+        if engine.server.chooses_ranks:  # AdaLoRA: the budget it ran with
+            summary["adalora_start_rank"] = int(engine.server.r_max)
+            summary["adalora_target_rank"] = int(engine.server.lora_config.target_r)
         engine.server.export_peft(run.path / ADAPTER_DIR)
         run.finish(summary, started)
     except BaseException as err:
@@ -196,6 +226,7 @@ def summarize_online(
         "steps": len(rows),
         "trained_steps": len(sent),
         "violation_fraction": 1 - len(sent) / len(rows) if rows else math.nan,
+        "projected_fraction": float(np.mean([bool(r.get("projected")) for r in rows])),
         "test_accuracy": test_accuracy,
         "test_loss": test_loss,
         "best_validation_accuracy": tracker.best_accuracy,

@@ -38,6 +38,27 @@ class OnlineSettings(ConfigBase):
     validate_every:
         Steps between validations of the server model; the best one is kept and scored on
         the test split at the end. Default 100.
+    rank_levels:
+        The ranks a learned policy (``airllm``, ``ppo``) and ``random`` choose from:
+        ``linear`` is every rank ``min_rank..r_max`` (the reference's decoding); ``log2`` is
+        ``min_rank``, the powers of two between, and ``r_max`` (1, 2, 4, ..., 64 at r_max 64):
+        an untrained policy then starts near the geometric middle of the range instead of
+        ``r_max / 2``, and each choice is one of a few levels, which a short run can learn.
+        Default linear.
+    adalora_budget:
+        AdaLoRA's budget: ``r_max`` starts every projection at ``r_max`` and prunes toward
+        ``model.adalora.target_rank`` (PEFT's convention); ``link`` matches it to the link:
+        the target is the mean over the SNR levels of the largest uniform rank that fits a
+        slot, and the start 1.5 times that (PEFT's default ratio, 12 to 8), at most
+        ``r_max``. Without it AdaLoRA at r_max 64 never fits a slot and never trains.
+        Default r_max.
+    constraint:
+        What a rank vector whose payload does not fit the slot (C > 1) does: ``penalty`` (the
+        reference) trains nothing and pays ``violation_penalty``; ``project`` scales every
+        rank down by the same factor (floored, at least ``min_rank``) until it fits, and trains
+        at those ranks: a safety layer (Dalal et al., 2018) that leaves a policy the shape of
+        its allocation to learn, not the constraint. AdaLoRA chooses its own ranks and is never
+        projected. Default penalty.
     """
 
     steps: int = Field(default=150, ge=1)
@@ -50,6 +71,9 @@ class OnlineSettings(ConfigBase):
     violation_penalty: float = Field(default=10.0, ge=0)
     min_rank: int = Field(default=1, ge=0)
     validate_every: int = Field(default=100, ge=1)
+    rank_levels: Literal["linear", "log2"] = "linear"
+    adalora_budget: Literal["r_max", "link"] = "r_max"
+    constraint: Literal["penalty", "project"] = "penalty"
 
     @field_validator("snr_levels_db")
     @classmethod

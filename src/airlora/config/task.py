@@ -148,6 +148,11 @@ class ModelConfig(ConfigBase):
         target = self.adalora.target_rank
         if target is not None and target > self.r_max:
             raise ValueError(f"adalora.target_rank {target} exceeds r_max {self.r_max}")
+        if self.adapter == "adalora" and (target or 1) >= self.r_max:
+            raise ValueError(
+                f"adalora.target_rank {target or 1} must stay below r_max {self.r_max}: "
+                "AdaLoRA prunes from r_max down to it"
+            )
         return self
 
 

@@ -7,10 +7,13 @@ fine-tuning run, and every RL sample costs one optimiser step.
 State (``4 + M`` floats): the step's SNR and bandwidth, each min-max scaled over its levels
 (0.5 when there is one level), the token entropy of the next batch (bits, over the distinct
 tokens' maximum) and its out-of-vocabulary rate, and the current rank of every projection
-over ``r_max``. Action: the rank vector (clipped to ``min_rank..r_max``). Step: the payload
+over ``r_max``. Action: one index per projection into the rank levels (``settings.rank_levels``:
+every rank ``min_rank..r_max``, the index being the rank, or a log2 grid); baselines that
+pick ranks themselves call :meth:`OnlineRankEnv.step_ranks`. Step: the payload
 of those ranks is priced by the Shannon cost C; if ``C > 1`` the step does not train (every
 weight unchanged, the batch kept for the next step) and the reward is
-``-penalty C - lambda C``; otherwise one optimiser step on the batch with those ranks, and
+``-penalty C - lambda C`` (with ``settings.constraint = "project"`` the ranks are first
+scaled down until they fit); otherwise one optimiser step on the batch with those ranks, and
 the reward is ``-loss - lambda C``. The SNR is drawn anew from its levels every step.
 """
 
@@ -26,6 +29,17 @@ from airlora.config import EnvConfig, OnlineSettings
 from airlora.engine import RoundEngine
 from airlora.env.observation import observation_space, rank_space
 from airlora.link import ShannonCost
+
+
+def rank_levels(min_rank: int, r_max: int, kind: str) -> tuple[int, ...]:
+    """The ranks a policy picks from: every rank ``min_rank..r_max`` (``linear``), or
+    ``min_rank``, the powers of two between and ``r_max`` (``log2``)."""
+    if kind == "linear":
+        return tuple(range(min_rank, r_max + 1))
+    if kind != "log2":
+        raise ValueError(f"unknown rank_levels {kind!r}: use linear or log2")
+    powers = {2**k for k in range(r_max.bit_length()) if min_rank <= 2**k <= r_max}
+    return tuple(sorted(powers | {min_rank, r_max}))
 
 
 class OnlineRankEnv(gym.Env):
@@ -61,7 +75,11 @@ class OnlineRankEnv(gym.Env):
         self.projection_names = [p.name for p in engine.server.projections]
         m = len(self.projection_names)
         self.observation_space = observation_space(4 + m)
-        self.action_space = rank_space(m, self.r_max)
+        self.rank_levels = rank_levels(self.min_rank, self.r_max, settings.rank_levels)
+        if settings.rank_levels == "linear":  # the index is the rank (clipped to min_rank)
+            self.action_space = rank_space(m, self.r_max)
+        else:
+            self.action_space = rank_space(m, len(self.rank_levels) - 1)
         self.unk_token_id = unk_token_id
         self.special_ids = np.asarray(sorted(set(special_ids)), dtype=np.int64)
         self._rng = np.random.default_rng(seed)
@@ -121,20 +139,36 @@ class OnlineRankEnv(gym.Env):
         """Adapter parameters the ranks send (the head is not priced, as in the reference)."""
         return int(self.engine.server.payload(ranks).adapter_params)
 
+    def decode(self, action: np.ndarray) -> list[int]:
+        """The rank vector an action (indices into the rank levels) stands for."""
+        index = np.asarray(action, dtype=np.int64).reshape(-1)
+        if self.settings.rank_levels == "linear":
+            return [int(r) for r in np.clip(index, self.min_rank, self.r_max)]
+        levels = np.asarray(self.rank_levels)
+        return [int(r) for r in levels[np.clip(index, 0, len(levels) - 1)]]
+
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return self.step_ranks(self.decode(action))
+
+    def step_ranks(self, ranks: list[int]) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """One step at these ranks (clipped to ``min_rank..r_max``); AdaLoRA's own ranks
+        replace them."""
         server = self.engine.server
         if server.chooses_ranks:  # AdaLoRA prunes on its own schedule: its ranks are priced
             ranks = list(server.rank_vector)
             if not any(ranks):  # before its first update E is all zero: the budget is r_max
                 ranks = [self.r_max] * len(ranks)
         else:
-            ranks = np.clip(
-                np.asarray(action, dtype=np.int64).reshape(-1), self.min_rank, self.r_max
-            )
+            ranks = np.clip(np.asarray(ranks).reshape(-1), self.min_rank, self.r_max)
             ranks = [int(r) for r in ranks]
+        proposed = ranks
         params = self.payload_params(ranks)
         cost = self.cost_model.cost(params, self._snr_db)
         s = self.settings
+        if cost > 1.0 and s.constraint == "project" and not server.chooses_ranks:
+            ranks = self.project(ranks)
+            params = self.payload_params(ranks)
+            cost = self.cost_model.cost(params, self._snr_db)
         violated = cost > 1.0
         if violated:  # nothing trains: the update would not fit its slot
             loss = math.nan
@@ -154,6 +188,7 @@ class OnlineRankEnv(gym.Env):
             "step": self.steps_done,
             "snr_db": self._snr_db,
             "rank_vector": ranks,
+            "projected": ranks != proposed,
             "payload_params": params,
             "cost": cost,
             "violated": violated,
@@ -166,11 +201,24 @@ class OnlineRankEnv(gym.Env):
 
     # ------------------------------------------------------------------ baselines
 
-    def largest_uniform_rank(self) -> int:
-        """The largest rank, the same on every projection, that fits this step's slot (at
-        least ``min_rank``): the constraint-aware heuristic of the online harness."""
+    def project(self, ranks: list[int]) -> list[int]:
+        """The ranks above ``min_rank`` scaled down by one factor so that the payload fits
+        this step's slot (floored). The payload is linear in each rank, so the result fits
+        whenever ``min_rank`` everywhere does."""
+        floor = [self.min_rank] * len(ranks)
+        base = self.payload_params(floor)
+        room = self.cost_model.max_params(self._snr_db) - base
+        extra = self.payload_params(ranks) - base
+        scale = min(1.0, max(room, 0) / extra) if extra > 0 else 0.0
+        return [self.min_rank + math.floor(scale * (r - self.min_rank)) for r in ranks]
+
+    def largest_uniform_rank(self, snr_db: float | None = None) -> int:
+        """The largest rank, the same on every projection, that fits a slot at ``snr_db``
+        (default: this step's SNR), at least ``min_rank``: the constraint-aware heuristic."""
+        snr_db = self._snr_db if snr_db is None else snr_db
+        m = len(self.projection_names)
         for r in range(self.r_max, self.min_rank - 1, -1):
-            if self.cost_model.cost(self.payload_params([r] * len(self._ranks)), self._snr_db) <= 1:
+            if self.cost_model.cost(self.payload_params([r] * m), snr_db) <= 1:
                 return r
         return self.min_rank
 

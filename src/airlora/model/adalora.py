@@ -78,8 +78,11 @@ class AdaLoRAModel:
         """Wrap a sequence classifier with AdaLoRA: init_r = r_max, target_r = target_rank."""
         if r_max <= 0:
             raise ValueError(f"r_max must be positive, got {r_max}")
-        if not 0 < target_rank <= r_max:
-            raise ValueError(f"AdaLoRA target rank {target_rank} must lie in 1..r_max={r_max}")
+        if not 0 < target_rank < r_max:  # PEFT fails mid-run when there is nothing to prune
+            raise ValueError(
+                f"AdaLoRA target rank {target_rank} must lie in 1..{r_max - 1}: AdaLoRA prunes "
+                f"from r_max={r_max} down to it"
+            )
         if total_steps <= tinit + tfinal:
             raise ValueError(
                 f"AdaLoRA needs total_steps ({total_steps}) > tinit + tfinal ({tinit + tfinal})"

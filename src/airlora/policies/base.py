@@ -54,7 +54,9 @@ class ActionLayout:
     def of_env(cls, env: gym.Env) -> ActionLayout:
         base = env.unwrapped
         obs_dim = int(base.observation_space.shape[0])
-        return cls(tuple(base.projection_names), int(base.r_max), base.config, obs_dim)
+        # The largest action index: r_max, unless the environment offers fewer rank levels.
+        top = int(np.max(base.action_space.nvec)) - 1
+        return cls(tuple(base.projection_names), top, base.config, obs_dim)
 
 
 @dataclass
