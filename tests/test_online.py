@@ -176,7 +176,14 @@ def test_an_online_sweep_runs_resumes_and_reports_paired_comparisons(
     assert "Paired comparisons against airllm" in report and "MDD" in report
     comparisons = pd.read_csv(out / "report" / "comparisons.csv")
     assert set(comparisons.method) == {"lora", "heuristic"} and (comparisons.n == 3).all()
-    assert (out / "report" / "online_pareto.png").stat().st_size > 1000
+    for figure in ("online_pareto", "online_returns", "online_rank_by_snr"):
+        assert (out / "report" / f"{figure}.png").stat().st_size > 1000
+    summary = pd.read_csv(out / "report" / "summary.csv")
+    assert {"steps_to_95", "projected_fraction"} <= set(summary.columns)
+    ranks = pd.read_csv(out / "report" / "rank_by_snr.csv")
+    heuristic = ranks[ranks.name == "heuristic"].sort_values("snr_db")
+    assert heuristic.mean_rank.is_monotonic_increasing  # the heuristic follows the channel
+    assert "test accuracy" in result.output  # the printed headline of an online sweep
 
 
 def test_adalora_runs_online_with_its_own_ranks_priced(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -298,3 +305,14 @@ def test_projection_scales_an_overflowing_rank_vector_into_the_slot(
     _, rows, summary = run_online(lora)
     assert summary["violation_fraction"] == 0.0 and summary["projected_fraction"] > 0
     assert all(r["cost"] <= 1 for r in rows)
+
+
+def test_steps_to_95_percent_of_the_final_return():
+    from airlora.online_report import steps_to_fraction
+
+    # From -10 to a final -1 (mean of the last two): 95 % of the way is -1.45, first met by
+    # the fourth episode of 15 steps.
+    assert steps_to_fraction([-10.0, -5.0, -2.0, -1.4, -1.0, -1.0], 15) == 60.0
+    assert steps_to_fraction([-10.0, -1.0, -1.0], 15) == 30.0
+    assert math.isnan(steps_to_fraction([-1.0, -2.0, -3.0], 15))  # no improvement
+    assert math.isnan(steps_to_fraction([-1.0], 15))

@@ -12,21 +12,86 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from airlora.config import SweepConfig
-from airlora.runs import REPORT_DIR, REPORT_FILE
+from airlora.runs import METRICS_FILE, REPORT_DIR, REPORT_FILE
 from airlora.stats import compare_to_reference, mean_ci
+from airlora.sweep.store import cell_records
 from airlora.tables import comparison_frame, fmt_ci, markdown_table
 
 REFERENCE = "airllm"
 
 
-def online_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (r_max, method): means over seeds, the test accuracy with its 95 % CI."""
+def steps_to_fraction(returns: list[float], episode_steps: int, fraction: float = 0.95) -> float:
+    """Training steps until an episode return first covers ``fraction`` of the way from the
+    first episode's return to the final one (the mean of the last two episodes); NaN when
+    the final return is no better than the first."""
+    if len(returns) < 2:
+        return math.nan
+    first, final = returns[0], float(np.mean(returns[-2:]))
+    if final <= first:
+        return math.nan
+    threshold = first + fraction * (final - first)
+    reached = next(i for i, r in enumerate(returns) if r >= threshold or i == len(returns) - 1)
+    return float((reached + 1) * episode_steps)
+
+
+def online_curves(sweep_dir: Path, table: pd.DataFrame, episode_steps: int) -> pd.DataFrame:
+    """Per cell and episode window: the return, the mean executed rank and the SNR; read from
+    every cell's step log."""
+    rows = []
+    for cell in table.itertuples():
+        steps = cell_records(sweep_dir, cell.cell, METRICS_FILE)
+        for start in range(0, len(steps), episode_steps):
+            window = steps[start : start + episode_steps]
+            rows.append(
+                {
+                    "cell": cell.cell,
+                    "name": cell.name,
+                    "r_max": cell.r_max,
+                    "seed": cell.seed,
+                    "step": start + len(window),
+                    "episode_return": float(sum(r["reward"] for r in window)),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def rank_by_snr(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """Mean executed rank per (r_max, method, SNR level) over the second half of every run:
+    whether a policy reads the channel."""
+    rows = []
+    for cell in table.itertuples():
+        steps = cell_records(sweep_dir, cell.cell, METRICS_FILE)
+        for r in steps[len(steps) // 2 :]:
+            rows.append(
+                {
+                    "r_max": cell.r_max,
+                    "name": cell.name,
+                    "snr_db": r["snr_db"],
+                    "mean_rank": float(np.mean(r["rank_vector"])),
+                }
+            )
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.groupby(["r_max", "name", "snr_db"], as_index=False)["mean_rank"].mean()
+
+
+def online_summary(table: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (r_max, method): means over seeds, the test accuracy with its 95 % CI,
+    and the median over seeds of the steps to 95 % of the final episode return."""
+    to_95: dict[str, float] = {}
+    if curves is not None and not curves.empty:
+        window = int(curves.groupby("cell").step.min().max())
+        for cell, g in curves.groupby("cell"):
+            to_95[cell] = steps_to_fraction(g.sort_values("step").episode_return.tolist(), window)
     rows = []
     for (r_max, name), g in table.groupby(["r_max", "name"], sort=True):
         acc, half = mean_ci(g["test_accuracy"])
+        reach = [to_95.get(c, math.nan) for c in g["cell"]]
         rows.append(
             {
                 "r_max": r_max,
@@ -42,6 +107,10 @@ def online_summary(table: pd.DataFrame) -> pd.DataFrame:
                 if "group_rank_spread" in g
                 else math.nan,
                 "best_validation_accuracy": float(g["best_validation_accuracy"].mean()),
+                "projected_fraction": float(g["projected_fraction"].mean())
+                if "projected_fraction" in g
+                else 0.0,
+                "steps_to_95": float(np.nanmedian(reach)) if np.isfinite(reach).any() else math.nan,
             }
         )
     return pd.DataFrame(rows)
@@ -67,17 +136,62 @@ def _pareto(summary: pd.DataFrame, folder: Path) -> Path:
     return path
 
 
+def _learning_curves(curves: pd.DataFrame, folder: Path) -> Path:
+    r_values = sorted(curves.r_max.unique())
+    fig, axes = plt.subplots(1, len(r_values), figsize=(5 * len(r_values), 3.8), squeeze=False)
+    for ax, r_max in zip(axes[0], r_values, strict=True):
+        for name, g in curves[curves.r_max == r_max].groupby("name", sort=True):
+            mean = g.groupby("step").episode_return.mean()
+            ax.plot(mean.index, mean.values, marker=".", label=name)
+        ax.set_title(f"r_max = {r_max}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("episode return (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("Online formulation: episode return during the run")
+    path = folder / "online_returns.png"
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _ranks_by_snr(ranks: pd.DataFrame, folder: Path) -> Path:
+    r_values = sorted(ranks.r_max.unique())
+    fig, axes = plt.subplots(1, len(r_values), figsize=(5 * len(r_values), 3.8), squeeze=False)
+    for ax, r_max in zip(axes[0], r_values, strict=True):
+        for name, g in ranks[ranks.r_max == r_max].groupby("name", sort=True):
+            ax.plot(g.snr_db, g.mean_rank, marker="o", label=name)
+        ax.set_title(f"r_max = {r_max}")
+        ax.set_xlabel("SNR of the step (dB)")
+        ax.set_ylabel("mean executed rank (second half of the run)")
+        ax.set_yscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("Does the rank follow the channel?")
+    path = folder / "online_rank_by_snr.png"
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_online_report(
     sweep_dir: Path, config: SweepConfig, table: pd.DataFrame, revision: str
 ) -> Path:
     folder = sweep_dir / REPORT_DIR
     folder.mkdir(exist_ok=True)
-    summary = online_summary(table)
+    o = config.online
+    curves = online_curves(sweep_dir, table, o.episode_steps)
+    ranks = rank_by_snr(sweep_dir, table)
+    summary = online_summary(table, curves)
     summary.to_csv(folder / "summary.csv", index=False)
+    ranks.to_csv(folder / "rank_by_snr.csv", index=False)
     comparisons = compare_to_reference(table, REFERENCE, metric="test_accuracy", pair_on=["seed"])
     comparisons.to_csv(folder / "comparisons.csv", index=False)
-    figure = _pareto(summary, folder)
-    o = config.online
+    figures = [_pareto(summary, folder)]
+    if not curves.empty:
+        figures += [_learning_curves(curves, folder), _ranks_by_snr(ranks, folder)]
     lines = [
         f"# Online sweep report: {config.name}",
         "",
@@ -90,7 +204,10 @@ def write_online_report(
         "on the test split (never used for any choice).",
         f"- Shannon cost: B {o.bandwidth_hz:g} Hz, slot {o.slot_s:g} s, {o.bits_per_param} "
         f"bits per parameter; SNR per step from {o.snr_levels_db} dB; lambda {o.cost_weight}, "
-        f"penalty {o.violation_penalty}.",
+        f"penalty {o.violation_penalty}; an overflowing rank vector is "
+        + ("scaled down until it fits (projection)" if o.constraint == "project" else "not sent")
+        + f"; learned policies pick ranks from the {o.rank_levels} levels; AdaLoRA's budget: "
+        f"{o.adalora_budget}.",
         f"- r_max {config.r_max}, seeds {config.seeds} (paired: every method sees the same "
         "data order and the same SNR draws for a seed).",
         "",
@@ -106,6 +223,10 @@ def write_online_report(
             ],
             "params / step": summary.params_per_step.map(lambda v: f"{v:,.0f}"),
             "violations": summary.violation_fraction.map(lambda v: f"{v:.3f}"),
+            "projected": summary.projected_fraction.map(lambda v: f"{v:.3f}"),
+            "steps to 95 %": summary.steps_to_95.map(
+                lambda v: "-" if math.isnan(v) else f"{v:.0f}"
+            ),
             "mean rank": summary.mean_rank.map(lambda v: f"{v:.2f}"),
             "rank spread in groups": summary.group_rank_spread.map(
                 lambda v: "-" if math.isnan(v) else f"{v:.2f}"
@@ -125,7 +246,15 @@ def write_online_report(
             markdown_table(paired),
             "",
         ]
-    lines += ["## Figure", "", f"![online_pareto](report/{figure.name})", ""]
+    lines += [
+        "Steps to 95 %: the median over seeds of the training steps until an episode return "
+        "first covers 95 % of the way from the first episode's return to the final one.",
+        "",
+        "## Figures",
+        "",
+        *[f"![{f.stem}](report/{f.name})" for f in figures],
+        "",
+    ]
     path = sweep_dir / REPORT_FILE
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

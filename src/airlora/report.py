@@ -386,25 +386,27 @@ def write_report(sweep_dir: Path) -> Path:
 
 
 def headline(sweep_dir: Path) -> pd.DataFrame:
-    """Per method over every cell: mean final accuracy and parameters per round (demo print);
-    for an online sweep, the test accuracy and parameters per step."""
+    """Per method over every cell, with display column names: the mean final accuracy and
+    parameters per round (the demo's print); for an online sweep, the test accuracy,
+    parameters per step and mean reward per step."""
     table = _usable(read_results(sweep_dir))
     table = table[~table.diverged]
     if "violation_fraction" in table:  # an online sweep
-        return (
-            table.groupby("name")
-            .agg(
-                final_accuracy=("test_accuracy", "mean"),
-                params_per_round=("mean_params_per_step", "mean"),
-                mean_rank=("mean_rank", "mean"),
-                episode_return=("mean_reward", "mean"),
-            )
-            .sort_values("final_accuracy", ascending=False)
+        out = table.groupby("name").agg(
+            **{
+                "test accuracy": ("test_accuracy", "mean"),
+                "params / step": ("mean_params_per_step", "mean"),
+                "mean rank": ("mean_rank", "mean"),
+                "mean reward": ("mean_reward", "mean"),
+            }
         )
+        return out.sort_values("test accuracy", ascending=False)
     out = table.groupby("name").agg(
-        final_accuracy=("final_accuracy", "mean"),
-        params_per_round=("mean_payload_params", "mean"),
-        mean_rank=("mean_rank", "mean"),
-        episode_return=("episode_return", "mean"),
+        **{
+            "final accuracy": ("final_accuracy", "mean"),
+            "params / round": ("mean_payload_params", "mean"),
+            "mean rank": ("mean_rank", "mean"),
+            "episode return": ("episode_return", "mean"),
+        }
     )
-    return out.sort_values("episode_return", ascending=False)
+    return out.sort_values("episode return", ascending=False)

@@ -122,16 +122,17 @@ def print_headline(sweep_dir: Path) -> None:
         title="Per method, averaged over every SNR, r_max and seed of the sweep",
         title_justify="left",
     )
-    for col in ("method", "final accuracy", "params / round", "mean rank", "episode return"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    table.add_column("method", justify="left")
+    for col in frame.columns:
+        table.add_column(col, justify="right")
+
+    def cell(col: str, v: float) -> str:
+        if col.startswith("params"):
+            return f"{v:,.0f}"
+        return f"{v:.2f}" if col == "mean rank" else f"{v:.4f}"
+
     for name, row in frame.iterrows():
-        table.add_row(
-            str(name),
-            f"{row.final_accuracy:.4f}",
-            f"{row.params_per_round:,.0f}",
-            f"{row.mean_rank:.2f}",
-            f"{row.episode_return:.4f}",
-        )
+        table.add_row(str(name), *(cell(col, v) for col, v in row.items()))
     console.print(table)
 
 
