@@ -316,3 +316,61 @@ def test_steps_to_95_percent_of_the_final_return():
     assert steps_to_fraction([-10.0, -1.0, -1.0], 15) == 30.0
     assert math.isnan(steps_to_fraction([-1.0, -2.0, -3.0], 15))  # no improvement
     assert math.isnan(steps_to_fraction([-1.0], 15))
+
+
+def test_an_online_sweep_tunes_every_method_on_the_same_grid(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    import pandas as pd
+    import yaml
+
+    from airlora.config import SweepConfig
+    from airlora.sweep import plan
+
+    body = {
+        **tiny_task_sections(tiny_model_dir, tiny_data_dir),
+        "name": "tuned",
+        "formulation": "online",
+        "train": {"warmup_steps": 0, "learning_rate": 1e-2, "threads": 1},
+        "link": {"scheme": "shannon"},
+        "online": {"steps": 6, "episode_steps": 3, "validate_every": 3, "bandwidth_hz": 5e4},
+        "methods": [
+            {"name": "lora", "method": "lora"},
+            {"name": "heuristic", "method": "heuristic"},
+        ],
+        "r_max": [2],
+        "seeds": [0],
+        "tuning": {"learning_rates": [1e-4, 3e-2], "seeds": [7]},
+        "workers": 1,
+        "threads_per_worker": 1,
+    }
+    with pytest.raises(ValueError, match="also evaluation seeds"):
+        SweepConfig.model_validate({**body, "tuning": {"learning_rates": [1e-3], "seeds": [0]}})
+    with pytest.raises(ValueError, match="online sweeps only"):
+        SweepConfig.model_validate({**body, "formulation": "round", "link": {"scheme": "digital"}})
+    stages = plan(SweepConfig.model_validate(body))
+    assert [len(s) for s in stages] == [4, 2]  # 2 methods x 2 rates, then 2 evaluation runs
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(body))
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    tunes = {
+        p.parent.name: json.loads(p.read_text()) for p in (out / "cells").glob("tune-*/result.json")
+    }
+    assert len(tunes) == 4 and all(t["test_accuracy"] is None for t in tunes.values())
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 2  # tuning runs are not results
+    for name in ("lora", "heuristic"):
+        scores = {
+            t["learning_rate"]: t["best_validation_accuracy"]
+            for t in tunes.values()
+            if t["name"] == name
+        }
+        best = max(scores, key=lambda lr: (scores[lr], -[1e-4, 3e-2].index(lr)))
+        assert table[table.name == name].learning_rate.item() == best
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    report = (out / "report.md").read_text()
+    assert "Learning-rate tuning" in report
+    tuning = pd.read_csv(out / "report" / "tuning.csv")
+    assert len(tuning) == 4 and tuning.chosen.sum() == 2

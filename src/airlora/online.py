@@ -151,9 +151,13 @@ def _learn_online(env: OnlineRankEnv, config: RunConfig, tracker: _Tracker) -> d
 
 
 def run_online(
-    config: RunConfig, on_step: Callable[[dict], None] | None = None, out: Path | None = None
+    config: RunConfig,
+    on_step: Callable[[dict], None] | None = None,
+    out: Path | None = None,
+    score_test: bool = True,
 ) -> tuple[Path, list[dict], dict]:
-    """Run the online formulation; returns the run folder, the step rows and the summary."""
+    """Run the online formulation; returns the run folder, the step rows and the summary.
+    ``score_test=False`` (a tuning run) leaves the test split alone: ``test_accuracy`` None."""
     started = time.perf_counter()
     env = build_online_env(config)
     if out is None:
@@ -173,7 +177,9 @@ def run_online(
         tracker.validate()  # the final state competes too
         env.engine.server.restore(tracker.best_state)
         engine = env.engine
-        test_accuracy, test_loss = engine.evaluate(engine.server, engine.task.test)
+        test_accuracy, test_loss = (
+            engine.evaluate(engine.server, engine.task.test) if score_test else (None, None)
+        )
         summary = summarize_online(tracker.rows, test_accuracy, test_loss, tracker, extra)
         summary["group_rank_spread"] = group_rank_spread(
             tracker.rows, env.projection_names, config.airllm.depth_bands
@@ -203,7 +209,11 @@ def group_rank_spread(rows: list[dict], names: list[str], depth_bands: int) -> f
 
 
 def summarize_online(
-    rows: list[dict], test_accuracy: float, test_loss: float, tracker: _Tracker, extra: dict
+    rows: list[dict],
+    test_accuracy: float | None,
+    test_loss: float | None,
+    tracker: _Tracker,
+    extra: dict,
 ) -> dict:
     sent = [r for r in rows if not r["violated"]]
     losses = [r["train_loss"] for r in sent if r["train_loss"] is not None]

@@ -4,6 +4,7 @@ minimum detectable difference of the design."""
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from airlora.config import SweepConfig
-from airlora.runs import METRICS_FILE, REPORT_DIR, REPORT_FILE
+from airlora.runs import METRICS_FILE, REPORT_DIR, REPORT_FILE, RESULT_FILE
 from airlora.stats import compare_to_reference, mean_ci
-from airlora.sweep.store import cell_records
+from airlora.sweep.store import CELLS, cell_records
 from airlora.tables import comparison_frame, fmt_ci, markdown_table
 
 REFERENCE = "airllm"
@@ -78,6 +79,27 @@ def rank_by_snr(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
     return frame.groupby(["r_max", "name", "snr_db"], as_index=False)["mean_rank"].mean()
+
+
+def tuning_table(sweep_dir: Path) -> pd.DataFrame:
+    """The tuning runs: mean validation accuracy per (r_max, method, learning rate), and
+    which rate was chosen (the best mean; ties go to the earlier rate of the grid)."""
+    records = [
+        json.loads(p.read_text(encoding="utf-8"))
+        for p in sorted((Path(sweep_dir) / CELLS).glob(f"tune-*/{RESULT_FILE}"))
+    ]
+    if not records:
+        return pd.DataFrame()
+    frame = pd.DataFrame(records)
+    out = (
+        frame.groupby(["r_max", "name", "learning_rate"], sort=False)
+        .agg(runs=("seed", "size"), validation_accuracy=("best_validation_accuracy", "mean"))
+        .reset_index()
+    )
+    best = out.groupby(["r_max", "name"], sort=False).validation_accuracy.transform("max")
+    first = out[out.validation_accuracy == best].groupby(["r_max", "name"]).head(1).index
+    out["chosen"] = out.index.isin(first)
+    return out.sort_values(["r_max", "name", "learning_rate"]).reset_index(drop=True)
 
 
 def online_summary(table: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -244,6 +266,29 @@ def write_online_report(
             "table; MDD: the smallest true difference this design detects with power 0.8 at 5 %.",
             "",
             markdown_table(paired),
+            "",
+        ]
+    tuning = tuning_table(sweep_dir)
+    if not tuning.empty:
+        tuning.to_csv(folder / "tuning.csv", index=False)
+        show_tuning = pd.DataFrame(
+            {
+                "r_max": tuning.r_max,
+                "method": tuning.name,
+                "learning rate": tuning.learning_rate.map(lambda v: f"{v:g}"),
+                "tuning runs": tuning.runs,
+                "validation accuracy": tuning.validation_accuracy.map(lambda v: f"{v:.4f}"),
+                "chosen": tuning.chosen.map(lambda v: "yes" if v else ""),
+            }
+        )
+        lines += [
+            "## Learning-rate tuning",
+            "",
+            f"Every method ran the same grid ({config.tuning.learning_rates}) on tuning seeds "
+            f"{config.tuning.seeds} (not evaluation seeds); the rate with the best mean "
+            "validation accuracy is the one its evaluation runs used. No test row took part.",
+            "",
+            markdown_table(show_tuning),
             "",
         ]
     lines += [

@@ -24,6 +24,7 @@ from airlora.config.run import (
     PolicyTrainConfig,
     RunConfig,
     SweepConfig,
+    TuningConfig,
     surrogate_section,
 )
 from airlora.config.task import AdaLoRASettings, DataConfig, ModelConfig, TrainConfig
@@ -47,6 +48,7 @@ __all__ = [
     "SurrogateConfig",
     "SweepConfig",
     "TrainConfig",
+    "TuningConfig",
     "apply_overrides",
     "dump_config",
     "load_config",

@@ -258,6 +258,31 @@ class MethodSpec(ConfigBase):
         return v
 
 
+class TuningConfig(ConfigBase):
+    """The learning-rate grid every method of an online sweep gets (the same budget for all).
+
+    Before the evaluation runs, each (method, r_max) runs once per learning rate and tuning
+    seed; the rate with the best mean validation accuracy (best state of the run; ties go to
+    the earlier rate of the grid) is the one its evaluation runs use. The test split is not
+    scored in a tuning run, and tuning seeds must differ from the evaluation seeds.
+
+    Parameters
+    ----------
+    learning_rates: the grid of ``train.learning_rate`` values (at least one).
+    seeds: seeds of the tuning runs. Default [1000].
+    """
+
+    learning_rates: list[float]
+    seeds: list[int] = [1000]
+
+    @field_validator("learning_rates")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if not v or any(lr <= 0 for lr in v):
+            raise ValueError(f"tuning.learning_rates must be positive values, got {v}")
+        return v
+
+
 class SweepConfig(ConfigBase):
     """`airlora sweep`: methods x r_max x SNR x seeds, every cell a real episode.
 
@@ -275,6 +300,9 @@ class SweepConfig(ConfigBase):
     formulation: ``round`` (the above) or ``online``: one cell per (entry, r_max, seed), a
         whole online run (:class:`OnlineSettings`; policies learn inside it; ``snr_db`` is
         not used: every step draws its SNR from ``online.snr_levels_db``).
+    tuning: online sweeps only: a learning-rate grid run for every method before the
+        evaluation runs (:class:`TuningConfig`); none by default (every method at
+        ``train.learning_rate``).
     workers: parallel worker processes. Default 1.
     threads_per_worker: torch threads in each worker; 0 shares the cores evenly.
     """
@@ -295,6 +323,7 @@ class SweepConfig(ConfigBase):
     r_max: list[int] = [8]
     snr_db: list[float] = [0.0, 10.0, 20.0]
     seeds: list[int] = [0]
+    tuning: TuningConfig | None = None
     workers: int = Field(default=1, ge=1)
     threads_per_worker: int = Field(default=0, ge=0)
     out_dir: Path = Path("runs")
@@ -313,6 +342,12 @@ class SweepConfig(ConfigBase):
                 raise ValueError(f"{m.name}: rank {m.rank} exceeds r_max {min(self.r_max)}")
         if self.formulation == "online" and self.link.scheme != "shannon":
             raise ValueError("an online sweep runs on the shannon link (link.scheme: shannon)")
+        if self.tuning is not None:
+            if self.formulation != "online":
+                raise ValueError("tuning is implemented for online sweeps only")
+            shared = sorted(set(self.tuning.seeds) & set(self.seeds))
+            if shared:
+                raise ValueError(f"tuning seeds {shared} are also evaluation seeds")
         return self
 
 

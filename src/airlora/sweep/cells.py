@@ -91,7 +91,11 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
         from airlora.driver import run_episode
 
         assert spec is not None
-        online = cell["kind"] == "online"
+        online = cell["kind"] in ("online", "tune")
+        if cell["kind"] == "tune":
+            train = train.model_copy(update={"learning_rate": cell["learning_rate"]})
+        elif "tuning" in cell:
+            train = train.model_copy(update={"learning_rate": chosen_learning_rate(cells, cell)})
         link = config.link
         if not online:
             link = merge_section(link, {"snr_process": "fixed", "snr_db": cell["snr_db"]})
@@ -113,7 +117,13 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
             final_test=online,  # the online run scores its best state on the test split
             out_dir=cells,
         )
-        result = run_episode(run_config, out=tmp)
+        if cell["kind"] == "tune":  # validation only: the test split takes no part in a choice
+            from airlora.driver import EpisodeResult
+            from airlora.online import run_online
+
+            result = EpisodeResult(*run_online(run_config, out=tmp, score_test=False))
+        else:
+            result = run_episode(run_config, out=tmp)
         record = {
             "cell": cell["id"],
             "name": spec.name,
@@ -126,12 +136,24 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
                 run_config.model_copy(update={"policy": cell.get("policy")})
             ),
             "run_id": uuid.uuid4().hex,
+            "learning_rate": train.learning_rate,
             **result.summary,
         }
         atomic_write_text(tmp / RESULT_FILE, json.dumps(record, indent=2) + "\n")
     seal_cell(tmp, cell["id"])
     os.replace(tmp, final)
     return cell["id"]
+
+
+def chosen_learning_rate(cells: Path, cell: dict) -> float:
+    """The learning rate of the tuning grid with the best mean validation accuracy over the
+    tuning seeds (ties: the earlier rate of the grid), read from the finished tuning cells."""
+    scores: dict[float, list[float]] = {}
+    for cell_id in cell["tuning"]:
+        record = json.loads((cells / cell_id / RESULT_FILE).read_text(encoding="utf-8"))
+        scores.setdefault(record["learning_rate"], []).append(record["best_validation_accuracy"])
+    means = {lr: sum(v) / len(v) for lr, v in scores.items()}
+    return max(means, key=lambda lr: (means[lr], -list(means).index(lr)))
 
 
 FAILED_CELLS = "failed-cells"

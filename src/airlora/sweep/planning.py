@@ -3,7 +3,9 @@
 - ``rounds-r{R}-s{seed}``: real episodes logged for the surrogate (once per r_max and seed);
 - ``policy-{name}-r{R}-s{seed}``: a policy trained on that surrogate (a train-policy folder);
 - ``eval-{name}-r{R}-snr{S}-s{seed}``: one real episode at a fixed SNR (a run folder);
-- ``online-{name}-r{R}-s{seed}``: one whole run of the online formulation (a run folder).
+- ``online-{name}-r{R}-s{seed}``: one whole run of the online formulation (a run folder);
+- ``tune-{name}-r{R}-lr{LR}-s{seed}``: an online run at one learning rate of the tuning grid,
+  scored on the validation split only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def online_id(name: str, r_max: int, seed: int) -> str:
     return f"online-{name}-r{r_max}-s{seed}"
 
 
+def tune_id(name: str, r_max: int, learning_rate: float, seed: int) -> str:
+    return f"tune-{name}-r{r_max}-lr{learning_rate:g}-s{seed}"
+
+
 def parse_cell_id(cell_id: str) -> dict:
     """The parts of a cell id: ``kind``, ``r_max``, ``seed``, and ``name`` / ``snr_db``
     where the kind has them (method names may hold '-'; the numbers are read from the end)."""
@@ -38,7 +44,10 @@ def parse_cell_id(cell_id: str) -> dict:
     if kind == "eval":
         body, _, snr = body.rpartition("-snr")
         out["snr_db"] = float(snr)
-    if kind in ("policy", "eval", "online"):
+    if kind == "tune":
+        body, _, lr = body.rpartition("-lr")
+        out["learning_rate"] = float(lr)
+    if kind in ("policy", "eval", "online", "tune"):
         body, _, r_max = body.rpartition("-r")
         out["name"] = body
     else:
@@ -66,20 +75,7 @@ def plan(config: SweepConfig) -> list[list[dict]]:
     """The cells of each stage, in order: rounds, policies, evaluations (an online sweep:
     one stage of online runs)."""
     if config.formulation == "online":
-        return [
-            [
-                {
-                    "kind": "online",
-                    "id": online_id(m.name, r_max, seed),
-                    "name": m.name,
-                    "r_max": r_max,
-                    "seed": seed,
-                }
-                for r_max in config.r_max
-                for seed in config.seeds
-                for m in config.methods
-            ]
-        ]
+        return _plan_online(config)
     rounds, policies, evals = [], [], []
     trained = [m for m in config.methods if m.method in TRAINED]
     for r_max in config.r_max:
@@ -118,3 +114,40 @@ def plan(config: SweepConfig) -> list[list[dict]]:
                         cell["policy"] = policy_id(m.name, r_max, seed)
                     evals.append(cell)
     return [rounds, policies, evals]
+
+
+def _plan_online(config: SweepConfig) -> list[list[dict]]:
+    """Online runs, after the tuning runs of their (method, r_max) when the sweep tunes."""
+    tunes, runs = [], []
+    for r_max in config.r_max:
+        for m in config.methods:
+            grid = []
+            if config.tuning is not None:
+                for lr in config.tuning.learning_rates:
+                    for seed in config.tuning.seeds:
+                        cell_id = tune_id(m.name, r_max, lr, seed)
+                        grid.append(cell_id)
+                        tunes.append(
+                            {
+                                "kind": "tune",
+                                "id": cell_id,
+                                "name": m.name,
+                                "r_max": r_max,
+                                "seed": seed,
+                                "learning_rate": lr,
+                            }
+                        )
+            for seed in config.seeds:
+                cell = {
+                    "kind": "online",
+                    "id": online_id(m.name, r_max, seed),
+                    "name": m.name,
+                    "r_max": r_max,
+                    "seed": seed,
+                }
+                if grid:
+                    cell["tuning"] = grid
+                runs.append(cell)
+    # Evaluation runs in the order the report reads them: r_max, seed, method.
+    runs.sort(key=lambda c: (config.r_max.index(c["r_max"]), config.seeds.index(c["seed"])))
+    return [tunes, runs] if tunes else [runs]
