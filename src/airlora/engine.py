@@ -302,6 +302,9 @@ class RoundEngine:
         for index in batches:
             with autocast(self.device, self.amp_dtype):
                 loss = model(**self.batch(self.task.train, index)).loss
+                penalty = getattr(self.server, "regularization", lambda: None)()
+                if penalty is not None:  # SVD-form adapters: orthogonality of P and Q
+                    loss = loss + penalty
             loss.backward()
             if self.config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
@@ -405,7 +408,8 @@ class RoundEngine:
 
 
 def build_adapter(base, model: ModelConfig, train: TrainConfig, dropout: float):
-    """The adapter a model config asks for: rank-masked LoRA or PEFT AdaLoRA."""
+    """The adapter a model config asks for: rank-masked LoRA, rank-masked SVD form, or
+    PEFT AdaLoRA."""
     if model.adapter == "adalora":
         from airlora.model.adalora import AdaLoRAModel
 
@@ -422,6 +426,17 @@ def build_adapter(base, model: ModelConfig, train: TrainConfig, dropout: float):
             tfinal=int(ada.tfinal_fraction * total),
             delta_t=ada.delta_t,
             orth_reg_weight=ada.orth_reg_weight,
+        )
+    if model.adapter == "svd":
+        from airlora.model.svd import RankedSVDModel
+
+        return RankedSVDModel.from_base(
+            base,
+            model.r_max,
+            model.lora_alpha,
+            dropout,
+            model.target_modules,
+            model.svd_orth_reg_weight,
         )
     return RankedLoRAModel.from_base(
         base, model.r_max, model.lora_alpha, dropout, model.target_modules

@@ -129,10 +129,16 @@ class ModelConfig(ConfigBase):
         Module-name suffixes to adapt; default: found from the model type (query/key/value/output
         projections of attention).
     adapter:
-        ``lora`` (rank-masked LoRA; ranks set from outside, by a fixed rank or a policy) or
-        ``adalora`` (PEFT's AdaLoRA at the same r_max, allocating its own ranks). Default lora.
+        ``lora`` (rank-masked LoRA; ranks set from outside, by a fixed rank or a policy),
+        ``svd`` (the reference's SVD form P diag(E) Q with a rank mask, ranks set from outside;
+        a rank costs d_in + d_out + 1 parameters; exported as standard PEFT LoRA with E folded
+        into P) or ``adalora`` (PEFT's AdaLoRA at the same r_max, allocating its own ranks).
+        Default lora.
     adalora:
         AdaLoRA's budget schedule (:class:`AdaLoRASettings`).
+    svd_orth_reg_weight:
+        ``svd`` only: weight of the orthogonality penalty on P and Q. Default 0.01 (the
+        reference's).
     """
 
     name_or_path: str = "default"
@@ -140,8 +146,9 @@ class ModelConfig(ConfigBase):
     lora_alpha: float = Field(default=16.0, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = None
-    adapter: Literal["lora", "adalora"] = "lora"
+    adapter: Literal["lora", "svd", "adalora"] = "lora"
     adalora: AdaLoRASettings = AdaLoRASettings()
+    svd_orth_reg_weight: float = Field(default=0.01, ge=0)
 
     @model_validator(mode="after")
     def _adalora_target(self) -> ModelConfig:

@@ -8,6 +8,7 @@ from airlora.model.adapters import (
 )
 from airlora.model.base import RankAdapter
 from airlora.model.loading import LoadedModel, ModelError, load_model, resolve_model_source
+from airlora.model.svd import RankedSVDModel
 
 __all__ = [
     "LoadedModel",
@@ -16,6 +17,7 @@ __all__ = [
     "Projection",
     "RankAdapter",
     "RankedLoRAModel",
+    "RankedSVDModel",
     "default_target_modules",
     "load_model",
     "resolve_model_source",

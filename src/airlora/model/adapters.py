@@ -316,7 +316,15 @@ class RankedLoRAModel:
             layer.lora_A[ADAPTER].saved_weight.zero_()
             layer.lora_B[ADAPTER].saved_weight.zero_()
 
+    def regularization(self) -> torch.Tensor | None:
+        """A penalty the engine adds to the training loss (None: plain LoRA has none)."""
+        return None
+
     # ------------------------------------------------------------------ export
+
+    def _export_factors(self, layer: LoraLayer, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LoRA factors A (r x d_in) and B (d_out x r) one projection exports."""
+        return layer.lora_A[ADAPTER].weight[:r], layer.lora_B[ADAPTER].weight[:, :r]
 
     def export_peft(self, folder: Path) -> Path:
         """Write the current adapter as a standard PEFT folder.
@@ -334,9 +342,9 @@ class RankedLoRAModel:
             if r == 0:
                 continue
             key = f"base_model.model.{proj.name}"
-            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-            tensors[f"{key}.lora_A.weight"] = a[:r].detach().cpu().contiguous()
-            tensors[f"{key}.lora_B.weight"] = b[:, :r].detach().cpu().contiguous()
+            a, b = self._export_factors(layer, r)
+            tensors[f"{key}.lora_A.weight"] = a.detach().cpu().contiguous()
+            tensors[f"{key}.lora_B.weight"] = b.detach().cpu().contiguous()
         head = list(zip(self.head_tensor_names(), self.head_parameters(), strict=True))
         for name, param in head:
             plain = name.removeprefix(HEAD_PREFIX)
