@@ -374,3 +374,29 @@ def test_an_online_sweep_tunes_every_method_on_the_same_grid(
     assert "Learning-rate tuning" in report
     tuning = pd.read_csv(out / "report" / "tuning.csv")
     assert len(tuning) == 4 and tuning.chosen.sum() == 2
+
+
+def test_run_takes_the_online_options_from_the_command_line(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    import yaml
+
+    body = _config(tiny_model_dir, tiny_data_dir, tmp_path).model_dump(mode="json")
+    for key in ("formulation", "link", "online", "method"):
+        body.pop(key)
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(body))
+    args = ["run", "--config", str(path), "--formulation", "online", "--link", "shannon"]
+    args += ["--method", "random", "--steps", "4", "--constraint", "project"]
+    args += ["--rank-levels", "log2", "--adapter", "svd", "--json", "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = json.loads(result.stdout)
+    assert summary["violation_fraction"] == 0.0 and "projected_fraction" in summary
+    run_dir = next((tmp_path / "runs").iterdir())
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["online"]["constraint"] == "project" and saved["model"]["adapter"] == "svd"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r for row in rows for r in row["rank_vector"]} <= {1, 2, 4}  # r_max 4: log2 levels
+    bad = runner.invoke(app, [*args[:-4], "--constraint", "squeeze", "--quiet"])
+    assert bad.exit_code == 2 and "online.constraint" in bad.stderr

@@ -225,6 +225,24 @@ def run(
     steps: Annotated[
         int | None, typer.Option(help="online: training steps of the run. [150]")
     ] = None,
+    constraint: Annotated[
+        str | None,
+        typer.Option(
+            help="online: penalty (C > 1 trains nothing, the reference) or project (scale "
+            "the ranks down until they fit). [penalty]"
+        ),
+    ] = None,
+    rank_levels: Annotated[
+        str | None,
+        typer.Option(help="online: ranks a policy picks from: linear or log2. [linear]"),
+    ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="lora (rank-masked LoRA) or svd (P diag(E) Q, the reference's); adalora "
+            "follows --method adalora. [lora]"
+        ),
+    ] = None,
     snr_db: SnrOption = None,
     snr_process: SnrProcessOption = None,
     snr_low_db: Annotated[float | None, typer.Option(help="Uniform SNR low end, dB.")] = None,
