@@ -400,3 +400,21 @@ def test_run_takes_the_online_options_from_the_command_line(
     assert {r for row in rows for r in row["rank_vector"]} <= {1, 2, 4}  # r_max 4: log2 levels
     bad = runner.invoke(app, [*args[:-4], "--constraint", "squeeze", "--quiet"])
     assert bad.exit_code == 2 and "online.constraint" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "cell_id, parts",
+    [
+        ("online-airllm-coarse-r64-s3", {"kind": "online", "name": "airllm-coarse", "r_max": 64}),
+        ("tune-lora-r2-r8-lr0.003-s1000", {"kind": "tune", "name": "lora-r2", "r_max": 8}),
+        ("eval-lora-r2-r8-snr-5-s1", {"kind": "eval", "name": "lora-r2", "snr_db": -5.0}),
+        ("rounds-r8-s2", {"kind": "rounds", "r_max": 8, "seed": 2}),
+    ],
+)
+def test_cell_ids_read_back(cell_id, parts):
+    from airlora.sweep import parse_cell_id
+
+    parsed = parse_cell_id(cell_id)
+    assert parts.items() <= parsed.items()
+    if parsed["kind"] == "tune":
+        assert parsed["learning_rate"] == 0.003 and parsed["seed"] == 1000
