@@ -267,7 +267,8 @@ def test_adalora_link_budget_fits_where_r_max_never_does(tiny_model_dir, tiny_da
     _, _, at_r_max = run_online(adalora("r_max", bandwidth).model_copy(update={"run_name": "a"}))
     assert at_r_max["violation_fraction"] == 1.0  # rank 4 never fits: AdaLoRA never trains
     _, _, linked = run_online(adalora("link", bandwidth).model_copy(update={"run_name": "b"}))
-    assert linked["adalora_start_rank"] <= 4 and linked["violation_fraction"] < 1.0
+    assert linked["adalora_start_rank"] == 2 and linked["adalora_target_rank"] == 1
+    assert linked["violation_fraction"] < 1.0
 
 
 def test_projection_scales_an_overflowing_rank_vector_into_the_slot(
@@ -374,6 +375,10 @@ def test_an_online_sweep_tunes_every_method_on_the_same_grid(
     assert "Learning-rate tuning" in report
     tuning = pd.read_csv(out / "report" / "tuning.csv")
     assert len(tuning) == 4 and tuning.chosen.sum() == 2
+    for row in tuning[tuning.chosen].itertuples():  # the rate marked is the rate used
+        assert table[table.name == row.name].learning_rate.item() == row.learning_rate
+    with pytest.raises(ValueError, match="6 significant digits"):
+        SweepConfig.model_validate({**body, "tuning": {"learning_rates": [1e-4, 1.0000001e-4]}})
 
 
 def test_run_takes_the_online_options_from_the_command_line(
@@ -386,18 +391,22 @@ def test_run_takes_the_online_options_from_the_command_line(
         body.pop(key)
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(body))
+    body["online"] = {"bandwidth_hz": 5e4, "episode_steps": 4, "validate_every": 4}
+    path.write_text(yaml.safe_dump(body))  # 50 kHz: rank 1 always fits, r_max below 15 dB not
     args = ["run", "--config", str(path), "--formulation", "online", "--link", "shannon"]
-    args += ["--method", "random", "--steps", "4", "--constraint", "project"]
+    args += ["--method", "lora", "--steps", "6", "--constraint", "project"]
     args += ["--rank-levels", "log2", "--adapter", "svd", "--json", "--quiet"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, (result.output, result.exception)
     summary = json.loads(result.stdout)
-    assert summary["violation_fraction"] == 0.0 and "projected_fraction" in summary
+    assert summary["violation_fraction"] == 0.0 and summary["projected_fraction"] > 0
     run_dir = next((tmp_path / "runs").iterdir())
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["online"]["constraint"] == "project" and saved["model"]["adapter"] == "svd"
+    assert saved["online"]["rank_levels"] == "log2"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert {r for row in rows for r in row["rank_vector"]} <= {1, 2, 4}  # r_max 4: log2 levels
+    assert all(row["cost"] <= 1 for row in rows)
+    assert all(max(row["rank_vector"]) < 4 for row in rows if row["projected"])
     bad = runner.invoke(app, [*args[:-4], "--constraint", "squeeze", "--quiet"])
     assert bad.exit_code == 2 and "online.constraint" in bad.stderr
 

@@ -150,3 +150,33 @@ def test_an_online_run_trains_svd_adapters(tiny_model_dir, tiny_data_dir, tmp_pa
     for row in rows:  # every rank costs d_in + d_out + 1 = 65 parameters here
         assert row["payload_params"] == 65 * sum(row["rank_vector"]) and m == 8
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_engine_trains_the_orthogonality_penalty_but_reports_the_task_loss(
+    tiny_finetune_config,
+):
+    from airlora.engine import RoundEngine
+    from airlora.link import build_link
+
+    def engine(weight: float) -> RoundEngine:
+        cfg = tiny_finetune_config
+        model = cfg.model.model_copy(update={"adapter": "svd", "svd_orth_reg_weight": weight})
+        return RoundEngine.build(cfg.data, model, cfg.train, build_link(cfg.link), cfg.seed)
+
+    losses, batches, engines = [], [], []
+    for weight in (0.0, 10.0):  # built and stepped in turn: the same RNG draws (dropout) each
+        e = engine(weight)
+        batches.append(e.stream.next_index())
+        if not engines:
+            q0 = [layer.lora_A["default"].weight.detach().clone() for layer in e.server._layers]
+        losses.append(e.train_steps([batches[-1]]))
+        engines.append(e)
+    plain, penalised = engines
+    assert (batches[0] == batches[1]).all()
+    # Same init, same batch: the reported loss is the task's (E = 0, so no update has acted).
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    # E = 0 stops the task gradient to P and Q: only the penalty moves Q.
+    q_plain = [layer.lora_A["default"].weight for layer in plain.server._layers]
+    q_pen = [layer.lora_A["default"].weight for layer in penalised.server._layers]
+    assert all(torch.equal(a, b) for a, b in zip(q0, q_plain, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(q0, q_pen, strict=True))

@@ -302,10 +302,10 @@ class RoundEngine:
         for index in batches:
             with autocast(self.device, self.amp_dtype):
                 loss = model(**self.batch(self.task.train, index)).loss
-                penalty = getattr(self.server, "regularization", lambda: None)()
-                if penalty is not None:  # SVD-form adapters: orthogonality of P and Q
-                    loss = loss + penalty
-            loss.backward()
+            # SVD-form adapters: the orthogonality of P and Q is trained, not reported (the
+            # loss a step reports, and the online reward, are the task's).
+            penalty = getattr(self.server, "regularization", lambda: None)()
+            (loss if penalty is None else loss + penalty).backward()
             if self.config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
             self.optimizer.step()

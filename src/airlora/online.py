@@ -59,18 +59,20 @@ def build_online_env(config: RunConfig) -> OnlineRankEnv:
     if config.method == "adalora" and config.online.adalora_budget == "link":
         start, target = adalora_link_budget(env)
         settings = config.model.adalora.model_copy(update={"target_rank": target})
+        del env  # one model in memory at a time
         env = build(config.model.model_copy(update={"r_max": start, "adalora": settings}))
     return env
 
 
 def adalora_link_budget(env: OnlineRankEnv) -> tuple[int, int]:
     """AdaLoRA's start and target ranks matched to the link: the target is the mean, over
-    the SNR levels, of the largest uniform rank that fits a slot; the start is 1.5 times it
-    (PEFT's default ratio, 12 to 8), at most r_max and at most what fits at the best SNR
-    (a start that fits nowhere would never train, so never prune)."""
+    the SNR levels, of the largest uniform rank that fits a slot (``min_rank`` at a level
+    where nothing fits), rounded half to even; the start is 1.5 times it (PEFT's default
+    ratio, 12 to 8), at most r_max and at most what fits at the best SNR (a start that fits
+    nowhere would never train, so never prune)."""
     fitting = [env.largest_uniform_rank(s) for s in env.settings.snr_levels_db]
     target = max(1, round(float(np.mean(fitting))))
-    start = min(env.r_max, max(fitting), max(target, math.ceil(1.5 * target)))
+    start = min(env.r_max, max(fitting), math.ceil(1.5 * target))
     if start <= 1:
         raise ConfigError(
             "adalora_budget link: only rank 1 fits a slot at the best SNR level, so AdaLoRA "

@@ -81,9 +81,9 @@ def rank_by_snr(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
     return frame.groupby(["r_max", "name", "snr_db"], as_index=False)["mean_rank"].mean()
 
 
-def tuning_table(sweep_dir: Path) -> pd.DataFrame:
-    """The tuning runs: mean validation accuracy per (r_max, method, learning rate), and
-    which rate was chosen (the best mean; ties go to the earlier rate of the grid)."""
+def tuning_table(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """The tuning runs: mean validation accuracy per (r_max, method, learning rate), and the
+    rate the evaluation runs of that (r_max, method) used (``chosen``)."""
     records = [
         json.loads(p.read_text(encoding="utf-8"))
         for p in sorted((Path(sweep_dir) / CELLS).glob(f"tune-*/{RESULT_FILE}"))
@@ -92,14 +92,16 @@ def tuning_table(sweep_dir: Path) -> pd.DataFrame:
         return pd.DataFrame()
     frame = pd.DataFrame(records)
     out = (
-        frame.groupby(["r_max", "name", "learning_rate"], sort=False)
+        frame.groupby(["r_max", "name", "learning_rate"])
         .agg(runs=("seed", "size"), validation_accuracy=("best_validation_accuracy", "mean"))
         .reset_index()
     )
-    best = out.groupby(["r_max", "name"], sort=False).validation_accuracy.transform("max")
-    first = out[out.validation_accuracy == best].groupby(["r_max", "name"]).head(1).index
-    out["chosen"] = out.index.isin(first)
-    return out.sort_values(["r_max", "name", "learning_rate"]).reset_index(drop=True)
+    used = table.groupby(["r_max", "name"]).learning_rate.first().to_dict()
+    out["chosen"] = [
+        used.get((r, n)) == lr
+        for r, n, lr in zip(out.r_max, out.name, out.learning_rate, strict=True)
+    ]
+    return out
 
 
 def online_summary(table: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -268,7 +270,7 @@ def write_online_report(
             markdown_table(paired),
             "",
         ]
-    tuning = tuning_table(sweep_dir)
+    tuning = tuning_table(sweep_dir, table)
     if not tuning.empty:
         tuning.to_csv(folder / "tuning.csv", index=False)
         show_tuning = pd.DataFrame(

@@ -280,6 +280,8 @@ class TuningConfig(ConfigBase):
     def _positive(cls, v: list[float]) -> list[float]:
         if not v or any(lr <= 0 for lr in v):
             raise ValueError(f"tuning.learning_rates must be positive values, got {v}")
+        if len({f"{lr:g}" for lr in v}) != len(v):  # the cell ids print rates with %g
+            raise ValueError(f"tuning.learning_rates must differ in 6 significant digits: {v}")
         return v
 
 

@@ -4,8 +4,11 @@ Each adapted projection carries ``delta W = (alpha / r_max) P diag(E * mask) Q``
 r_max x d_in factor (PEFT's ``lora_A``), P the d_out x r_max factor (``lora_B``) and E one
 singular value per component, as in AdaLoRA; the rank mask keeps the first r components. A
 rank of r therefore sends ``r (d_in + d_out + 1)`` parameters. Training adds an
-orthogonality penalty on the active parts of P and Q (weight 0.01 by default, as the
-reference), so that the components stay distinct and a truncation drops whole directions.
+orthogonality penalty on the active parts of P and Q, the mean over projections of
+``||Q Q^T - I||_F^2 + ||P^T P - I||_F^2`` times a weight (0.01 by default, the reference's
+weight; PEFT's AdaLoRA uses the unsquared norm, averaged over the matrices), so that the
+components stay distinct and a truncation drops whole directions. The penalty is trained but
+not reported: a step's loss is the task's.
 
 Unlike AdaLoRA, nothing here prunes: the caller (a policy) sets the ranks. Initialisation
 follows PEFT's AdaLoRA (P, Q ~ N(0, 0.02^2), E = 0), so the adapted model starts equal to the
@@ -38,7 +41,8 @@ class RankedSVDModel(RankedLoRAModel):
         A ``PeftModel`` with one LoRA adapter at ``r_max``; build one with :meth:`from_base`.
     orth_reg_weight:
         Weight of the orthogonality penalty ``mean_i (||Q_i Q_i^T - I||_F^2 +
-        ||P_i^T P_i - I||_F^2)`` over the active components. Default 0.01.
+        ||P_i^T P_i - I||_F^2)`` over the projections with a non-zero rank, each on its active
+        components. Default 0.01.
     """
 
     per_rank_extra = 1  # the singular value travels with each kept component
@@ -102,8 +106,8 @@ class RankedSVDModel(RankedLoRAModel):
         for layer, r in zip(self._layers, self._ranks, strict=True):
             if r == 0:
                 continue
-            q = layer.lora_A[ADAPTER].weight[:r]
-            p = layer.lora_B[ADAPTER].weight[:, :r]
+            q = layer.lora_A[ADAPTER].weight[:r].float()  # float32 under autocast too
+            p = layer.lora_B[ADAPTER].weight[:, :r].float()
             eye = torch.eye(r, dtype=q.dtype, device=q.device)
             terms.append((q @ q.T - eye).square().sum() + (p.T @ p - eye).square().sum())
         if not terms:

@@ -25,8 +25,11 @@ from airlora.runs import POLICY_FILE, atomic_write_text
 
 @dataclass(frozen=True)
 class ActionLayout:
-    """The rank vector a policy emits: one rank in 0..r_max per named projection, and the
-    size of the observation it reads (the round formulation's fixed layout by default)."""
+    """The rank vector a policy emits: one entry in 0..r_max per named projection, and the
+    size of the observation it reads (the round formulation's fixed layout by default).
+    The entry is the rank itself, except in an online environment with ``log2`` rank
+    levels, where ``r_max`` is the top level's index and the environment decodes indices
+    to ranks (a saved policy keeps the index space; the run's config names the levels)."""
 
     projection_names: tuple[str, ...]
     r_max: int
