@@ -263,3 +263,23 @@ def test_method_overrides_merge_into_nested_sections():
     assert model.r_max == 16
     train = _merge(TrainConfig(rounds=4), {"learning_rate": 0.01})
     assert train.rounds == 4 and train.learning_rate == 0.01
+
+
+def test_every_shipped_preset_validates_and_plans():
+    from airlora.config import SweepConfig
+    from airlora.presets import list_presets, preset_mapping
+    from airlora.sweep import plan
+
+    names = [name for name, _ in list_presets()]
+    assert {"demo", "paper-cpu", "reference", "reference-cpu", "reference-cpu-ablations"} <= set(
+        names
+    )
+    for name in names:
+        config = SweepConfig.model_validate(preset_mapping(name))
+        cells = [c for stage in plan(config) for c in stage]
+        assert cells and len({c["id"] for c in cells}) == len(cells), name
+    ablations = SweepConfig.model_validate(preset_mapping("reference-cpu-ablations"))
+    main = SweepConfig.model_validate(preset_mapping("reference-cpu"))
+    # The ablations pair with reference-cpu: the same settings but the methods and r_max.
+    strip = {"name", "methods", "r_max"}
+    assert ablations.model_dump(exclude=strip) == main.model_dump(exclude=strip)

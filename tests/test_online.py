@@ -427,3 +427,16 @@ def test_cell_ids_read_back(cell_id, parts):
     assert parts.items() <= parsed.items()
     if parsed["kind"] == "tune":
         assert parsed["learning_rate"] == 0.003 and parsed["seed"] == 1000
+
+
+def test_the_no_complexity_ablation_zeroes_entropy_and_oov(tiny_model_dir, tiny_data_dir, tmp_path):
+    from airlora.online import build_online_env
+
+    config = _config(tiny_model_dir, tiny_data_dir, tmp_path)
+    with_features, _ = build_online_env(config).reset(seed=0)
+    ablated = config.model_copy(
+        update={"env": config.env.model_copy(update={"use_complexity": False})}
+    )
+    without, _ = build_online_env(ablated).reset(seed=0)
+    assert with_features[2] > 0 and without[2] == 0 and without[3] == 0
+    assert np.array_equal(np.delete(with_features, [2, 3]), np.delete(without, [2, 3]))

@@ -53,6 +53,7 @@ def build_online_env(config: RunConfig) -> OnlineRankEnv:
             unk_token_id=engine.unk_token_id,
             special_ids=tuple(engine.special_ids),
             seed=config.seed,
+            use_complexity=config.env.use_complexity,
         )
 
     env = build(config.model)

@@ -52,6 +52,8 @@ class OnlineRankEnv(gym.Env):
     unk_token_id, special_ids: the tokenizer's unknown token and its special tokens (left
         out of the entropy and the OOV rate).
     seed: seeds the SNR draws.
+    use_complexity: false zeroes the batch's entropy and OOV rate in the observation (the
+        no-complexity ablation; ``env.use_complexity`` of a run config).
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 - gymnasium's convention
@@ -63,10 +65,11 @@ class OnlineRankEnv(gym.Env):
         unk_token_id: int | None = None,
         special_ids: tuple[int, ...] = (),
         seed: int = 0,
+        use_complexity: bool = True,
     ) -> None:
         self.engine = engine
         self.settings = settings
-        self.config = EnvConfig(cost_weight=settings.cost_weight)
+        self.config = EnvConfig(cost_weight=settings.cost_weight, use_complexity=use_complexity)
         self.cost_model = ShannonCost(
             settings.bandwidth_hz, settings.slot_s, settings.bits_per_param
         )
@@ -115,7 +118,7 @@ class OnlineRankEnv(gym.Env):
         levels = self.settings.snr_levels_db
         lo, hi = min(levels), max(levels)
         snr = 0.5 if hi == lo else (self._snr_db - lo) / (hi - lo)
-        entropy, oov = self.batch_statistics()
+        entropy, oov = self.batch_statistics() if self.config.use_complexity else (0.0, 0.0)
         ranks = np.asarray(self._ranks, dtype=np.float32) / self.r_max
         return np.concatenate([[snr, 0.5, entropy, oov], ranks]).astype(np.float32)
 
