@@ -43,6 +43,24 @@ def _config(model_dir, data_dir, tmp_path, **online) -> RunConfig:
     )
 
 
+def _sweep_body(model_dir, data_dir, name, online, methods, seeds, **extra) -> dict:
+    """An online sweep over the tiny task at r_max 2, 50 kHz (one method entry per name)."""
+    return {
+        **tiny_task_sections(model_dir, data_dir),
+        "name": name,
+        "formulation": "online",
+        "train": {"warmup_steps": 0, "learning_rate": 1e-2, "threads": 1},
+        "link": {"scheme": "shannon"},
+        "online": {**online, "bandwidth_hz": 5e4},
+        "methods": [{"name": m, "method": m} for m in methods],
+        "r_max": [2],
+        "seeds": seeds,
+        "workers": 1,
+        "threads_per_worker": 1,
+        **extra,
+    }
+
+
 def test_a_violated_step_trains_nothing_and_pays_the_penalty(
     tiny_model_dir, tiny_data_dir, tmp_path
 ):
@@ -144,23 +162,14 @@ def test_an_online_sweep_runs_resumes_and_reports_paired_comparisons(
     from airlora.config import SweepConfig
     from airlora.sweep import plan
 
-    body = {
-        **tiny_task_sections(tiny_model_dir, tiny_data_dir),
-        "name": "online",
-        "formulation": "online",
-        "train": {"warmup_steps": 0, "learning_rate": 1e-2, "threads": 1},
-        "link": {"scheme": "shannon"},
-        "online": {"steps": 8, "episode_steps": 4, "validate_every": 4, "bandwidth_hz": 5e4},
-        "methods": [
-            {"name": "airllm", "method": "airllm"},
-            {"name": "lora", "method": "lora"},
-            {"name": "heuristic", "method": "heuristic"},
-        ],
-        "r_max": [2],
-        "seeds": [0, 1, 2],
-        "workers": 1,
-        "threads_per_worker": 1,
-    }
+    body = _sweep_body(
+        tiny_model_dir,
+        tiny_data_dir,
+        "online",
+        {"steps": 8, "episode_steps": 4, "validate_every": 4},
+        ["airllm", "lora", "heuristic"],
+        seeds=[0, 1, 2],
+    )
     path = tmp_path / "online.yaml"
     path.write_text(yaml.safe_dump(body))
     config = SweepConfig.model_validate(body)
@@ -328,23 +337,15 @@ def test_an_online_sweep_tunes_every_method_on_the_same_grid(
     from airlora.config import SweepConfig
     from airlora.sweep import plan
 
-    body = {
-        **tiny_task_sections(tiny_model_dir, tiny_data_dir),
-        "name": "tuned",
-        "formulation": "online",
-        "train": {"warmup_steps": 0, "learning_rate": 1e-2, "threads": 1},
-        "link": {"scheme": "shannon"},
-        "online": {"steps": 6, "episode_steps": 3, "validate_every": 3, "bandwidth_hz": 5e4},
-        "methods": [
-            {"name": "lora", "method": "lora"},
-            {"name": "heuristic", "method": "heuristic"},
-        ],
-        "r_max": [2],
-        "seeds": [0],
-        "tuning": {"learning_rates": [1e-4, 3e-2], "seeds": [7]},
-        "workers": 1,
-        "threads_per_worker": 1,
-    }
+    body = _sweep_body(
+        tiny_model_dir,
+        tiny_data_dir,
+        "tuned",
+        {"steps": 6, "episode_steps": 3, "validate_every": 3},
+        ["lora", "heuristic"],
+        seeds=[0],
+        tuning={"learning_rates": [1e-4, 3e-2], "seeds": [7]},
+    )
     with pytest.raises(ValueError, match="also evaluation seeds"):
         SweepConfig.model_validate({**body, "tuning": {"learning_rates": [1e-3], "seeds": [0]}})
     with pytest.raises(ValueError, match="online sweeps only"):

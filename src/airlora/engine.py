@@ -304,7 +304,7 @@ class RoundEngine:
                 loss = model(**self.batch(self.task.train, index)).loss
             # SVD-form adapters: the orthogonality of P and Q is trained, not reported (the
             # loss a step reports, and the online reward, are the task's).
-            penalty = getattr(self.server, "regularization", lambda: None)()
+            penalty = self.server.regularization()
             (loss if penalty is None else loss + penalty).backward()
             if self.config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)

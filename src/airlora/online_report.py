@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 
 from airlora.config import SweepConfig
+from airlora.report import _legend, _per_rmax_axes, _save, _title
 from airlora.runs import METRICS_FILE, REPORT_DIR, REPORT_FILE, RESULT_FILE
 from airlora.stats import compare_to_reference, mean_ci
 from airlora.sweep.store import CELLS, cell_records
@@ -39,12 +38,18 @@ def steps_to_fraction(returns: list[float], episode_steps: int, fraction: float 
     return float((reached + 1) * episode_steps)
 
 
-def online_curves(sweep_dir: Path, table: pd.DataFrame, episode_steps: int) -> pd.DataFrame:
-    """Per cell and episode window: the return, the mean executed rank and the SNR; read from
-    every cell's step log."""
+def step_logs(sweep_dir: Path, table: pd.DataFrame) -> dict[str, list[dict]]:
+    """Every cell's step log (metrics.jsonl), read once for the curves and the ranks."""
+    return {cell: cell_records(sweep_dir, cell, METRICS_FILE) for cell in table["cell"]}
+
+
+def online_curves(
+    table: pd.DataFrame, logs: dict[str, list[dict]], episode_steps: int
+) -> pd.DataFrame:
+    """Per cell and episode window: the return at the window's last step."""
     rows = []
     for cell in table.itertuples():
-        steps = cell_records(sweep_dir, cell.cell, METRICS_FILE)
+        steps = logs[cell.cell]
         for start in range(0, len(steps), episode_steps):
             window = steps[start : start + episode_steps]
             rows.append(
@@ -60,12 +65,12 @@ def online_curves(sweep_dir: Path, table: pd.DataFrame, episode_steps: int) -> p
     return pd.DataFrame(rows)
 
 
-def rank_by_snr(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
+def rank_by_snr(table: pd.DataFrame, logs: dict[str, list[dict]]) -> pd.DataFrame:
     """Mean executed rank per (r_max, method, SNR level) over the second half of every run:
     whether a policy reads the channel."""
     rows = []
     for cell in table.itertuples():
-        steps = cell_records(sweep_dir, cell.cell, METRICS_FILE)
+        steps = logs[cell.cell]
         for r in steps[len(steps) // 2 :]:
             rows.append(
                 {
@@ -140,64 +145,60 @@ def online_summary(table: pd.DataFrame, curves: pd.DataFrame | None = None) -> p
     return pd.DataFrame(rows)
 
 
-def _pareto(summary: pd.DataFrame, folder: Path) -> Path:
-    r_values = sorted(summary.r_max.unique())
-    fig, axes = plt.subplots(1, len(r_values), figsize=(5 * len(r_values), 3.8), squeeze=False)
+def _per_rmax_figure(
+    frame: pd.DataFrame,
+    folder: Path,
+    stem: str,
+    title: str,
+    draw: Callable[[Axes, pd.DataFrame], None],
+) -> Path:
+    """One panel per r_max, drawn by ``draw``; saved as PNG and PDF (the PNG is returned)."""
+    r_values = sorted(frame.r_max.unique())
+    fig, axes = _per_rmax_axes(r_values)
     for ax, r_max in zip(axes[0], r_values, strict=True):
-        for _, row in summary[summary.r_max == r_max].iterrows():
+        draw(ax, frame[frame.r_max == r_max])
+        ax.set_title(f"r_max = {r_max}")
+        ax.grid(alpha=0.3)
+    _legend(axes[0][-1])
+    _title(fig, title)
+    return _save(fig, folder, stem)[0]
+
+
+def _pareto(summary: pd.DataFrame, folder: Path) -> Path:
+    def draw(ax: Axes, panel: pd.DataFrame) -> None:
+        for row in panel.itertuples():
             err = 0 if math.isnan(row.test_accuracy_ci95) else row.test_accuracy_ci95
             ax.errorbar(row.params_per_step, row.test_accuracy, yerr=err, fmt="o", label=row.method)
-        ax.set_title(f"r_max = {r_max}")
         ax.set_xlabel("parameters sent per training step")
         ax.set_ylabel("test accuracy (95 % CI)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("Online formulation: accuracy against payload (up and left is better)")
-    path = folder / "online_pareto.png"
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-    plt.close(fig)
-    return path
+
+    title = "Online formulation: accuracy against payload (up and left is better)"
+    return _per_rmax_figure(summary, folder, "online_pareto", title, draw)
 
 
 def _learning_curves(curves: pd.DataFrame, folder: Path) -> Path:
-    r_values = sorted(curves.r_max.unique())
-    fig, axes = plt.subplots(1, len(r_values), figsize=(5 * len(r_values), 3.8), squeeze=False)
-    for ax, r_max in zip(axes[0], r_values, strict=True):
-        for name, g in curves[curves.r_max == r_max].groupby("name", sort=True):
+    def draw(ax: Axes, panel: pd.DataFrame) -> None:
+        for name, g in panel.groupby("name", sort=True):
             mean = g.groupby("step").episode_return.mean()
             ax.plot(mean.index, mean.values, marker=".", label=name)
-        ax.set_title(f"r_max = {r_max}")
         ax.set_xlabel("training step")
         ax.set_ylabel("episode return (mean over seeds)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("Online formulation: episode return during the run")
-    path = folder / "online_returns.png"
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-    plt.close(fig)
-    return path
+
+    title = "Online formulation: episode return during the run"
+    return _per_rmax_figure(curves, folder, "online_returns", title, draw)
 
 
 def _ranks_by_snr(ranks: pd.DataFrame, folder: Path) -> Path:
-    r_values = sorted(ranks.r_max.unique())
-    fig, axes = plt.subplots(1, len(r_values), figsize=(5 * len(r_values), 3.8), squeeze=False)
-    for ax, r_max in zip(axes[0], r_values, strict=True):
-        for name, g in ranks[ranks.r_max == r_max].groupby("name", sort=True):
+    def draw(ax: Axes, panel: pd.DataFrame) -> None:
+        for name, g in panel.groupby("name", sort=True):
             ax.plot(g.snr_db, g.mean_rank, marker="o", label=name)
-        ax.set_title(f"r_max = {r_max}")
         ax.set_xlabel("SNR of the step (dB)")
         ax.set_ylabel("mean executed rank (second half of the run)")
         ax.set_yscale("log", base=2)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("Does the rank follow the channel?")
-    path = folder / "online_rank_by_snr.png"
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-    plt.close(fig)
-    return path
+
+    return _per_rmax_figure(
+        ranks, folder, "online_rank_by_snr", "Does the rank follow the channel?", draw
+    )
 
 
 def write_online_report(
@@ -206,8 +207,9 @@ def write_online_report(
     folder = sweep_dir / REPORT_DIR
     folder.mkdir(exist_ok=True)
     o = config.online
-    curves = online_curves(sweep_dir, table, o.episode_steps)
-    ranks = rank_by_snr(sweep_dir, table)
+    logs = step_logs(sweep_dir, table)
+    curves = online_curves(table, logs, o.episode_steps)
+    ranks = rank_by_snr(table, logs)
     summary = online_summary(table, curves)
     summary.to_csv(folder / "summary.csv", index=False)
     ranks.to_csv(folder / "rank_by_snr.csv", index=False)

@@ -132,6 +132,10 @@ class AdaLoRAModel:
         """Score importance and prune to the scheduled budget (PEFT's update_and_allocate)."""
         self.peft_model.base_model.update_and_allocate(global_step)
 
+    def regularization(self) -> torch.Tensor | None:
+        """None: PEFT adds AdaLoRA's orthogonality penalty to the model's loss itself."""
+        return None
+
     # ------------------------------------------------------------------ parameters
 
     def lora_parameters(self) -> list[nn.Parameter]:
