@@ -107,7 +107,42 @@ def test_the_heuristic_takes_the_largest_rank_that_fits(tiny_model_dir, tiny_dat
         assert (fits or r == env.min_rank) and not above
 
 
-@pytest.mark.parametrize("method", ["lora", "heuristic", "airllm"])
+def test_the_oracle_fills_the_slot(tiny_model_dir, tiny_data_dir, tmp_path):
+    from airlora.online import build_online_env
+
+    env = build_online_env(_config(tiny_model_dir, tiny_data_dir, tmp_path, bandwidth_hz=5e4))
+    env.reset(seed=0)
+    m = len(env.projection_names)
+
+    def fits(ranks, snr):
+        return env.cost_model.cost(env.payload_params(ranks), snr) <= 1
+
+    filled_beyond_uniform = False
+    for snr in (-5.0, 0.0, 5.0, 10.0, 15.0, 40.0):
+        ranks = env.slot_filling_ranks(snr)
+        uniform = env.largest_uniform_rank(snr)
+        assert min(ranks) == uniform and max(ranks) <= env.r_max
+        if not fits([env.min_rank] * m, snr):
+            continue
+        assert fits(ranks, snr)
+        for i in range(m):  # no single added rank fits
+            more = list(ranks)
+            more[i] += 1
+            assert more[i] > env.r_max or not fits(more, snr)
+        filled_beyond_uniform |= sum(ranks) > uniform * m
+    assert filled_beyond_uniform  # somewhere the slot holds more than the uniform rank
+
+
+def test_oracle_is_online_only(tiny_model_dir, tiny_data_dir):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="oracle .* online formulation only"):
+        RunConfig.model_validate(
+            {**tiny_task_sections(tiny_model_dir, tiny_data_dir), "method": "oracle"}
+        )
+
+
+@pytest.mark.parametrize("method", ["lora", "heuristic", "oracle", "airllm"])
 def test_same_seed_same_online_run(method, tiny_model_dir, tiny_data_dir, tmp_path):
     from airlora.online import run_online
 
@@ -361,6 +396,9 @@ def test_an_online_sweep_tunes_every_method_on_the_same_grid(
         p.parent.name: json.loads(p.read_text()) for p in (out / "cells").glob("tune-*/result.json")
     }
     assert len(tunes) == 4 and all(t["test_accuracy"] is None for t in tunes.values())
+    for cell in (out / "cells").glob("tune-*"):  # the head's rate keeps its ratio (4e-3 / 1e-2)
+        train = yaml.safe_load((cell / "config.yaml").read_text())["train"]
+        assert train["head_learning_rate"] == pytest.approx(0.4 * train["learning_rate"])
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 2  # tuning runs are not results
     for name in ("lora", "heuristic"):

@@ -7,6 +7,7 @@
    trains nothing):
    - ``lora`` plays its fixed rank (at least ``min_rank``) on every projection; ``random``
      draws ranks; ``heuristic`` takes the largest uniform rank that fits this step's slot;
+     ``oracle`` fills the slot (that rank, plus one more on as many projections as still fit);
      ``adalora`` (PEFT) prunes on its own budget schedule and its current ranks are priced;
    - ``airllm`` and ``ppo`` *learn while the model trains*: their ``learn`` drives the
      environment, PPO updates once per episode window, and the model is never reset.
@@ -121,6 +122,8 @@ def _play_fixed(env: OnlineRankEnv, config: RunConfig, tracker: _Tracker) -> Non
             ranks = np.full(m, max(rank, env.min_rank))
         elif config.method == "heuristic":
             ranks = np.full(m, env.largest_uniform_rank())
+        elif config.method == "oracle":
+            ranks = env.slot_filling_ranks()
         elif config.method == "adalora":  # its own ranks (the environment prices them)
             ranks = np.full(m, env.r_max)
         else:  # random: uniform over the levels a learned policy chooses from

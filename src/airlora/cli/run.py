@@ -203,7 +203,10 @@ def finetune(
 def run(
     config_file: ConfigOption = None,
     method: Annotated[
-        str | None, typer.Option(help="airllm, ppo, lora, adalora, random or heuristic. [lora]")
+        str | None,
+        typer.Option(
+            help="airllm, ppo, lora, adalora, random, heuristic or oracle (online). [lora]"
+        ),
     ] = None,
     rmax: RmaxOption = None,
     rank: Annotated[

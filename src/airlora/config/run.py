@@ -173,7 +173,13 @@ class PolicyTrainConfig(ConfigBase):
     run_name: str | None = None
 
 
-METHODS = ("airllm", "ppo", "lora", "adalora", "random", "heuristic")
+METHODS = ("airllm", "ppo", "lora", "adalora", "random", "heuristic", "oracle")
+
+
+ORACLE_ONLINE_ONLY = (
+    "method oracle (the slot-filling rank vector) is defined in the online formulation only "
+    "(formulation: online)"
+)
 
 
 class RunConfig(ConfigBase):
@@ -190,7 +196,7 @@ class RunConfig(ConfigBase):
     ``airllm`` settings; no saved policy), and the link is the ``shannon`` cost.
     """
 
-    method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic"] = "lora"
+    method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic", "oracle"] = "lora"
     formulation: Literal["round", "online"] = "round"
     online: OnlineSettings = OnlineSettings()
     ppo: PPOConfig = PPOConfig()
@@ -215,6 +221,8 @@ class RunConfig(ConfigBase):
                     "the online formulation runs on the shannon link (link.scheme: shannon); "
                     f"got '{self.link.scheme}'"
                 )
+        elif self.method == "oracle":
+            raise ValueError(ORACLE_ONLINE_ONLY)
         elif self.method in ("airllm", "ppo") and self.policy is None:
             raise ValueError(
                 f"method {self.method} plays a saved policy: give policy (a train-policy run's "
@@ -234,7 +242,7 @@ class MethodSpec(ConfigBase):
     Parameters
     ----------
     name: label in tables and figures (``airllm``, ``airllm-no-denoiser``, ``lora-r4``...).
-    method: one of airllm, ppo, lora, adalora, random, heuristic.
+    method: one of airllm, ppo, lora, adalora, random, heuristic, oracle (online only).
     rank: lora's fixed rank; default r_max.
     airllm, env, ppo, model, train: overrides merged into the sweep's sections for this entry
         (for example ``airllm: {use_denoiser: false}``, ``env: {use_complexity: false}``,
@@ -242,7 +250,7 @@ class MethodSpec(ConfigBase):
     """
 
     name: str
-    method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic"]
+    method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic", "oracle"]
     rank: int | None = Field(default=None, ge=0)
     airllm: dict = {}
     env: dict = {}
@@ -268,7 +276,8 @@ class TuningConfig(ConfigBase):
 
     Parameters
     ----------
-    learning_rates: the grid of ``train.learning_rate`` values (at least one).
+    learning_rates: the grid of ``train.learning_rate`` values (at least one); the head's
+        rate keeps its ratio to it (``train.head_learning_rate / train.learning_rate``).
     seeds: seeds of the tuning runs. Default [1000].
     """
 
@@ -342,6 +351,8 @@ class SweepConfig(ConfigBase):
         for m in self.methods:
             if m.rank is not None and m.rank > min(self.r_max):
                 raise ValueError(f"{m.name}: rank {m.rank} exceeds r_max {min(self.r_max)}")
+        if self.formulation != "online" and any(m.method == "oracle" for m in self.methods):
+            raise ValueError(ORACLE_ONLINE_ONLY)
         if self.formulation == "online" and self.link.scheme != "shannon":
             raise ValueError("an online sweep runs on the shannon link (link.scheme: shannon)")
         if self.tuning is not None:

@@ -225,6 +225,27 @@ class OnlineRankEnv(gym.Env):
                 return r
         return self.min_rank
 
+    def slot_filling_ranks(self, snr_db: float | None = None) -> list[int]:
+        """The constraint-tight rank vector at ``snr_db`` (default: this step's SNR): the
+        largest uniform rank that fits, then one more rank at a time on the projections in
+        order, earliest first, in passes, while the payload still fits a slot. When it stops,
+        no single added rank fits: the most a step can send without violating, the
+        ``oracle`` of the online harness."""
+        snr_db = self._snr_db if snr_db is None else snr_db
+        ranks = [self.largest_uniform_rank(snr_db)] * len(self.projection_names)
+        grown = True
+        while grown:
+            grown = False
+            for i in range(len(ranks)):
+                if ranks[i] >= self.r_max:
+                    continue
+                ranks[i] += 1
+                if self.cost_model.cost(self.payload_params(ranks), snr_db) > 1:
+                    ranks[i] -= 1
+                else:
+                    grown = True
+        return ranks
+
     def validate(self) -> float:
         """Accuracy of the server model (current ranks) on the validation split."""
         return self.engine.evaluate(self.engine.server, self.engine.task.validation)[0]

@@ -13,7 +13,14 @@ import shutil
 import uuid
 from pathlib import Path
 
-from airlora.config import PolicyTrainConfig, RunConfig, SurrogateConfig, SweepConfig, load_config
+from airlora.config import (
+    PolicyTrainConfig,
+    RunConfig,
+    SurrogateConfig,
+    SweepConfig,
+    TrainConfig,
+    load_config,
+)
 from airlora.errors import CellError, os_error_message
 from airlora.runs import (
     POLICY_DIR,
@@ -93,9 +100,9 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
         assert spec is not None
         online = cell["kind"] in ("online", "tune")
         if cell["kind"] == "tune":
-            train = train.model_copy(update={"learning_rate": cell["learning_rate"]})
+            train = at_learning_rate(train, cell["learning_rate"])
         elif "tuning" in cell:
-            train = train.model_copy(update={"learning_rate": chosen_learning_rate(cells, cell)})
+            train = at_learning_rate(train, chosen_learning_rate(cells, cell))
         link = config.link
         if not online:
             link = merge_section(link, {"snr_process": "fixed", "snr_db": cell["snr_db"]})
@@ -143,6 +150,15 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
     seal_cell(tmp, cell["id"])
     os.replace(tmp, final)
     return cell["id"]
+
+
+def at_learning_rate(train: TrainConfig, learning_rate: float) -> TrainConfig:
+    """``train`` at the adapter learning rate ``learning_rate``; the head's rate keeps its
+    ratio to it (one knob per method: the head is trained from scratch beside the adapter)."""
+    ratio = train.head_learning_rate / train.learning_rate
+    return train.model_copy(
+        update={"learning_rate": learning_rate, "head_learning_rate": learning_rate * ratio}
+    )
 
 
 def chosen_learning_rate(cells: Path, cell: dict) -> float:
