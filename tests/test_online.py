@@ -136,7 +136,7 @@ def test_the_oracle_fills_the_slot(tiny_model_dir, tiny_data_dir, tmp_path):
 def test_oracle_is_online_only(tiny_model_dir, tiny_data_dir):
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="oracle .* online formulation only"):
+    with pytest.raises(ValidationError, match=r"oracle .* online formulation only"):
         RunConfig.model_validate(
             {**tiny_task_sections(tiny_model_dir, tiny_data_dir), "method": "oracle"}
         )
@@ -479,3 +479,69 @@ def test_the_no_complexity_ablation_zeroes_entropy_and_oov(tiny_model_dir, tiny_
     without, _ = build_online_env(ablated).reset(seed=0)
     assert with_features[2] > 0 and without[2] == 0 and without[3] == 0
     assert np.array_equal(np.delete(with_features, [2, 3]), np.delete(without, [2, 3]))
+
+
+@pytest.mark.parametrize("scheme", ["digital", "coded", "analog"])
+def test_link_airtime_is_the_first_transmission(scheme):
+    from airlora.config import LinkConfig
+    from airlora.link import build_link
+
+    config = LinkConfig(scheme=scheme, modulation="16qam", packet_bits=1024, bandwidth_hz=1e6)
+    link = build_link(config, seed=0)
+    tensors = {"a": torch.randn(3000), "b": torch.randn(17, 5)}
+    _, report = link.transmit(tensors, 12.0)
+    control = report.extra.get("control_symbols", 0)
+    data_s = (report.symbols - control) / 1e6
+    assert link.airtime_s(3000 + 85, 12.0) == pytest.approx(data_s, rel=1e-12)
+    if scheme == "digital":  # adaptive modulation: a better channel carries more bits/symbol
+        adaptive = build_link(config.model_copy(update={"modulation": "adaptive"}))
+        assert adaptive.airtime_s(10_000, 25.0) < adaptive.airtime_s(10_000, 5.0)
+
+
+def test_online_on_a_digital_link_prices_airtime_and_feeds_the_edge(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    from airlora.online import build_online_env, run_online
+
+    def config(modulation, snr_levels, bandwidth):
+        base = _config(
+            tiny_model_dir,
+            tiny_data_dir,
+            tmp_path,
+            bandwidth_hz=bandwidth,
+            snr_levels_db=snr_levels,
+            validate_every=100,
+        )
+        link = {"scheme": "digital", "modulation": modulation, "packet_bits": 256}
+        return RunConfig.model_validate(
+            {**base.model_dump(mode="json"), "method": "heuristic", "link": link}
+        )
+
+    # The cost is the airtime of the payload over the slot, on the link the run builds.
+    env = build_online_env(config("bpsk", [10.0], 2e5))
+    ranks = [2] * len(env.projection_names)
+    params = env.payload_params(ranks)
+    assert env.cost_model.cost(params, 10.0) == pytest.approx(
+        env.engine.link.airtime_s(params, 10.0)
+    )
+    assert env.engine.link.config.deadline_s is None and env.engine.link.config.bandwidth_hz == 2e5
+    del env
+
+    # A clean channel: everything arrives. 64-QAM at -5 dB: CRC drops nearly every packet.
+    _, clean_rows, clean = run_online(
+        config("bpsk", [30.0], 2e5).model_copy(update={"run_name": "c"})
+    )
+    _, lossy_rows, lossy = run_online(
+        config("64qam", [-5.0], 2e7).model_copy(update={"run_name": "l"})
+    )
+    for rows, summary in ((clean_rows, clean), (lossy_rows, lossy)):
+        sent = [r for r in rows if not r["violated"]]
+        assert sent and all(
+            "airtime_s" in r and "airtime_s" not in v for r in sent for v in rows if v["violated"]
+        )
+        assert summary["total_airtime_s"] == pytest.approx(sum(r["airtime_s"] for r in sent))
+        assert 0.0 <= summary["edge_test_accuracy"] <= 1.0
+    assert clean["erasures"] == 0 and clean["erased_fraction"] == 0.0
+    assert lossy["erasures"] > 0 and lossy["erased_fraction"] > 0.5
+    # The edge's copy is the server's last state (quantised): it scores alike.
+    assert clean["edge_test_accuracy"] == pytest.approx(clean["test_accuracy"], abs=0.1)

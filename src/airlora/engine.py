@@ -333,6 +333,18 @@ class RoundEngine:
             loss_sum += float(loss) * len(index)
         return correct / len(split), loss_sum / len(split)
 
+    def deliver(self, ranks: Sequence[int], snr_db: float) -> LinkReport:
+        """Send the server's active factors at ``ranks`` (and the head) over the link at
+        ``snr_db``; the edge's copy becomes what arrived."""
+        # The link model works on host memory; .cpu() is free for tensors already there.
+        sent = {k: v.cpu() for k, v in self.server.active_tensors().items()}
+        # A diverged update is still sent (the airtime is spent), but as finite numbers.
+        sent = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in sent.items()}
+        protected = self.server.head_tensor_names() if self.protect_head else []
+        received, report = self.link.transmit(sent, snr_db, protected)
+        self.edge.load_active_tensors(received, ranks)
+        return report
+
     def run_round(self, rank_vector: Sequence[int] | None, snr_db: float) -> RoundMetrics:
         """One full round with the given ranks at the given SNR (Es/N0, dB).
 
@@ -364,15 +376,7 @@ class RoundEngine:
         )
 
         start = time.perf_counter()
-        # The link model works on host memory; .cpu() is free for tensors already there.
-        sent = {k: v.cpu() for k, v in self.server.active_tensors().items()}
-        if diverged:  # still sent (the airtime is spent), but as finite numbers
-            sent = {
-                k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in sent.items()
-            }
-        protected = self.server.head_tensor_names() if self.protect_head else []
-        received, report = self.link.transmit(sent, snr_db, protected)
-        self.edge.load_active_tensors(received, ranks)
+        report = self.deliver(ranks, snr_db)
         transmit_time = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -39,15 +39,26 @@ from airlora.runs import ADAPTER_DIR, RunFolder
 
 
 def build_online_env(config: RunConfig) -> OnlineRankEnv:
-    """The engine (a schedule over the run's steps; the link is unused: the Shannon cost
-    prices each step) and the online environment over it. With ``adalora_budget: link`` the
-    AdaLoRA model is built a second time, at the budget the first one's link prices."""
+    """The engine (a schedule over the run's steps) and the online environment over it.
+    ``link.scheme: shannon`` prices each step at capacity and sends nothing; a simulated link
+    (digital, coded, analog) runs at ``online.bandwidth_hz`` with the slot as its only
+    deadline, prices each step by its airtime and carries the trained adapter to the edge.
+    With ``adalora_budget: link`` the AdaLoRA model is built a second time, at the budget the
+    first one's link prices."""
     steps = config.online.steps
     train = config.train.model_copy(update={"rounds": 1, "steps_per_round": steps})
-    link = config.link.model_copy(update={"scheme": "perfect"})
+    simulated = config.link.scheme != "shannon"
+    if simulated:
+        link = config.link.model_copy(
+            update={"bandwidth_hz": config.online.bandwidth_hz, "deadline_s": None}
+        )
+    else:  # the engine's link is never used
+        link = config.link.model_copy(update={"scheme": "perfect"})
 
     def build(model: ModelConfig) -> OnlineRankEnv:
-        engine = RoundEngine.build(config.data, model, train, build_link(link), config.seed)
+        engine = RoundEngine.build(
+            config.data, model, train, build_link(link, config.seed), config.seed
+        )
         return OnlineRankEnv(
             engine,
             config.online,
@@ -55,6 +66,7 @@ def build_online_env(config: RunConfig) -> OnlineRankEnv:
             special_ids=tuple(engine.special_ids),
             seed=config.seed,
             use_complexity=config.env.use_complexity,
+            simulated_link=simulated,
         )
 
     env = build(config.model)
@@ -187,6 +199,11 @@ def run_online(
             engine.evaluate(engine.server, engine.task.test) if score_test else (None, None)
         )
         summary = summarize_online(tracker.rows, test_accuracy, test_loss, tracker, extra)
+        if env.simulated_link:  # what the edge holds: the last adapter that arrived
+            summary.update(delivery_summary(tracker.rows))
+            summary["edge_test_accuracy"] = (
+                engine.evaluate(engine.edge, engine.task.test)[0] if score_test else None
+            )
         summary["group_rank_spread"] = group_rank_spread(
             tracker.rows, env.projection_names, config.airllm.depth_bands
         )
@@ -212,6 +229,19 @@ def group_rank_spread(rows: list[dict], names: list[str], depth_bands: int) -> f
         ranks = np.asarray(r["rank_vector"], dtype=np.float64)
         spreads.append(np.mean([ranks[index == g].std() for g in np.unique(index)]))
     return float(np.mean(spreads)) if spreads else float("nan")
+
+
+def delivery_summary(rows: list[dict]) -> dict:
+    """What a simulated link did to the steps that sent: airtime (retransmissions and control
+    data included), packets lost, parameters the edge had to fill in."""
+    sent = [r for r in rows if "airtime_s" in r]
+    params = sum(r["payload_params"] for r in sent)
+    return {
+        "total_airtime_s": float(sum(r["airtime_s"] for r in sent)),
+        "erasures": int(sum(r["erasures"] for r in sent)),
+        "retransmissions": int(sum(r["retransmissions"] for r in sent)),
+        "erased_fraction": sum(r["erased_params"] for r in sent) / params if params else 0.0,
+    }
 
 
 def summarize_online(

@@ -104,7 +104,8 @@ RmaxOption = Annotated[int | None, typer.Option(help="r_max: the largest (alloca
 RoundsOption = Annotated[int | None, typer.Option(help="Rounds T per episode.")]
 StepsOption = Annotated[int | None, typer.Option(help="Server training steps K per round.")]
 LinkOption = Annotated[
-    str | None, typer.Option(help="Link scheme: perfect, analog, digital or coded.")
+    str | None,
+    typer.Option(help="Link scheme: perfect, analog, digital, coded, or shannon (online)."),
 ]
 SnrOption = Annotated[float | None, typer.Option(help="Es/N0 of the downlink, dB.")]
 SnrProcessOption = Annotated[

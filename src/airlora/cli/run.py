@@ -222,7 +222,8 @@ def run(
         str | None,
         typer.Option(
             help="round (an episode of rounds; the default) or online (one step = one "
-            "training step; airllm and ppo learn during the run; --link shannon)."
+            "training step; airllm and ppo learn during the run; --link shannon prices a "
+            "step at capacity, digital / coded / analog by its airtime on that link)."
         ),
     ] = None,
     steps: Annotated[

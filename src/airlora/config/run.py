@@ -28,6 +28,14 @@ class OnlineSettings(ConfigBase):
         -5, 0, 5, 10, 15.
     bandwidth_hz, slot_s, bits_per_param:
         The Shannon cost C = params x bits / (B log2(1 + SNR) T). Defaults 100 MHz, 1 s, 32.
+        On a simulated link (``link.scheme`` digital, coded or analog) the cost is the
+        airtime of the step's payload against the slot, C = airtime / T: the modulation the
+        SNR allows (``link.modulation``, ``target_ber``), ``link.quant_bits`` per parameter
+        (``bits_per_param`` is the Shannon cost's), whole packets with CRC or codewords, at
+        ``bandwidth_hz`` symbols/s (it replaces ``link.bandwidth_hz``; the slot replaces
+        ``link.deadline_s``). A step that fits trains, then its adapter travels over that
+        link to the edge's copy: erasures are counted and the edge's copy is scored on the
+        test split at the end (``edge_test_accuracy``).
     cost_weight:
         lambda: the reward is -loss - lambda C, or -penalty C - lambda C when C > 1.
         Default 0.1.
@@ -176,6 +184,16 @@ class PolicyTrainConfig(ConfigBase):
 METHODS = ("airllm", "ppo", "lora", "adalora", "random", "heuristic", "oracle")
 
 
+ONLINE_LINKS = ("shannon", "digital", "coded", "analog")
+
+
+def online_link_error(scheme: str) -> str:
+    return (
+        "the online formulation prices each step's payload against a slot on the shannon "
+        f"(capacity), digital, coded or analog link (link.scheme); got '{scheme}'"
+    )
+
+
 ORACLE_ONLINE_ONLY = (
     "method oracle (the slot-filling rank vector) is defined in the online formulation only "
     "(formulation: online)"
@@ -193,7 +211,9 @@ class RunConfig(ConfigBase):
 
     ``formulation: online`` runs the authors' formulation instead (:class:`OnlineSettings`):
     one step is one training step, ``airllm`` and ``ppo`` learn during the run (``ppo`` and
-    ``airllm`` settings; no saved policy), and the link is the ``shannon`` cost.
+    ``airllm`` settings; no saved policy), and the link prices each step (``shannon``: the
+    reference's capacity cost; ``digital``, ``coded``, ``analog``: simulated, see
+    :class:`OnlineSettings`).
     """
 
     method: Literal["airllm", "ppo", "lora", "adalora", "random", "heuristic", "oracle"] = "lora"
@@ -216,11 +236,8 @@ class RunConfig(ConfigBase):
     @model_validator(mode="after")
     def _method_inputs(self) -> RunConfig:
         if self.formulation == "online":
-            if self.link.scheme != "shannon":
-                raise ValueError(
-                    "the online formulation runs on the shannon link (link.scheme: shannon); "
-                    f"got '{self.link.scheme}'"
-                )
+            if self.link.scheme not in ONLINE_LINKS:
+                raise ValueError(online_link_error(self.link.scheme))
         elif self.method == "oracle":
             raise ValueError(ORACLE_ONLINE_ONLY)
         elif self.method in ("airllm", "ppo") and self.policy is None:
@@ -353,8 +370,8 @@ class SweepConfig(ConfigBase):
                 raise ValueError(f"{m.name}: rank {m.rank} exceeds r_max {min(self.r_max)}")
         if self.formulation != "online" and any(m.method == "oracle" for m in self.methods):
             raise ValueError(ORACLE_ONLINE_ONLY)
-        if self.formulation == "online" and self.link.scheme != "shannon":
-            raise ValueError("an online sweep runs on the shannon link (link.scheme: shannon)")
+        if self.formulation == "online" and self.link.scheme not in ONLINE_LINKS:
+            raise ValueError(online_link_error(self.link.scheme))
         if self.tuning is not None:
             if self.formulation != "online":
                 raise ValueError("tuning is implemented for online sweeps only")

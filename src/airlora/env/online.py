@@ -10,11 +10,14 @@ tokens' maximum) and its out-of-vocabulary rate, and the current rank of every p
 over ``r_max``. Action: one index per projection into the rank levels (``settings.rank_levels``:
 every rank ``min_rank..r_max``, the index being the rank, or a log2 grid); baselines that
 pick ranks themselves call :meth:`OnlineRankEnv.step_ranks`. Step: the payload
-of those ranks is priced by the Shannon cost C; if ``C > 1`` the step does not train (every
+of those ranks is priced by the Shannon cost C (or, on a simulated link, its airtime over the
+slot); if ``C > 1`` the step does not train (every
 weight unchanged, the batch kept for the next step) and the reward is
 ``-penalty C - lambda C`` (with ``settings.constraint = "project"`` the ranks are first
 scaled down until they fit); otherwise one optimiser step on the batch with those ranks, and
-the reward is ``-loss - lambda C``. The SNR is drawn anew from its levels every step.
+the reward is ``-loss - lambda C``; on a simulated link the trained adapter then travels
+over it to the edge's copy (erasures and airtime in the step's info). The SNR is drawn anew
+from its levels every step.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from airlora.config import EnvConfig, OnlineSettings
 from airlora.engine import RoundEngine
 from airlora.env.observation import observation_space, rank_space
 from airlora.link import ShannonCost
+from airlora.link.slot import SlotCost
 
 
 def rank_levels(min_rank: int, r_max: int, kind: str) -> tuple[int, ...]:
@@ -54,6 +58,9 @@ class OnlineRankEnv(gym.Env):
     seed: seeds the SNR draws.
     use_complexity: false zeroes the batch's entropy and OOV rate in the observation (the
         no-complexity ablation; ``env.use_complexity`` of a run config).
+    simulated_link: price steps by ``engine.link``'s airtime against the slot and send every
+        trained step's adapter over it to ``engine.edge`` (default: the Shannon cost of
+        ``settings``, nothing sent).
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 - gymnasium's convention
@@ -66,12 +73,16 @@ class OnlineRankEnv(gym.Env):
         special_ids: tuple[int, ...] = (),
         seed: int = 0,
         use_complexity: bool = True,
+        simulated_link: bool = False,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.config = EnvConfig(cost_weight=settings.cost_weight, use_complexity=use_complexity)
-        self.cost_model = ShannonCost(
-            settings.bandwidth_hz, settings.slot_s, settings.bits_per_param
+        self.simulated_link = simulated_link
+        self.cost_model: ShannonCost | SlotCost = (
+            SlotCost(engine.link, settings.slot_s)
+            if simulated_link
+            else ShannonCost(settings.bandwidth_hz, settings.slot_s, settings.bits_per_param)
         )
         self.r_max = engine.server.r_max
         self.min_rank = min(settings.min_rank, self.r_max)
@@ -173,6 +184,7 @@ class OnlineRankEnv(gym.Env):
             params = self.payload_params(ranks)
             cost = self.cost_model.cost(params, self._snr_db)
         violated = cost > 1.0
+        delivery: dict = {}
         if violated:  # nothing trains: the update would not fit its slot
             loss = math.nan
             reward = -s.violation_penalty * cost - s.cost_weight * cost
@@ -183,6 +195,16 @@ class OnlineRankEnv(gym.Env):
             loss = self.engine.train_steps([self._batch])
             reward = -loss - s.cost_weight * cost
             self._next_batch()
+            if self.simulated_link:
+                # AdaLoRA may have pruned in this step: what it sends is what it now keeps.
+                kept = list(server.rank_vector) if server.chooses_ranks else ranks
+                report = self.engine.deliver(kept, self._snr_db)
+                delivery = {
+                    "airtime_s": report.airtime_s,
+                    "erasures": report.erasures,
+                    "erased_params": report.erased_params,
+                    "retransmissions": report.retransmissions,
+                }
         if not math.isfinite(reward):  # a diverged step: a large finite penalty, flagged
             reward = -s.violation_penalty * max(cost, 1.0) * 10
         self.steps_done += 1
@@ -197,6 +219,7 @@ class OnlineRankEnv(gym.Env):
             "violated": violated,
             "train_loss": None if not math.isfinite(loss) else loss,
             "reward": float(reward),
+            **delivery,
         }
         terminated = self._t >= s.episode_steps
         self._draw_snr()

@@ -80,6 +80,13 @@ class CodedLink(WirelessLink):
         self._demapper = demapper("app", "qam", k_bits)
         torch.manual_seed(seed)
 
+    def airtime_s(self, n_params: int, snr_db: float) -> float:
+        """Seconds on air of ``n_params`` parameters: whole codewords of ``packet_bits``
+        information bits (CRC included) at the code rate; no control data."""
+        info_bits = self.k - CRC_LEN
+        codewords = max(1, -(-n_params * self.config.quant_bits // info_bits))
+        return codewords * (self.n // self.bits_per_symbol) / self.config.bandwidth_hz
+
     def transmit(
         self, tensors: dict[str, torch.Tensor], snr_db: float, protected: Collection[str] = ()
     ) -> tuple[dict[str, torch.Tensor], LinkReport]:
@@ -165,6 +172,7 @@ class CodedLink(WirelessLink):
                 "codeword_bits": self.n,
                 "quant_bits": bits,
                 "control_bits": control_bits,
+                "control_symbols": control_symbols,
                 "measured_ber_is": "post-decoding information bits",
             },
         )

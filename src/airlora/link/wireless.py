@@ -139,6 +139,19 @@ class WirelessLink:
         share = np.divide(fits, sizes, out=np.ones_like(sizes), where=sizes > 0)
         return p_ok * share
 
+    def airtime_s(self, n_params: int, snr_db: float) -> float:
+        """Seconds on air of a first transmission of ``n_params`` parameters at ``snr_db``
+        (the modulation this SNR selects, packets with their CRC; no retransmissions, no
+        control data): what a transmitter knows before it sends, and what the online
+        formulation prices against its slot."""
+        if self.config.scheme == "analog":
+            return math.ceil(n_params / 2) / self._symbol_rate()
+        channel = PacketChannel(
+            self.modulation_at(snr_db), self.channel, self.config.packet_bits, True
+        )
+        packets = -(-n_params * self.config.quant_bits // self.config.packet_bits)
+        return packets * channel.symbols_per_packet / self._symbol_rate()
+
     # -------------------------------------------------------------- transmit
 
     def transmit(
