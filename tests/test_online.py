@@ -414,6 +414,7 @@ def test_an_online_sweep_tunes_every_method_on_the_same_grid(
     assert "Learning-rate tuning" in report
     tuning = pd.read_csv(out / "report" / "tuning.csv")
     assert len(tuning) == 4 and tuning.chosen.sum() == 2
+    assert (out / "report" / "online_tuning.png").is_file() and "online_tuning" in report
     for row in tuning[tuning.chosen].itertuples():  # the rate marked is the rate used
         assert table[table.name == row.name].learning_rate.item() == row.learning_rate
     with pytest.raises(ValueError, match="6 significant digits"):
@@ -545,3 +546,32 @@ def test_online_on_a_digital_link_prices_airtime_and_feeds_the_edge(
     assert lossy["erasures"] > 0 and lossy["erased_fraction"] > 0.5
     # The edge's copy is the server's last state (quantised): it scores alike.
     assert clean["edge_test_accuracy"] == pytest.approx(clean["test_accuracy"], abs=0.1)
+
+
+def test_an_online_sweep_on_a_digital_link_reports_the_edge(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    import pandas as pd
+    import yaml
+
+    body = _sweep_body(
+        tiny_model_dir,
+        tiny_data_dir,
+        "digital",
+        {"steps": 4, "episode_steps": 2, "validate_every": 4, "snr_levels_db": [0.0, 20.0]},
+        ["heuristic", "oracle"],
+        seeds=[0, 1],
+    )
+    body["link"] = {"scheme": "digital", "modulation": "16qam", "packet_bits": 256}
+    path = tmp_path / "digital.yaml"
+    path.write_text(yaml.safe_dump(body))
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["sweep", str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    table = pd.read_csv(out / "results.csv")
+    assert (
+        table.edge_test_accuracy.between(0, 1).all() and table.erased_fraction.between(0, 1).all()
+    )
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    report = (out / "report.md").read_text()
+    assert "simulated digital link" in report and "edge test accuracy" in report

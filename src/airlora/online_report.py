@@ -142,6 +142,13 @@ def online_summary(table: pd.DataFrame, curves: pd.DataFrame | None = None) -> p
                 "steps_to_95": float(np.nanmedian(reach)) if np.isfinite(reach).any() else math.nan,
             }
         )
+        if "edge_test_accuracy" in g:  # a simulated link: what the edge holds at the end
+            edge, edge_half = mean_ci(g["edge_test_accuracy"])
+            rows[-1].update(
+                edge_test_accuracy=edge,
+                edge_test_accuracy_ci95=edge_half,
+                erased_fraction=float(g["erased_fraction"].mean()),
+            )
     return pd.DataFrame(rows)
 
 
@@ -201,6 +208,42 @@ def _ranks_by_snr(ranks: pd.DataFrame, folder: Path) -> Path:
     )
 
 
+def _tuning_curves(tuning: pd.DataFrame, folder: Path) -> Path:
+    def draw(ax: Axes, panel: pd.DataFrame) -> None:
+        for name, g in panel.groupby("name", sort=True):
+            g = g.sort_values("learning_rate")
+            (line,) = ax.plot(g.learning_rate, g.validation_accuracy, marker=".", label=name)
+            chosen = g[g.chosen]
+            ax.scatter(
+                chosen.learning_rate,
+                chosen.validation_accuracy,
+                s=80,
+                facecolors="none",
+                edgecolors=line.get_color(),
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (circled: the rate the evaluation runs used)")
+        ax.set_ylabel("validation accuracy (tuning seeds)")
+
+    title = "Learning-rate tuning: the same grid for every method, scored on validation"
+    return _per_rmax_figure(tuning, folder, "online_tuning", title, draw)
+
+
+def _cost_line(config: SweepConfig) -> str:
+    o, link = config.online, config.link
+    if link.scheme == "shannon":
+        return (
+            f"- Shannon cost: B {o.bandwidth_hz:g} Hz, slot {o.slot_s:g} s, {o.bits_per_param} "
+            "bits per parameter"
+        )
+    return (
+        f"- Cost: airtime on the simulated {link.scheme} link ({link.modulation}, "
+        f"{link.quant_bits}-bit parameters, {link.packet_bits}-bit packets, {link.channel}) at "
+        f"{o.bandwidth_hz:g} symbols/s against a {o.slot_s:g} s slot; each trained step's "
+        "adapter travels over it to the edge, whose copy is scored on the test split at the end"
+    )
+
+
 def write_online_report(
     sweep_dir: Path, config: SweepConfig, table: pd.DataFrame, revision: str
 ) -> Path:
@@ -228,8 +271,7 @@ def write_online_report(
         f"{config.data.batch_size}; {o.steps} training steps per run in episodes of "
         f"{o.episode_steps}; validation every {o.validate_every} steps, the best state scored "
         "on the test split (never used for any choice).",
-        f"- Shannon cost: B {o.bandwidth_hz:g} Hz, slot {o.slot_s:g} s, {o.bits_per_param} "
-        f"bits per parameter; SNR per step from {o.snr_levels_db} dB; lambda {o.cost_weight}, "
+        _cost_line(config) + f"; SNR per step from {o.snr_levels_db} dB; lambda {o.cost_weight}, "
         f"penalty {o.violation_penalty}; an overflowing rank vector is "
         + ("scaled down until it fits (projection)" if o.constraint == "project" else "not sent")
         + f"; learned policies pick ranks from the {o.rank_levels} levels; AdaLoRA's budget: "
@@ -259,6 +301,18 @@ def write_online_report(
             ),
         }
     )
+    if "edge_test_accuracy" in summary:
+        show.insert(
+            4,
+            "edge test accuracy",
+            [
+                fmt_ci(m, h)
+                for m, h in zip(
+                    summary.edge_test_accuracy, summary.edge_test_accuracy_ci95, strict=True
+                )
+            ],
+        )
+        show.insert(5, "erased", summary.erased_fraction.map(lambda v: f"{v:.3f}"))
     lines += ["## Per method", "", markdown_table(show), ""]
     if not comparisons.empty:
         paired = comparison_frame(comparisons)
@@ -275,6 +329,7 @@ def write_online_report(
     tuning = tuning_table(sweep_dir, table)
     if not tuning.empty:
         tuning.to_csv(folder / "tuning.csv", index=False)
+        figures.append(_tuning_curves(tuning, folder))
         show_tuning = pd.DataFrame(
             {
                 "r_max": tuning.r_max,
