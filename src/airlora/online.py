@@ -41,8 +41,9 @@ from airlora.runs import ADAPTER_DIR, RunFolder
 def build_online_env(config: RunConfig) -> OnlineRankEnv:
     """The engine (a schedule over the run's steps) and the online environment over it.
     ``link.scheme: shannon`` prices each step at capacity and sends nothing; a simulated link
-    (digital, coded, analog) runs at ``online.bandwidth_hz`` with the slot as its only
-    deadline, prices each step by its airtime and carries the trained adapter to the edge.
+    (digital, coded, analog) runs at ``online.bandwidth_hz`` without a deadline of its own,
+    prices each step by its airtime against the slot and carries the trained adapter to the
+    edge.
     With ``adalora_budget: link`` the AdaLoRA model is built a second time, at the budget the
     first one's link prices."""
     steps = config.online.steps
@@ -235,12 +236,12 @@ def delivery_summary(rows: list[dict]) -> dict:
     """What a simulated link did to the steps that sent: airtime (retransmissions and control
     data included), packets lost, parameters the edge had to fill in."""
     sent = [r for r in rows if "airtime_s" in r]
-    params = sum(r["payload_params"] for r in sent)
+    params = sum(r["sent_params"] for r in sent)
     return {
         "total_airtime_s": float(sum(r["airtime_s"] for r in sent)),
         "erasures": int(sum(r["erasures"] for r in sent)),
         "retransmissions": int(sum(r["retransmissions"] for r in sent)),
-        "erased_fraction": sum(r["erased_params"] for r in sent) / params if params else 0.0,
+        "erased_fraction": sum(r["erased_params"] for r in sent) / params if params else math.nan,
     }
 
 

@@ -142,7 +142,7 @@ def online_summary(table: pd.DataFrame, curves: pd.DataFrame | None = None) -> p
                 "steps_to_95": float(np.nanmedian(reach)) if np.isfinite(reach).any() else math.nan,
             }
         )
-        if "edge_test_accuracy" in g:  # a simulated link: what the edge holds at the end
+        if {"edge_test_accuracy", "erased_fraction"} <= set(g):  # a simulated link
             edge, edge_half = mean_ci(g["edge_test_accuracy"])
             rows[-1].update(
                 edge_test_accuracy=edge,
@@ -150,6 +150,11 @@ def online_summary(table: pd.DataFrame, curves: pd.DataFrame | None = None) -> p
                 erased_fraction=float(g["erased_fraction"].mean()),
             )
     return pd.DataFrame(rows)
+
+
+def _with_ci(summary: pd.DataFrame, column: str) -> list[str]:
+    """``column`` formatted with its 95 % CI (the ``{column}_ci95`` column)."""
+    return [fmt_ci(m, h) for m, h in zip(summary[column], summary[f"{column}_ci95"], strict=True)]
 
 
 def _per_rmax_figure(
@@ -236,11 +241,22 @@ def _cost_line(config: SweepConfig) -> str:
             f"- Shannon cost: B {o.bandwidth_hz:g} Hz, slot {o.slot_s:g} s, {o.bits_per_param} "
             "bits per parameter"
         )
+    if link.scheme == "analog":
+        carried = "analog, two parameters per symbol"
+    elif link.scheme == "coded":
+        carried = (
+            f"LDPC-coded {link.modulation}, rate {link.code_rate:g}, {link.packet_bits}-bit "
+            f"codewords, {link.quant_bits}-bit parameters"
+        )
+    else:
+        carried = (
+            f"{link.modulation} modulation, {link.packet_bits}-bit packets with CRC, "
+            f"{link.quant_bits}-bit parameters"
+        )
     return (
-        f"- Cost: airtime on the simulated {link.scheme} link ({link.modulation}, "
-        f"{link.quant_bits}-bit parameters, {link.packet_bits}-bit packets, {link.channel}) at "
-        f"{o.bandwidth_hz:g} symbols/s against a {o.slot_s:g} s slot; each trained step's "
-        "adapter travels over it to the edge, whose copy is scored on the test split at the end"
+        f"- Cost: airtime on the simulated {link.scheme} link ({carried}, {link.channel} "
+        f"channel) at {o.bandwidth_hz:g} symbols/s against a {o.slot_s:g} s slot; each trained "
+        "step's adapter travels over it to the edge, whose last copy is scored on the test split"
     )
 
 
@@ -285,10 +301,7 @@ def write_online_report(
             "r_max": summary.r_max,
             "method": summary.method,
             "seeds": summary.seeds,
-            "test accuracy": [
-                fmt_ci(m, h)
-                for m, h in zip(summary.test_accuracy, summary.test_accuracy_ci95, strict=True)
-            ],
+            "test accuracy": _with_ci(summary, "test_accuracy"),
             "params / step": summary.params_per_step.map(lambda v: f"{v:,.0f}"),
             "violations": summary.violation_fraction.map(lambda v: f"{v:.3f}"),
             "projected": summary.projected_fraction.map(lambda v: f"{v:.3f}"),
@@ -302,16 +315,7 @@ def write_online_report(
         }
     )
     if "edge_test_accuracy" in summary:
-        show.insert(
-            4,
-            "edge test accuracy",
-            [
-                fmt_ci(m, h)
-                for m, h in zip(
-                    summary.edge_test_accuracy, summary.edge_test_accuracy_ci95, strict=True
-                )
-            ],
-        )
+        show.insert(4, "edge test accuracy", _with_ci(summary, "edge_test_accuracy"))
         show.insert(5, "erased", summary.erased_fraction.map(lambda v: f"{v:.3f}"))
     lines += ["## Per method", "", markdown_table(show), ""]
     if not comparisons.empty:

@@ -29,13 +29,18 @@ class OnlineSettings(ConfigBase):
     bandwidth_hz, slot_s, bits_per_param:
         The Shannon cost C = params x bits / (B log2(1 + SNR) T). Defaults 100 MHz, 1 s, 32.
         On a simulated link (``link.scheme`` digital, coded or analog) the cost is the
-        airtime of the step's payload against the slot, C = airtime / T: the modulation the
-        SNR allows (``link.modulation``, ``target_ber``), ``link.quant_bits`` per parameter
-        (``bits_per_param`` is the Shannon cost's), whole packets with CRC or codewords, at
-        ``bandwidth_hz`` symbols/s (it replaces ``link.bandwidth_hz``; the slot replaces
-        ``link.deadline_s``). A step that fits trains, then its adapter travels over that
-        link to the edge's copy: erasures are counted and the edge's copy is scored on the
-        test split at the end (``edge_test_accuracy``).
+        airtime of the first transmission of the step's adapter payload against the slot,
+        C = airtime / T: ``link.quant_bits`` per parameter (``bits_per_param`` is the Shannon
+        cost's), whole packets with CRC or LDPC codewords, at ``bandwidth_hz`` symbols/s (it
+        replaces ``link.bandwidth_hz``); only ``link.modulation: adaptive`` makes the airtime
+        depend on the SNR (with a fixed modulation, a code or analog the SNR decides what is
+        lost). Nothing is cut at the slot (``link.deadline_s`` is ignored): ARQ
+        retransmissions and control data appear in the reported airtime but are not priced,
+        nor is the head (as in the reference; it travels protected by default). A step that
+        fits trains, then its adapter travels over that link to the edge's copy: erasures
+        are counted, and the copy the edge holds at the end (the last adapter that arrived,
+        not the server's best validated state) is scored on the test split
+        (``edge_test_accuracy``).
     cost_weight:
         lambda: the reward is -loss - lambda C, or -penalty C - lambda C when C > 1.
         Default 0.1.

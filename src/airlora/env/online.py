@@ -200,6 +200,7 @@ class OnlineRankEnv(gym.Env):
                 kept = list(server.rank_vector) if server.chooses_ranks else ranks
                 report = self.engine.deliver(kept, self._snr_db)
                 delivery = {
+                    "sent_params": self.payload_params(kept),
                     "airtime_s": report.airtime_s,
                     "erasures": report.erasures,
                     "erased_params": report.erased_params,
@@ -252,8 +253,10 @@ class OnlineRankEnv(gym.Env):
         """The constraint-tight rank vector at ``snr_db`` (default: this step's SNR): the
         largest uniform rank that fits, then one more rank at a time on the projections in
         order, earliest first, in passes, while the payload still fits a slot. When it stops,
-        no single added rank fits: the most a step can send without violating, the
-        ``oracle`` of the online harness."""
+        no single added rank fits: with projections of equal size the most a step can send
+        without violating (with unequal sizes a maximal fill, not necessarily the largest).
+        Where even ``min_rank`` everywhere overflows, that is returned and the step violates,
+        as for every method. The ``oracle`` of the online harness."""
         snr_db = self._snr_db if snr_db is None else snr_db
         ranks = [self.largest_uniform_rank(snr_db)] * len(self.projection_names)
         grown = True

@@ -80,12 +80,18 @@ class CodedLink(WirelessLink):
         self._demapper = demapper("app", "qam", k_bits)
         torch.manual_seed(seed)
 
+    def codewords(self, n_bits: int) -> int:
+        """Codewords that carry ``n_bits`` information bits (at least one)."""
+        return max(1, -(-n_bits // (self.k - CRC_LEN)))
+
     def airtime_s(self, n_params: int, snr_db: float) -> float:
         """Seconds on air of ``n_params`` parameters: whole codewords of ``packet_bits``
-        information bits (CRC included) at the code rate; no control data."""
-        info_bits = self.k - CRC_LEN
-        codewords = max(1, -(-n_params * self.config.quant_bits // info_bits))
-        return codewords * (self.n // self.bits_per_symbol) / self.config.bandwidth_hz
+        information bits (CRC included) at the code rate; no control data. A fixed
+        modulation and code: the SNR decides what is lost, not the airtime."""
+        symbols = self.codewords(n_params * self.config.quant_bits) * (
+            self.n // self.bits_per_symbol
+        )
+        return symbols / self.config.bandwidth_hz
 
     def transmit(
         self, tensors: dict[str, torch.Tensor], snr_db: float, protected: Collection[str] = ()
@@ -111,7 +117,7 @@ class CodedLink(WirelessLink):
             else np.zeros(0, np.uint8)
         )
         n_items = stream.size // bits
-        n_packets = max(1, -(-stream.size // info_bits))
+        n_packets = self.codewords(stream.size)
         padded = np.zeros(n_packets * info_bits, dtype=np.uint8)
         padded[: stream.size] = stream
         tx = torch.from_numpy(padded.reshape(n_packets, info_bits).astype(np.float32))

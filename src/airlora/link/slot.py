@@ -42,6 +42,8 @@ class SlotCost:
             return 0
         low, high = 1, 2
         while self.cost(high, snr_db) <= 1:
+            if high > 2**62:  # an unbounded slot: no payload overflows it
+                return high
             low, high = high, high * 2
         while high - low > 1:  # cost(low) <= 1 < cost(high)
             mid = (low + high) // 2

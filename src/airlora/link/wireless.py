@@ -141,9 +141,12 @@ class WirelessLink:
 
     def airtime_s(self, n_params: int, snr_db: float) -> float:
         """Seconds on air of a first transmission of ``n_params`` parameters at ``snr_db``
-        (the modulation this SNR selects, packets with their CRC; no retransmissions, no
-        control data): what a transmitter knows before it sends, and what the online
-        formulation prices against its slot."""
+        (packets with their CRC; no retransmissions, no control data): what a transmitter
+        knows before it sends, and what the online formulation prices against its slot.
+        Only ``modulation: adaptive`` makes it depend on the SNR (a better channel carries
+        more bits per symbol); with a fixed modulation the SNR decides what is lost. Analog:
+        two parameters per symbol (``transmit`` pads each tensor to whole symbols: up to one
+        symbol more per tensor of odd size)."""
         if self.config.scheme == "analog":
             return math.ceil(n_params / 2) / self._symbol_rate()
         channel = PacketChannel(
