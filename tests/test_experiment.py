@@ -271,15 +271,17 @@ def test_every_shipped_preset_validates_and_plans():
     from airlora.sweep import plan
 
     names = [name for name, _ in list_presets()]
-    assert {"demo", "paper-cpu", "reference", "reference-cpu", "reference-cpu-ablations"} <= set(
-        names
-    )
+    presets = {"demo", "paper-cpu", "reference", "reference-cpu", "reference-cpu-ablations"}
+    assert presets | {"reference-cpu-headline"} <= set(names)
     for name in names:
         config = SweepConfig.model_validate(preset_mapping(name))
         cells = [c for stage in plan(config) for c in stage]
         assert cells and len({c["id"] for c in cells}) == len(cells), name
-    ablations = SweepConfig.model_validate(preset_mapping("reference-cpu-ablations"))
     main = SweepConfig.model_validate(preset_mapping("reference-cpu"))
-    # The ablations pair with reference-cpu: the same settings but the methods and r_max.
-    strip = {"name", "methods", "r_max"}
-    assert ablations.model_dump(exclude=strip) == main.model_dump(exclude=strip)
+    # The ablations and the headline pair with reference-cpu: the same settings but the
+    # methods, r_max and seeds (the headline's extend reference-cpu's).
+    strip = {"name", "methods", "r_max", "seeds"}
+    for name in ("reference-cpu-ablations", "reference-cpu-headline"):
+        paired = SweepConfig.model_validate(preset_mapping(name))
+        assert paired.model_dump(exclude=strip) == main.model_dump(exclude=strip), name
+        assert set(main.seeds) <= set(paired.seeds), name
