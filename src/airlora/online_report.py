@@ -227,6 +227,9 @@ def _tuning_curves(tuning: pd.DataFrame, folder: Path) -> Path:
                 edgecolors=line.get_color(),
             )
         ax.set_xscale("log")
+        rates = sorted(panel.learning_rate.unique())
+        ax.set_xticks(rates, [f"{v:g}" for v in rates])
+        ax.minorticks_off()
         ax.set_xlabel("learning rate (circled: the rate the evaluation runs used)")
         ax.set_ylabel("validation accuracy (tuning seeds)")
 
