@@ -182,9 +182,9 @@ def test_run_formulation_online_json(tiny_model_dir, tiny_data_dir, tmp_path):
     assert summary["steps"] == 8 and 0 <= summary["test_accuracy"] <= 1
 
 
-def test_online_needs_the_shannon_link():
-    with pytest.raises(ValueError, match="shannon"):
-        RunConfig(formulation="online", link={"scheme": "digital"})
+def test_online_needs_a_link_that_prices_a_step():
+    with pytest.raises(ValueError, match=r"shannon .*digital, coded or analog"):
+        RunConfig(formulation="online", link={"scheme": "perfect"})
     result = runner.invoke(app, ["run", "--link", "shannon", "--quiet"])
     assert result.exit_code == 2 and "--formulation online" in result.stderr
 
