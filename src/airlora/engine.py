@@ -338,8 +338,12 @@ class RoundEngine:
         ``snr_db``; the edge's copy becomes what arrived."""
         # The link model works on host memory; .cpu() is free for tensors already there.
         sent = {k: v.cpu() for k, v in self.server.active_tensors().items()}
-        # A diverged update is still sent (the airtime is spent), but as finite numbers.
-        sent = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in sent.items()}
+        # A diverged update is still sent (the airtime is spent), but as finite numbers; a
+        # finite tensor is passed as it is (no copy on every round).
+        sent = {
+            k: v if bool(torch.isfinite(v).all()) else torch.nan_to_num(v, 0.0, 0.0, 0.0)
+            for k, v in sent.items()
+        }
         protected = self.server.head_tensor_names() if self.protect_head else []
         received, report = self.link.transmit(sent, snr_db, protected)
         self.edge.load_active_tensors(received, ranks)

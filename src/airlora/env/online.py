@@ -245,9 +245,13 @@ class OnlineRankEnv(gym.Env):
         snr_db = self._snr_db if snr_db is None else snr_db
         m = len(self.projection_names)
         for r in range(self.r_max, self.min_rank - 1, -1):
-            if self.cost_model.cost(self.payload_params([r] * m), snr_db) <= 1:
+            if self.fits([r] * m, snr_db):
                 return r
         return self.min_rank
+
+    def fits(self, ranks: list[int], snr_db: float) -> bool:
+        """Whether the payload of ``ranks`` fits a slot at ``snr_db`` (C <= 1)."""
+        return self.cost_model.cost(self.payload_params(ranks), snr_db) <= 1
 
     def slot_filling_ranks(self, snr_db: float | None = None) -> list[int]:
         """The constraint-tight rank vector at ``snr_db`` (default: this step's SNR): the
@@ -266,10 +270,10 @@ class OnlineRankEnv(gym.Env):
                 if ranks[i] >= self.r_max:
                     continue
                 ranks[i] += 1
-                if self.cost_model.cost(self.payload_params(ranks), snr_db) > 1:
-                    ranks[i] -= 1
-                else:
+                if self.fits(ranks, snr_db):
                     grown = True
+                else:
+                    ranks[i] -= 1
         return ranks
 
     def validate(self) -> float:

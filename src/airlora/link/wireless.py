@@ -78,6 +78,7 @@ class WirelessLink:
             config.channel, config.rician_k, config.fading_block, config.csi, config.pilot_snr_db
         )
         self._previous: dict[str, np.ndarray] = {}
+        self._symbols_per_packet: dict[float, int] = {}
 
     # -------------------------------------------------------------- helpers
 
@@ -149,11 +150,16 @@ class WirelessLink:
         symbol more per tensor of odd size)."""
         if self.config.scheme == "analog":
             return math.ceil(n_params / 2) / self._symbol_rate()
-        channel = PacketChannel(
-            self.modulation_at(snr_db), self.channel, self.config.packet_bits, True
-        )
+        # Rank searches price many payloads at one SNR: pick the modulation once per SNR.
+        per_packet = self._symbols_per_packet.get(snr_db)
+        if per_packet is None:
+            modulation = self.modulation_at(snr_db)
+            per_packet = PacketChannel(
+                modulation, self.channel, self.config.packet_bits, True
+            ).symbols_per_packet
+            self._symbols_per_packet[snr_db] = per_packet
         packets = -(-n_params * self.config.quant_bits // self.config.packet_bits)
-        return packets * channel.symbols_per_packet / self._symbol_rate()
+        return packets * per_packet / self._symbol_rate()
 
     # -------------------------------------------------------------- transmit
 
