@@ -105,6 +105,22 @@ def test_coarse_levels_expand_and_residuals_only_redistribute():
         assert np.allclose(centred[:, policy.group_index == g].mean(axis=1), 0.0)
 
 
+def test_refinement_gain_with_fewer_samples_than_features_is_the_same_ridge():
+    # Few samples (a short online run) take the n x n form of the ridge; it must give the
+    # p x p form's answer, computed here by hand.
+    rng = np.random.default_rng(1)
+    cond, residual, reward = rng.normal(size=(20, 4)), rng.normal(size=(20, 3)), rng.normal(size=20)
+    pairs = np.stack([cond[:, i] * cond[:, j] for i in range(4) for j in range(i, 4)], axis=1)
+    inter = (cond[:, :, None] * residual[:, None, :]).reshape(20, -1)
+    phi = np.concatenate([cond, pairs, residual, residual**2, inter], axis=1)
+    assert phi.shape[1] > 20
+    z = (phi - phi.mean(axis=0)) / (phi.std(axis=0) + 1e-8)
+    coef = np.linalg.solve(z.T @ z + np.eye(z.shape[1]), z.T @ (reward - reward.mean()))
+    n_cond = 4 + pairs.shape[1]
+    expected = z[:, n_cond:] @ coef[n_cond:]
+    assert np.allclose(refinement_gain(cond, residual, reward), expected, atol=1e-10)
+
+
 def test_refinement_gain_finds_the_residual_that_earned_reward():
     rng = np.random.default_rng(0)
     cond = rng.uniform(-1, 1, (3000, 5))

@@ -108,7 +108,9 @@ def bench_convergence(
 @bench_app.command("online")
 def bench_online(
     steps: Annotated[int, typer.Option(help="Online steps per timed run.")] = 60,
-    repeats: Annotated[int, typer.Option(help="Runs per side, alternating.")] = 2,
+    repeats: Annotated[
+        int, typer.Option(help="Pairs of runs (fixed ranks, then airllm, same seed).")
+    ] = 3,
     as_json: JsonOption = False,
 ) -> None:
     """Online training steps/s with airllm deciding (and learning) every step, against the

@@ -111,7 +111,11 @@ def refinement_gain(cond: np.ndarray, residual: np.ndarray, rewards: np.ndarray)
     mean, std = phi.mean(axis=0), phi.std(axis=0) + 1e-8
     z = (phi - mean) / std
     y = rewards - rewards.mean()
-    coef = np.linalg.solve(z.T @ z + np.eye(z.shape[1]), z.T @ y)
+    n, p = z.shape
+    if n < p:  # the same ridge solution from the n x n system (z'z + I)^-1 z' = z'(zz' + I)^-1
+        coef = z.T @ np.linalg.solve(z @ z.T + np.eye(n), y)
+    else:
+        coef = np.linalg.solve(z.T @ z + np.eye(p), z.T @ y)
     n_base = base.shape[1] - 1
     return z[:, n_base:] @ coef[n_base:]
 

@@ -24,10 +24,17 @@ from torch import nn
 from airlora.config import AirLLMConfig
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = 32) -> torch.Tensor:
-    """Sinusoidal embedding of integer diffusion timesteps, shape (batch, dim)."""
+def timestep_frequencies(dim: int = 32) -> torch.Tensor:
+    """The ``dim // 2`` frequencies of :func:`timestep_embedding`."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+    return torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def timestep_embedding(
+    t: torch.Tensor, dim: int = 32, freqs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sinusoidal embedding of integer diffusion timesteps, shape (batch, dim)."""
+    freqs = timestep_frequencies(dim) if freqs is None else freqs
     angles = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
@@ -62,6 +69,8 @@ class Denoiser(nn.Module):
         self.sample_dim = sample_dim
         self.cond_dim = cond_dim
         self.t_dim = 32
+        # Not saved (persistent=False): a constant, and saved policies keep their keys.
+        self.register_buffer("freqs", timestep_frequencies(self.t_dim), persistent=False)
         self.net = nn.Sequential(
             nn.Linear(sample_dim + self.t_dim + cond_dim + 1, hidden),
             nn.SiLU(),
@@ -76,7 +85,9 @@ class Denoiser(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, present: torch.Tensor
     ) -> torch.Tensor:
         cond = cond * present[:, None]
-        h = torch.cat([x, timestep_embedding(t, self.t_dim), cond, present[:, None]], dim=1)
+        h = torch.cat(
+            [x, timestep_embedding(t, self.t_dim, self.freqs), cond, present[:, None]], dim=1
+        )
         return self.net(h)
 
 
@@ -103,7 +114,11 @@ class DDIMSampler:
             set_alpha_to_one=True,
         )
         self.scheduler.set_timesteps(config.inference_steps)
-        self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=config.learning_rate)
+        # Fused: the denoiser trains by many small steps, where the per-parameter loop of the
+        # default Adam costs more than the arithmetic (about a quarter of a phase on a CPU).
+        self.optimizer = torch.optim.Adam(
+            self.denoiser.parameters(), lr=config.learning_rate, fused=True
+        )
         self.generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -136,29 +151,34 @@ class DDIMSampler:
         x0_t = torch.as_tensor(x0, dtype=torch.float32)
         c_t = torch.as_tensor(cond, dtype=torch.float32)
         r_t = None if rewards is None else torch.as_tensor(rewards, dtype=torch.float32)
-        n = len(x0_t)
-        g = self.generator
+        n, b, g = len(x0_t), min(batch_size, len(x0_t)), self.generator
+        # Every update's draws at once (one call each rather than five per update: the
+        # per-call overhead is what a small denoiser's phase mostly spends).
+        idx = torch.randint(0, n, (updates, b), generator=g)
+        noise = torch.randn((updates, b, self.sample_dim), generator=g)
+        t = torch.randint(0, self.config.train_timesteps, (updates, b), generator=g)
+        present = (torch.rand((updates, b), generator=g) >= self.config.cond_dropout).float()
+        xt = self.scheduler.add_noise(
+            x0_t[idx].reshape(-1, self.sample_dim),
+            noise.reshape(-1, self.sample_dim),
+            t.reshape(-1),
+        ).reshape(updates, b, self.sample_dim)
         self.denoiser.train()
-        losses = []
-        for _ in range(updates):
-            idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
-            x, c = x0_t[idx], c_t[idx]
-            noise = torch.randn(x.shape, generator=g)
-            t = torch.randint(0, self.config.train_timesteps, (len(idx),), generator=g)
-            xt = self.scheduler.add_noise(x, noise, t)
-            present = (torch.rand(len(idx), generator=g) >= self.config.cond_dropout).float()
-            weights = None if r_t is None else reward_weights(r_t[idx], reward_scale)
-            loss = weighted_noise_loss(self.denoiser(xt, t, c, present), noise, weights)
+        losses = torch.empty(updates)
+        for u in range(updates):
+            weights = None if r_t is None else reward_weights(r_t[idx[u]], reward_scale)
+            predicted = self.denoiser(xt[u], t[u], c_t[idx[u]], present[u])
+            loss = weighted_noise_loss(predicted, noise[u], weights)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            losses.append(float(loss.detach()))
+            losses[u] = loss.detach()
         self.denoiser.eval()
-        return float(np.mean(losses))
+        return float(losses.mean())
 
     # ------------------------------------------------------------------ sampling
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         cond: np.ndarray | torch.Tensor | None,
@@ -196,19 +216,16 @@ class DDIMSampler:
         x = x.clone().float()
         self.denoiser.eval()
         null = torch.zeros(n)
+        guided = cond is not None and w not in (0.0, 1.0)
+        if guided:  # one pass over both halves: [unconditional; conditional]
+            c2, flags = torch.cat([c, c]), torch.cat([null, present])
         for t in self.scheduler.timesteps:
-            tt = torch.full((n,), int(t), dtype=torch.long)
             if cond is None or w == 0.0:
-                eps = self.denoiser(x, tt, c, null)
+                eps = self.denoiser(x, torch.full((n,), int(t)), c, null)
             elif w == 1.0:
-                eps = self.denoiser(x, tt, c, present)
+                eps = self.denoiser(x, torch.full((n,), int(t)), c, present)
             else:
-                both = self.denoiser(
-                    torch.cat([x, x]),
-                    torch.cat([tt, tt]),
-                    torch.cat([c, c]),
-                    torch.cat([null, present]),
-                )
+                both = self.denoiser(torch.cat([x, x]), torch.full((2 * n,), int(t)), c2, flags)
                 eps_u, eps_c = both[:n], both[n:]
                 eps = eps_u + w * (eps_c - eps_u)
             x = self.scheduler.step(eps, int(t), x, eta=0.0).prev_sample
