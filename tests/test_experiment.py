@@ -279,9 +279,12 @@ def test_every_shipped_preset_validates_and_plans():
         assert cells and len({c["id"] for c in cells}) == len(cells), name
     main = SweepConfig.model_validate(preset_mapping("reference-cpu"))
     # The ablations and the headline pair with reference-cpu: the same settings but the
-    # methods, r_max and seeds (the headline's extend reference-cpu's).
-    strip = {"name", "methods", "r_max", "seeds"}
+    # methods, r_max and seeds (the headline's extend reference-cpu's); the headline's
+    # tuning adds seeds to reference-cpu's on the same grid.
+    strip = {"name", "methods", "r_max", "seeds", "tuning"}
     for name in ("reference-cpu-ablations", "reference-cpu-headline"):
         paired = SweepConfig.model_validate(preset_mapping(name))
         assert paired.model_dump(exclude=strip) == main.model_dump(exclude=strip), name
         assert set(main.seeds) <= set(paired.seeds), name
+        assert paired.tuning.learning_rates == main.tuning.learning_rates, name
+        assert set(main.tuning.seeds) <= set(paired.tuning.seeds), name
