@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -362,3 +363,34 @@ def test_the_cli_reads_a_headerless_file(tiny_model_dir, tmp_path):
     saved = yaml.safe_load((tmp_path / "runs" / "headerless" / "config.yaml").read_text())
     assert saved["data"]["header"] is False and saved["data"]["label_offset"] == 1
     shutil.rmtree(tmp_path / "runs")
+
+
+def test_bench_online_times_the_configured_model_and_pairs_runs(tiny_model_dir, tmp_path):
+    # A run config file gives the set-up to time; the model and rmax options override it.
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "link": {"scheme": "shannon"},
+                "data": {"validation_size": 16, "max_length": 16, "max_train_samples": 200},
+            }
+        )
+    )
+    args = ["bench", "online", str(config), "--model", str(tiny_model_dir), "--rmax", "2"]
+    result = runner.invoke(app, [*args, "--steps", "20", "--repeats", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    details = out["details"]
+    assert details["model"] == str(tiny_model_dir) and details["r_max"] == 2
+    assert details["max_length"] == 16
+    pairs = zip(details["airllm_steps_per_s"], details["fixed_rank_steps_per_s"], strict=True)
+    assert details["paired_ratios"] == pytest.approx([p / q for p, q in pairs])
+    assert out["ratio"] == pytest.approx(statistics.median(details["paired_ratios"]))
+
+
+def test_bench_online_refuses_a_link_the_online_formulation_lacks(tiny_model_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"link": {"scheme": "ideal"}}))
+    result = runner.invoke(app, ["bench", "online", str(config), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 2, result.output
+    assert "shannon" in " ".join(result.stderr.split())

@@ -9,6 +9,11 @@ pair of runs on the same seed (the same batches, so the same sequence lengths): 
 median over repeats of project / peer within the pair (1.0: deciding costs nothing; the target
 is >= 0.95), so that a slow patch of the machine moves both sides of a pair rather than the
 ratio.
+
+``--config`` (a run config YAML) and the model options measure another set-up, such as the
+reference preset's model on a GPU; a step whose rank vector does not fit its slot does not
+train, so a set-up where fixed ranks violate compares unequal work: give such a bench a link
+on which r_max fits (a large ``online.bandwidth_hz``).
 """
 
 from __future__ import annotations
@@ -18,20 +23,24 @@ import time
 
 from airlora.config import RunConfig
 
+DEFAULT_BASE: dict = {
+    "link": {"scheme": "shannon"},
+    "data": {"max_train_samples": 2048, "validation_size": 64},
+}
 
-def _steps_per_s(method: str, steps: int, episode: int, seed: int) -> float:
+
+def _config(base: dict, method: str, steps: int, episode: int, seed: int) -> RunConfig:
+    """``base`` (a run config's mapping) with the bench's own method, length and seed."""
+    online = {**base.get("online", {}), "steps": steps, "episode_steps": episode}
+    online["validate_every"] = 10**9  # the validation pass is the same for both sides
+    mapping = {**base, "method": method, "formulation": "online", "online": online, "seed": seed}
+    return RunConfig.model_validate(mapping)
+
+
+def _steps_per_s(base: dict, method: str, steps: int, episode: int, seed: int) -> float:
     from airlora.online import build_online_env, learn_policy_online
 
-    config = RunConfig.model_validate(
-        {
-            "method": method,
-            "formulation": "online",
-            "link": {"scheme": "shannon"},
-            "online": {"steps": steps, "episode_steps": episode, "validate_every": 10**9},
-            "data": {"max_train_samples": 2048, "validation_size": 64},
-            "seed": seed,
-        }
-    )
+    config = _config(base, method, steps, episode, seed)
     env = build_online_env(config)
     stamps: list[float] = []
 
@@ -53,11 +62,17 @@ def _steps_per_s(method: str, steps: int, episode: int, seed: int) -> float:
     return (len(timed) - 1) / (timed[-1] - timed[0])
 
 
-def bench_online(steps: int = 60, episode: int = 15, repeats: int = 3) -> dict:
+def bench_online(
+    steps: int = 60, episode: int = 15, repeats: int = 3, base: dict | None = None
+) -> dict:
+    """Run the bench; ``base`` is a run config's mapping (model, data, link, online, policy
+    settings; default: the default model on the packaged data, shannon link)."""
+    base = DEFAULT_BASE if base is None else base
+    config = _config(base, "airllm", steps, episode, 0)  # fails early on a bad config
     project, peer = [], []
     for r in range(repeats):
-        peer.append(_steps_per_s("lora", steps, episode, seed=r))
-        project.append(_steps_per_s("airllm", steps, episode, seed=r))
+        peer.append(_steps_per_s(base, "lora", steps, episode, seed=r))
+        project.append(_steps_per_s(base, "airllm", steps, episode, seed=r))
     ratios = [p / q for p, q in zip(project, peer, strict=True)]
     return {
         "name": "online",
@@ -72,6 +87,11 @@ def bench_online(steps: int = 60, episode: int = 15, repeats: int = 3) -> dict:
             "airllm_steps_per_s": project,
             "fixed_rank_steps_per_s": peer,
             "paired_ratios": ratios,
-            "model": "default (all-MiniLM-L6-v2), batch 16, 64 tokens, r_max 8",
+            "model": config.model.name_or_path,
+            "r_max": config.model.r_max,
+            "batch_size": config.data.batch_size,
+            "max_length": config.data.max_length,
+            "device": config.train.device,
+            "inference_steps": config.airllm.inference_steps,
         },
     }

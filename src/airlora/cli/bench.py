@@ -107,18 +107,37 @@ def bench_convergence(
 
 @bench_app.command("online")
 def bench_online(
+    config_file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Run config YAML: model, data, link, online and policy settings to time "
+            "(method, steps and seed are the bench's).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="Online steps per timed run.")] = 60,
     repeats: Annotated[
         int, typer.Option(help="Pairs of runs (fixed ranks, then airllm, same seed).")
     ] = 3,
+    model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
+    rmax: Annotated[int | None, typer.Option(help="r_max.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per text.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Online training steps/s with airllm deciding (and learning) every step, against the
     same loop at fixed ranks."""
+    from airlora.bench.online import DEFAULT_BASE
     from airlora.bench.online import bench_online as run
 
+    given = {"model": model, "rmax": rmax, "batch_size": batch_size, "max_length": max_length}
+    base = config_mapping(config_file, {**given, "device": device})
+    if config_file is None:
+        base = {**DEFAULT_BASE, **base, "data": {**DEFAULT_BASE["data"], **base.get("data", {})}}
     with err_console.status("benchmarking the online loop (airllm vs fixed ranks)"):
-        result = run(steps=steps, repeats=repeats)
+        result = run(steps=steps, repeats=repeats, base=base)
     print_bench(result, as_json)
 
 
