@@ -386,3 +386,19 @@ def test_airllm_trains_its_denoiser_reward_weighted_on_request():
     warm, *phases = calls  # the warm start fits the exploration prior, unweighted
     assert not warm[1] and phases and all(weighted for _, weighted in phases)
     assert phases[-1][0] == len(policy.buffer)  # every sample of the buffer, not an elite
+
+
+def test_the_denoiser_waits_for_min_buffer_samples():
+    cfg = SMALL_AIRLLM.model_copy(update={"min_buffer": 100})
+    policy = make_policy("airllm", _layout(), 0, SMALL_PPO, cfg)
+    before = {k: v.clone() for k, v in policy.sampler.state_dict().items()}
+    obs = np.zeros((1, _layout().obs_dim), np.float32)
+    coarse = np.zeros((1, len(policy.group_names)), np.int64)
+    fine = policy.expand(coarse)
+    for _ in range(99):
+        policy.buffer.add(obs, coarse, fine, np.zeros(1))
+    assert np.isnan(policy.denoiser_phase())  # 99 < 100: nothing trains
+    after = policy.sampler.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    policy.buffer.add(obs, coarse, fine, np.zeros(1))
+    assert np.isfinite(policy.denoiser_phase())

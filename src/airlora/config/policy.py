@@ -83,8 +83,9 @@ class AirLLMConfig(ConfigBase):
         Probability that the condition is dropped in training (classifier-free guidance).
         Default 0.1.
     guidance_weight:
-        w in eps = eps_uncond + w (eps_cond - eps_uncond); 0 is unconditional, 1 conditional.
-        Default 1.5.
+        w in eps = eps_uncond + w (eps_cond - eps_uncond); 0 is unconditional, 1 conditional,
+        above 1 guidance in the literature's sense. Default 0.5 (a damped condition: below 1
+        mixes toward the unconditional prediction; the reference and its presets use 1.5).
     learning_rate:
         Adam learning rate of the denoiser. Default 1e-3.
     updates_per_phase:
@@ -97,9 +98,12 @@ class AirLLMConfig(ConfigBase):
         ``clip(1 + 0.1 z, 0.1, 10)`` with ``z`` the minibatch-standardised reward.
     elite_fraction:
         Share of the buffer (highest reward residual after a fitted state+coarse baseline) the
-        denoiser is trained on. Default 0.3.
+        denoiser is trained on. Default 0.2.
     buffer_size:
         Most recent (state, coarse, fine, reward) tuples kept. Default 8192.
+    min_buffer:
+        Tuples the buffer must hold before the first denoiser phase. Default 32 (the
+        reference: 128).
     explore_std:
         Std (in ranks) of the residual prior the denoiser starts from. Default 1.0.
     warm_start_updates:
@@ -121,6 +125,7 @@ class AirLLMConfig(ConfigBase):
     elite_fraction: float = Field(default=0.2, gt=0, le=1)
     denoiser_objective: Literal["elite", "reward_weighted"] = "elite"
     buffer_size: int = Field(default=8192, ge=16)
+    min_buffer: int = Field(default=32, ge=1)
     explore_std: float = Field(default=1.0, ge=0)
     warm_start_updates: int = Field(default=1000, ge=0)
     ppo_rollouts_per_phase: int = Field(default=1, ge=1)

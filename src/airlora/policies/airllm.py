@@ -253,7 +253,7 @@ class AirLLMPolicy(RankPolicy):
     def denoiser_phase(self) -> float:
         """Train the denoiser on the elite of the buffer; returns the mean loss."""
         cfg = self.airllm_config
-        if len(self.buffer) < 32 or cfg.updates_per_phase == 0 or not cfg.use_denoiser:
+        if not cfg.use_denoiser or cfg.updates_per_phase == 0 or len(self.buffer) < cfg.min_buffer:
             return float("nan")
         obs, coarse, fine, reward = self.buffer.arrays()
         cond = self.condition(obs, coarse)
