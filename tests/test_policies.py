@@ -402,3 +402,53 @@ def test_the_denoiser_waits_for_min_buffer_samples():
     assert all(torch.equal(before[k], after[k]) for k in before)
     policy.buffer.add(obs, coarse, fine, np.zeros(1))
     assert np.isfinite(policy.denoiser_phase())
+
+
+LATENT_AIRLLM = SMALL_AIRLLM.model_copy(
+    update={"action": "latent", "denoiser_objective": "reward_weighted", "min_buffer": 64}
+)
+
+
+def test_latent_airllm_is_the_reference_design_and_round_trips(tmp_path):
+    # The reference's AirLLM: PPO acts in a 16-number latent, the denoiser (conditioned on
+    # the latent alone) samples the whole rank vector, trained on every executed vector.
+    policy = make_policy("airllm", _layout(), 0, SMALL_PPO, LATENT_AIRLLM)
+    assert policy.coarse_space.shape == (16,) and policy.sampler.cond_dim == 16
+    calls = []
+    real = policy.sampler.train
+
+    def spy(x0, cond, updates, batch_size, rewards=None, **kw):
+        calls.append((np.array(x0), rewards is not None))
+        return real(x0, cond, updates, batch_size, rewards=rewards, **kw)
+
+    policy.sampler.train = spy
+    policy.learn(lambda s: SyntheticRankEnv(), 256, n_envs=2)
+    assert calls and all(weighted for _, weighted in calls)  # no warm start: untrained at first
+    x0 = calls[-1][0]
+    assert len(x0) == len(policy.buffer) == 256 and x0.shape[1] == 24
+    _, coarse, fine, _ = policy.buffer.arrays()
+    assert np.array_equal(policy.decode(policy.encode(fine)), fine)  # executed vectors
+    # The condition is the squashed latent only: the same latent, any state, same condition.
+    obs = np.stack([SyntheticRankEnv().reset(seed=i)[0] for i in range(4)])
+    assert np.allclose(policy.condition(obs, coarse[:4]), np.tanh(coarse[:4]))
+    before = policy.act_batch(obs)
+    assert before.shape == (4, 24) and before.min() >= 0 and before.max() <= 8
+    loaded = load_policy(policy.save(tmp_path / "p"))
+    assert loaded.latent and np.array_equal(loaded.act_batch(obs), before)
+
+
+def test_latent_decoding_covers_every_level_and_inverts():
+    policy = make_policy("airllm", _layout(), 0, SMALL_PPO, LATENT_AIRLLM)
+    levels = np.arange(0, 9)
+    assert np.array_equal(policy.decode(policy.encode(levels)), levels)
+    assert policy.decode(np.array([-1.0, 1.0])).tolist() == [0, 8]
+    # Equal shares of [-1, 1] per level below the top: the reference's floor decoding.
+    x = np.linspace(-1, 1, 8001)[:-1]
+    assert np.bincount(policy.decode(x), minlength=9)[:8].tolist() == [1000] * 8
+
+
+def test_latent_action_needs_the_reward_weighted_denoiser():
+    with pytest.raises(ValueError, match="reward_weighted"):
+        AirLLMConfig(action="latent")
+    with pytest.raises(ValueError, match="denoiser"):
+        AirLLMConfig(action="latent", denoiser_objective="reward_weighted", use_denoiser=False)

@@ -47,6 +47,8 @@ class PPOConfig(ConfigBase):
     """Stable-Baselines3 PPO hyper-parameters (SB3 names; defaults tuned for short episodes).
 
     ``n_steps`` is per environment copy; one PPO update sees ``n_steps * n_envs`` steps.
+    ``log_std_init`` is the initial log standard deviation of a Gaussian (continuous) action,
+    such as AirLLM's latent (the reference: -0.5); discrete actions ignore it.
     """
 
     learning_rate: float = Field(default=1e-3, gt=0)
@@ -59,6 +61,7 @@ class PPOConfig(ConfigBase):
     clip_range: float = Field(default=0.2, gt=0)
     ent_coef: float = Field(default=0.0, ge=0)
     net_arch: list[int] = [64, 64]
+    log_std_init: float = 0.0
 
 
 class AirLLMConfig(ConfigBase):
@@ -67,14 +70,26 @@ class AirLLMConfig(ConfigBase):
 
     Parameters
     ----------
+    action:
+        ``grouped`` (this project's design, the default): PPO picks one rank level per group
+        of projections and the denoiser, conditioned on the state and those levels, spreads
+        each level over its group's layers. ``latent`` (the reference implementation's): PPO
+        picks a ``latent_dim`` Gaussian vector (squashed by tanh), the denoiser, conditioned on
+        it alone, samples the whole rank vector in [-1, 1], decoded linearly to 0..r_max;
+        it needs ``denoiser_objective: reward_weighted``.
+    latent_dim:
+        Size of the latent action (``action: latent``). Default 16 (the reference's).
     use_denoiser:
         False: the rank vector is the coarse decision expanded to its groups, with no
-        denoiser (an ablation). Default true.
+        denoiser (an ablation; ``action: grouped`` only). Default true.
     depth_bands:
         The coarse decision is one rank level per (projection type, depth band); the layers
         are cut into this many contiguous bands. Default 2.
     train_timesteps:
         Diffusion steps of the noise schedule (``DDIMScheduler.num_train_timesteps``). Default 100.
+    beta_schedule:
+        ``squaredcos_cap_v2`` (the cosine schedule, default) or ``scaled_linear`` (betas from
+        1e-4 to 2e-2 evenly spaced in square root, as the reference).
     inference_steps:
         DDIM steps per decision. Default 10.
     hidden:
@@ -88,6 +103,8 @@ class AirLLMConfig(ConfigBase):
         mixes toward the unconditional prediction; the reference and its presets use 1.5).
     learning_rate:
         Adam learning rate of the denoiser. Default 1e-3.
+    max_grad_norm:
+        Gradient-norm clip of the denoiser's updates; 0 is none (default; the reference: 1).
     updates_per_phase:
         Gradient steps of one denoiser phase. Default 200.
     batch_size:
@@ -112,14 +129,18 @@ class AirLLMConfig(ConfigBase):
         PPO rollouts (each ``n_steps * n_envs`` steps) between two denoiser phases. Default 1.
     """
 
+    action: Literal["grouped", "latent"] = "grouped"
+    latent_dim: int = Field(default=16, ge=1)
     use_denoiser: bool = True
     depth_bands: int = Field(default=2, ge=1)
     train_timesteps: int = Field(default=100, ge=2)
+    beta_schedule: Literal["squaredcos_cap_v2", "scaled_linear"] = "squaredcos_cap_v2"
     inference_steps: int = Field(default=10, ge=1)
     hidden: int = Field(default=128, ge=8)
     cond_dropout: float = Field(default=0.1, ge=0, lt=1)
     guidance_weight: float = Field(default=0.5, ge=0)
     learning_rate: float = Field(default=1e-3, gt=0)
+    max_grad_norm: float = Field(default=0.0, ge=0)
     updates_per_phase: int = Field(default=200, ge=0)
     batch_size: int = Field(default=256, ge=2)
     elite_fraction: float = Field(default=0.2, gt=0, le=1)
@@ -134,6 +155,14 @@ class AirLLMConfig(ConfigBase):
     def _steps(self) -> AirLLMConfig:
         if self.inference_steps > self.train_timesteps:
             raise ValueError("inference_steps cannot exceed train_timesteps")
+        if self.action == "latent" and self.denoiser_objective != "reward_weighted":
+            raise ValueError(
+                "airllm action 'latent' trains its denoiser reward_weighted (the elite's "
+                "refinement gain is defined for grouped actions): set denoiser_objective: "
+                "reward_weighted"
+            )
+        if self.action == "latent" and not self.use_denoiser:
+            raise ValueError("airllm action 'latent' has no rank vector without its denoiser")
         return self
 
 

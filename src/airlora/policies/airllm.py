@@ -26,6 +26,12 @@ each reward that the residual earned from what the state and the coarse decision
 (:func:`refinement_gain`); the tuples whose residual earned the most (the ``elite_fraction``)
 are the training set, with the condition dropped at random (classifier-free guidance).
 Greedy decisions start the DDIM chain from x_T = 0.
+
+``AirLLMConfig.action: latent`` is the reference implementation's design instead: PPO's action
+is a Gaussian vector of ``latent_dim`` numbers, squashed by tanh (PPO's probabilities are those
+of the unsquashed sample); the denoiser, conditioned on that vector alone, samples the whole
+rank vector x in [-1, 1]^M, decoded as level = floor((x + 1) / 2 * r_max); it trains on every
+(latent, executed x, reward) tuple with the reward-weighted loss, and starts untrained.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gymnasium import spaces
 from safetensors.torch import load_file, save_file
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
@@ -64,6 +71,9 @@ from airlora.policies.ppo import (
 )
 
 DENOISER_FILE = "denoiser.safetensors"
+# PPO's Gaussian latent is clipped here before tanh: tanh(5) = 0.99991, so the clip never
+# changes a decision, while SB3 needs a bounded Box.
+LATENT_BOUND = 5.0
 
 
 class TransitionBuffer:
@@ -135,7 +145,7 @@ class _CoarseToFine(VecEnvWrapper):
 
     def step_async(self, actions: np.ndarray) -> None:
         assert self._obs is not None
-        coarse = np.asarray(actions, dtype=np.int64).reshape(self.num_envs, -1)
+        coarse = self.policy.coarse_array(actions, self.num_envs)
         fine = self.policy.refine(self._obs, coarse, deterministic=False)
         self._pending = (self._obs, coarse, fine)
         self.venv.step_async(fine)
@@ -170,12 +180,17 @@ class AirLLMPolicy(RankPolicy):
         super().__init__(layout, seed)
         self.ppo_config = ppo or PPOConfig()
         self.airllm_config = airllm or AirLLMConfig()
-        self.group_names, groups = projection_groups(
-            layout.projection_names, self.airllm_config.depth_bands
-        )
+        cfg = self.airllm_config
+        self.latent = cfg.action == "latent"
+        self.group_names, groups = projection_groups(layout.projection_names, cfg.depth_bands)
         self.group_index = np.asarray(groups, dtype=np.int64)
-        self.coarse_space = rank_space(len(self.group_names), layout.r_max)
-        cond_dim = layout.obs_dim + len(self.group_names)
+        if self.latent:
+            shape = (cfg.latent_dim,)
+            self.coarse_space = spaces.Box(-LATENT_BOUND, LATENT_BOUND, shape, np.float32)
+            cond_dim = cfg.latent_dim
+        else:
+            self.coarse_space = rank_space(len(self.group_names), layout.r_max)
+            cond_dim = layout.obs_dim + len(self.group_names)
         self.sampler = DDIMSampler(layout.num_projections, cond_dim, self.airllm_config, seed=seed)
         # x = +-1 means +-r_max/2 ranks: a finer grid than +-r_max for the same model error.
         self.residual_scale = layout.r_max / 2.0
@@ -187,7 +202,23 @@ class AirLLMPolicy(RankPolicy):
 
     # ------------------------------------------------------------------ decisions
 
+    def coarse_array(self, actions: np.ndarray, n: int) -> np.ndarray:
+        """PPO's actions as an (n, coarse size) array: levels, or the latent's numbers."""
+        dtype = np.float32 if self.latent else np.int64
+        return np.asarray(actions, dtype=dtype).reshape(n, -1)
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        """Rank levels from a whole sampled vector in [-1, 1] (``action: latent``)."""
+        r = self.layout.r_max
+        return np.clip(np.floor((np.asarray(x) + 1.0) / 2.0 * r), 0, r).astype(np.int64)
+
+    def encode(self, ranks: np.ndarray) -> np.ndarray:
+        """The vector in [-1, 1] that decodes to these levels (the executed action)."""
+        return 2.0 * np.asarray(ranks, np.float64) / self.layout.r_max - 1.0
+
     def condition(self, obs: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+        if self.latent:  # the reference conditions its denoiser on the latent alone
+            return np.tanh(np.asarray(coarse, np.float32))
         return np.concatenate(
             [np.asarray(obs, np.float32), np.asarray(coarse, np.float32) / self.layout.r_max],
             axis=1,
@@ -211,7 +242,10 @@ class AirLLMPolicy(RankPolicy):
         obs = np.asarray(obs, np.float32).reshape(len(coarse), -1)
         cond = self.condition(obs, coarse)
         noise = torch.zeros(len(coarse), self.layout.num_projections) if deterministic else None
-        x = self.center(self.sampler.sample(cond, noise=noise, generator=self._generator).numpy())
+        x = self.sampler.sample(cond, noise=noise, generator=self._generator).numpy()
+        if self.latent:
+            return self.decode(x)
+        x = self.center(x)
         ranks = self.expand(coarse) + self.residual_scale * x
         return np.clip(np.rint(ranks), 0, self.layout.r_max).astype(np.int64)
 
@@ -228,14 +262,18 @@ class AirLLMPolicy(RankPolicy):
     def act_batch(self, observations: np.ndarray, deterministic: bool = True) -> np.ndarray:
         obs = np.asarray(observations, np.float32)
         coarse, _ = self._agent().predict(obs, deterministic=deterministic)
-        coarse = np.asarray(coarse, dtype=np.int64).reshape(len(obs), -1)
+        coarse = self.coarse_array(coarse, len(obs))
         return self.refine(obs, coarse, deterministic)
 
     # ------------------------------------------------------------------ training
 
     def warm_start(self, n: int = 4096) -> float:
-        """Fit the denoiser to the exploration prior: small Gaussian residuals, any condition."""
+        """Fit the denoiser to the exploration prior: small Gaussian residuals, any condition.
+        A latent-action denoiser starts untrained, as the reference's."""
         cfg = self.airllm_config
+        if self.latent:
+            self._warm_started = True
+            return float("nan")
         rng = np.random.default_rng(self.seed)
         cond = np.concatenate(
             [
@@ -257,6 +295,12 @@ class AirLLMPolicy(RankPolicy):
             return float("nan")
         obs, coarse, fine, reward = self.buffer.arrays()
         cond = self.condition(obs, coarse)
+        if self.latent:  # every executed vector, weighted by its reward (the reference)
+            loss = self.sampler.train(
+                self.encode(fine), cond, cfg.updates_per_phase, cfg.batch_size, rewards=reward
+            )
+            self.denoiser_losses.append(loss)
+            return loss
         residual = self.center((fine - self.expand(coarse)) / self.residual_scale)
         if cfg.denoiser_objective == "reward_weighted":  # the reference: every sample, weighted
             loss = self.sampler.train(
@@ -309,7 +353,7 @@ class AirLLMPolicy(RankPolicy):
         return {
             "ppo": self.ppo_config.model_dump(mode="json"),
             "airllm": self.airllm_config.model_dump(mode="json"),
-            "coarse_groups": self.group_names,
+            "coarse_groups": [] if self.latent else self.group_names,
         }
 
     def _save_weights(self, folder: Path) -> None:

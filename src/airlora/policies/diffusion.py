@@ -107,7 +107,9 @@ class DDIMSampler:
         self.denoiser = Denoiser(sample_dim, cond_dim, config.hidden)
         self.scheduler = DDIMScheduler(
             num_train_timesteps=config.train_timesteps,
-            beta_schedule="squaredcos_cap_v2",
+            beta_schedule=config.beta_schedule,
+            beta_start=1e-4,  # scaled_linear only (the reference's range)
+            beta_end=2e-2,
             prediction_type="epsilon",
             clip_sample=True,
             clip_sample_range=1.0,
@@ -171,6 +173,8 @@ class DDIMSampler:
             loss = weighted_noise_loss(predicted, noise[u], weights)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.config.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.max_grad_norm)
             self.optimizer.step()
             losses[u] = loss.detach()
         self.denoiser.eval()

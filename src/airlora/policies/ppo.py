@@ -90,7 +90,7 @@ def new_ppo(env: VecEnv | gym.Env, config: PPOConfig, seed: int, tensorboard_dir
         gae_lambda=config.gae_lambda,
         clip_range=config.clip_range,
         ent_coef=config.ent_coef,
-        policy_kwargs={"net_arch": list(config.net_arch)},
+        policy_kwargs={"net_arch": list(config.net_arch), "log_std_init": config.log_std_init},
         tensorboard_log=str(tensorboard_dir) if tensorboard_dir else None,
         seed=seed,
         device="cpu",
