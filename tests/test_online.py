@@ -94,6 +94,20 @@ def test_a_violated_step_trains_nothing_and_pays_the_penalty(
     assert not all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_dropout_is_paired_whatever_a_policy_draws(tiny_model_dir, tiny_data_dir, tmp_path):
+    from airlora.online import build_online_env
+
+    losses = []
+    for draws in (0, 1000):
+        env = build_online_env(_config(tiny_model_dir, tiny_data_dir, tmp_path, bandwidth_hz=1e9))
+        env.reset(seed=0)
+        assert env.engine.server.peft_model.config.hidden_dropout_prob > 0
+        torch.rand(draws)  # a policy sampling its actions from torch's global generator
+        ranks = np.full(len(env.projection_names), 2)
+        losses.append([env.step(ranks)[4]["train_loss"] for _ in range(3)])
+    assert losses[0] == losses[1]
+
+
 def test_the_heuristic_takes_the_largest_rank_that_fits(tiny_model_dir, tiny_data_dir, tmp_path):
     from airlora.online import build_online_env
 

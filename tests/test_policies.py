@@ -52,6 +52,16 @@ def test_guidance_weight_zero_equals_the_unconditional_sample():
     assert not torch.allclose(conditional, unconditional)
 
 
+def test_building_a_sampler_leaves_the_global_generator_alone():
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = DDIMSampler(4, 3, AirLLMConfig(), seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = DDIMSampler(4, 3, AirLLMConfig(), seed=7)  # still seeded: the same initial network
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_sampler_follows_diffusers_ddim_schedule():
     """One guided step of our sampler is exactly DDIMScheduler.step on the mixed prediction."""
     cfg = AirLLMConfig(train_timesteps=40, inference_steps=1, guidance_weight=2.0)

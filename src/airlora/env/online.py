@@ -27,6 +27,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from airlora.config import EnvConfig, OnlineSettings
 from airlora.engine import RoundEngine
@@ -97,6 +98,7 @@ class OnlineRankEnv(gym.Env):
         self.unk_token_id = unk_token_id
         self.special_ids = np.asarray(sorted(set(special_ids)), dtype=np.int64)
         self._rng = np.random.default_rng(seed)
+        self._seed = seed
         self._ranks = [max(self.min_rank, self.r_max // 2)] * m
         self._batch: np.ndarray | None = None
         self._snr_db = float(settings.snr_levels_db[0])
@@ -192,7 +194,12 @@ class OnlineRankEnv(gym.Env):
             if not server.chooses_ranks:
                 server.set_rank_vector(ranks)
             self._ranks = ranks
-            loss = self.engine.train_steps([self._batch])
+            # Dropout draws from a private stream fixed by (seed, step): every method of a seed
+            # sees the same masks at the same step, and a policy's own draws (PPO sampling its
+            # actions from torch's global generator) neither shift them nor are shifted.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._seed * 1_000_003 + self.steps_done)
+                loss = self.engine.train_steps([self._batch])
             reward = -loss - s.cost_weight * cost
             self._next_batch()
             if self.simulated_link:

@@ -103,8 +103,11 @@ class DDIMSampler:
 
     def __init__(self, sample_dim: int, cond_dim: int, config: AirLLMConfig, seed: int = 0):
         self.config = config
-        torch.manual_seed(seed)
-        self.denoiser = Denoiser(sample_dim, cond_dim, config.hidden)
+        # Seeded from `seed` without touching torch's global generator: reseeding it here made
+        # the model's dropout draws depend on whether a policy had been built (unpaired runs).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.denoiser = Denoiser(sample_dim, cond_dim, config.hidden)
         self.scheduler = DDIMScheduler(
             num_train_timesteps=config.train_timesteps,
             beta_schedule=config.beta_schedule,
