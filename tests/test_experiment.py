@@ -288,3 +288,23 @@ def test_every_shipped_preset_validates_and_plans():
         assert set(main.seeds) <= set(paired.seeds), name
         assert paired.tuning.learning_rates == main.tuning.learning_rates, name
         assert set(main.tuning.seeds) <= set(paired.tuning.seeds), name
+
+
+def test_a_sweep_entry_whose_merged_section_is_invalid_fails_at_load():
+    from airlora.config import SweepConfig
+
+    # The sweep's airllm is the latent design; an entry that switches its denoiser off would
+    # only fail when its cells ran, possibly hours into a sweep: refuse it up front.
+    body = {
+        "formulation": "online",
+        "link": {"scheme": "shannon"},
+        "airllm": {"action": "latent", "denoiser_objective": "reward_weighted"},
+        "methods": [
+            {"name": "airllm", "method": "airllm"},
+            {"name": "broken", "method": "airllm", "airllm": {"use_denoiser": False}},
+        ],
+    }
+    with pytest.raises(ValueError, match="method broken: its airllm section"):
+        SweepConfig.model_validate(body)
+    body["methods"][1]["airllm"] = {"action": "grouped", "use_denoiser": False}
+    assert SweepConfig.model_validate(body).methods[1].name == "broken"

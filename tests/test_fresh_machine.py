@@ -382,7 +382,7 @@ def test_bench_online_times_the_configured_model_and_pairs_runs(tiny_model_dir, 
     out = json.loads(result.stdout)
     details = out["details"]
     assert details["model"] == str(tiny_model_dir) and details["r_max"] == 2
-    assert details["max_length"] == 16
+    assert details["max_length"] == 16 and details["device"] == "cpu"
     pairs = zip(details["airllm_steps_per_s"], details["fixed_rank_steps_per_s"], strict=True)
     assert details["paired_ratios"] == pytest.approx([p / q for p, q in pairs])
     assert out["ratio"] == pytest.approx(statistics.median(details["paired_ratios"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -447,14 +448,19 @@ def test_latent_airllm_is_the_reference_design_and_round_trips(tmp_path):
     assert loaded.latent and np.array_equal(loaded.act_batch(obs), before)
 
 
-def test_latent_decoding_covers_every_level_and_inverts():
-    policy = make_policy("airllm", _layout(), 0, SMALL_PPO, LATENT_AIRLLM)
-    levels = np.arange(0, 9)
-    assert np.array_equal(policy.decode(policy.encode(levels)), levels)
-    assert policy.decode(np.array([-1.0, 1.0])).tolist() == [0, 8]
+@pytest.mark.parametrize(("lo", "top"), [(0, 6), (0, 7), (0, 8), (1, 8), (0, 24), (1, 64)])
+def test_latent_decoding_covers_every_level_and_inverts(lo, top):
+    layout = dataclasses.replace(_layout(), r_max=top, min_level=lo)
+    policy = make_policy("airllm", layout, 0, SMALL_PPO, LATENT_AIRLLM)
+    levels = np.arange(lo, top + 1)
+    # What the denoiser trains on is float32: the executed levels must survive that too.
+    for encoded in (policy.encode(levels), policy.encode(levels).astype(np.float32)):
+        assert np.array_equal(policy.decode(encoded), levels)
+    assert policy.decode(np.array([-1.0, 1.0])).tolist() == [lo, top]
     # Equal shares of [-1, 1] per level below the top: the reference's floor decoding.
-    x = np.linspace(-1, 1, 8001)[:-1]
-    assert np.bincount(policy.decode(x), minlength=9)[:8].tolist() == [1000] * 8
+    span = top - lo
+    x = -1 + 2 * (np.arange(span * 1000) + 0.5) / (span * 1000)  # cell centres, no edges
+    assert np.bincount(policy.decode(x) - lo, minlength=span + 1)[:span].tolist() == [1000] * span
 
 
 def test_latent_action_needs_the_reward_weighted_denoiser():

@@ -23,6 +23,7 @@ import statistics
 import time
 
 from airlora.config import RunConfig
+from airlora.devices import resolve_device
 
 DEFAULT_BASE: dict = {
     "link": {"scheme": "shannon"},
@@ -95,7 +96,7 @@ def bench_online(
             "r_max": config.model.r_max,
             "batch_size": config.data.batch_size,
             "max_length": config.data.max_length,
-            "device": config.train.device,
+            "device": str(resolve_device(config.train.device)),
             "inference_steps": config.airllm.inference_steps,
         },
     }

@@ -39,6 +39,18 @@ class ConfigBase(BaseModel):
         return given
 
 
+def merge_section(section: ConfigBase, overrides: dict) -> ConfigBase:
+    """A config section with overrides merged in, nested mappings included (a sweep entry's
+    ``airllm: {...}`` over the sweep's ``airllm``), validated."""
+    merged = section.model_dump(mode="json")
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return type(section).model_validate(merged)
+
+
 def load_config(path: Path, cls: type[ConfigBase]) -> ConfigBase:
     """Read a YAML file into a config model (safe loader; unknown keys are an error)."""
     return cls.model_validate(read_yaml_mapping(path))

@@ -161,6 +161,11 @@ class AirLLMConfig(ConfigBase):
                 "refinement gain is defined for grouped actions): set denoiser_objective: "
                 "reward_weighted"
             )
+        if self.min_buffer > self.buffer_size:
+            raise ValueError(
+                f"min_buffer {self.min_buffer} exceeds buffer_size {self.buffer_size}: the "
+                "denoiser would never train"
+            )
         if self.action == "latent" and not self.use_denoiser:
             raise ValueError("airllm action 'latent' has no rank vector without its denoiser")
         return self

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from airlora.config.base import ConfigBase
+from airlora.config.base import ConfigBase, merge_section
 from airlora.config.link import LinkConfig
 from airlora.config.policy import AirLLMConfig, EnvConfig, PPOConfig, SurrogateConfig
 from airlora.config.task import DataConfig, ModelConfig, TrainConfig
@@ -373,6 +373,14 @@ class SweepConfig(ConfigBase):
         for m in self.methods:
             if m.rank is not None and m.rank > min(self.r_max):
                 raise ValueError(f"{m.name}: rank {m.rank} exceeds r_max {min(self.r_max)}")
+            # An entry's overrides are merged when its cells run, maybe hours in: check them now.
+            for section in ("airllm", "ppo", "env", "train"):
+                overrides = getattr(m, section)
+                if overrides:
+                    try:
+                        merge_section(getattr(self, section), overrides)
+                    except ValueError as err:  # pydantic's ValidationError is a ValueError
+                        raise ValueError(f"method {m.name}: its {section} section: {err}") from err
         if self.formulation != "online" and any(m.method == "oracle" for m in self.methods):
             raise ValueError(ORACLE_ONLINE_ONLY)
         if self.formulation == "online" and self.link.scheme not in ONLINE_LINKS:

@@ -93,8 +93,10 @@ class OnlineRankEnv(gym.Env):
         self.rank_levels = rank_levels(self.min_rank, self.r_max, settings.rank_levels)
         if settings.rank_levels == "linear":  # the index is the rank (clipped to min_rank)
             self.action_space = rank_space(m, self.r_max)
+            self.min_level = self.min_rank
         else:
             self.action_space = rank_space(m, len(self.rank_levels) - 1)
+            self.min_level = 0
         self.unk_token_id = unk_token_id
         self.special_ids = np.asarray(sorted(set(special_ids)), dtype=np.int64)
         self._rng = np.random.default_rng(seed)

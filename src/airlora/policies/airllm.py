@@ -30,8 +30,9 @@ Greedy decisions start the DDIM chain from x_T = 0.
 ``AirLLMConfig.action: latent`` is the reference implementation's design instead: PPO's action
 is a Gaussian vector of ``latent_dim`` numbers, squashed by tanh (PPO's probabilities are those
 of the unsquashed sample); the denoiser, conditioned on that vector alone, samples the whole
-rank vector x in [-1, 1]^M, decoded as level = floor((x + 1) / 2 * r_max); it trains on every
-(latent, executed x, reward) tuple with the reward-weighted loss, and starts untrained.
+rank vector x in [-1, 1]^M, decoded as level = lo + floor((x + 1) / 2 * (r_max - lo)) with lo
+the layout's ``min_level``; it trains on every (latent, executed x, reward) tuple with the
+reward-weighted loss, and starts untrained.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ from airlora.policies.ppo import (
 )
 
 DENOISER_FILE = "denoiser.safetensors"
-# PPO's Gaussian latent is clipped here before tanh: tanh(5) = 0.99991, so the clip never
-# changes a decision, while SB3 needs a bounded Box.
+# PPO's Gaussian latent is clipped here before tanh: tanh(5) = 0.99991, so the clip moves the
+# denoiser's condition by less than 1e-4, while SB3 needs a bounded Box.
 LATENT_BOUND = 5.0
 
 
@@ -208,13 +209,21 @@ class AirLLMPolicy(RankPolicy):
         return np.asarray(actions, dtype=dtype).reshape(n, -1)
 
     def decode(self, x: np.ndarray) -> np.ndarray:
-        """Rank levels from a whole sampled vector in [-1, 1] (``action: latent``)."""
-        r = self.layout.r_max
-        return np.clip(np.floor((np.asarray(x) + 1.0) / 2.0 * r), 0, r).astype(np.int64)
+        """Rank levels from a whole sampled vector in [-1, 1] (``action: latent``): the
+        reference's ``lo + floor((x + 1) / 2 * (hi - lo))``, ``hi`` at x = 1 only."""
+        lo, hi = self.layout.min_level, self.layout.r_max
+        levels = lo + np.floor((np.asarray(x, np.float64) + 1.0) / 2.0 * (hi - lo))
+        return np.clip(levels, lo, hi).astype(np.int64)
 
     def encode(self, ranks: np.ndarray) -> np.ndarray:
-        """The vector in [-1, 1] that decodes to these levels (the executed action)."""
-        return 2.0 * np.asarray(ranks, np.float64) / self.layout.r_max - 1.0
+        """The vector in [-1, 1] that the denoiser learns for executed levels: the centre of
+        each level's interval (its lower edge would decode one level down after rounding),
+        1 for the top level."""
+        lo, hi = self.layout.min_level, self.layout.r_max
+        k = np.clip(np.asarray(ranks, np.float64), lo, hi)
+        if hi == lo:
+            return np.ones_like(k)
+        return np.where(k >= hi, 1.0, 2.0 * (k - lo + 0.5) / (hi - lo) - 1.0)
 
     def condition(self, obs: np.ndarray, coarse: np.ndarray) -> np.ndarray:
         if self.latent:  # the reference conditions its denoiser on the latent alone

@@ -35,6 +35,10 @@ class ActionLayout:
     r_max: int
     env: EnvConfig = field(default_factory=EnvConfig)
     obs_dim: int = len(OBSERVATION_FIELDS)
+    # The lowest entry that means a rank of its own: an online environment with linear levels
+    # clips below its min_rank, so a policy that spreads its output over the entries (AirLLM's
+    # latent decoding) starts there, as the reference does.
+    min_level: int = 0
 
     @property
     def num_projections(self) -> int:
@@ -46,12 +50,14 @@ class ActionLayout:
             "r_max": self.r_max,
             "env": self.env.model_dump(mode="json"),
             "obs_dim": self.obs_dim,
+            "min_level": self.min_level,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> ActionLayout:
         obs_dim = int(d.get("obs_dim", len(OBSERVATION_FIELDS)))  # older saves: the fixed layout
-        return cls(tuple(d["projection_names"]), int(d["r_max"]), EnvConfig(**d["env"]), obs_dim)
+        env, min_level = EnvConfig(**d["env"]), int(d.get("min_level", 0))
+        return cls(tuple(d["projection_names"]), int(d["r_max"]), env, obs_dim, min_level)
 
     @classmethod
     def of_env(cls, env: gym.Env) -> ActionLayout:
@@ -59,7 +65,8 @@ class ActionLayout:
         obs_dim = int(base.observation_space.shape[0])
         # The largest action index: r_max, unless the environment offers fewer rank levels.
         top = int(np.max(base.action_space.nvec)) - 1
-        return cls(tuple(base.projection_names), top, base.config, obs_dim)
+        min_level = int(getattr(base, "min_level", 0))
+        return cls(tuple(base.projection_names), top, base.config, obs_dim, min_level)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from airlora.config import (
     TrainConfig,
     load_config,
 )
+from airlora.config.base import merge_section
 from airlora.errors import CellError, os_error_message
 from airlora.runs import (
     POLICY_DIR,
@@ -30,7 +31,7 @@ from airlora.runs import (
     atomic_write_text,
     config_hash,
 )
-from airlora.sweep.planning import cell_model, merge_section
+from airlora.sweep.planning import cell_model
 from airlora.sweep.store import CELLS, seal_cell
 
 

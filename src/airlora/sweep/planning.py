@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from airlora.config import SweepConfig
+from airlora.config.base import merge_section
 
 TRAINED = ("airllm", "ppo")
 
@@ -54,17 +55,6 @@ def parse_cell_id(cell_id: str) -> dict:
         r_max = body.removeprefix("r")
     out["r_max"] = int(r_max)
     return out
-
-
-def merge_section(section, overrides: dict):
-    """A config section with overrides merged in, nested mappings included."""
-    merged = section.model_dump(mode="json")
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return type(section).model_validate(merged)
 
 
 def cell_model(config: SweepConfig, r_max: int, overrides: dict | None = None):
