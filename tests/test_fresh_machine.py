@@ -376,7 +376,16 @@ def test_bench_online_times_the_configured_model_and_pairs_runs(tiny_model_dir, 
             }
         )
     )
-    args = ["bench", "online", str(config), "--model", str(tiny_model_dir), "--rmax", "2"]
+    args = [
+        "bench",
+        "online",
+        "--config",
+        str(config),
+        "--model",
+        str(tiny_model_dir),
+        "--rmax",
+        "2",
+    ]
     result = runner.invoke(app, [*args, "--steps", "20", "--repeats", "2", "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
@@ -391,6 +400,8 @@ def test_bench_online_times_the_configured_model_and_pairs_runs(tiny_model_dir, 
 def test_bench_online_refuses_a_link_the_online_formulation_lacks(tiny_model_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"link": {"scheme": "ideal"}}))
-    result = runner.invoke(app, ["bench", "online", str(config), "--model", str(tiny_model_dir)])
+    result = runner.invoke(
+        app, ["bench", "online", "--config", str(config), "--model", str(tiny_model_dir)]
+    )
     assert result.exit_code == 2, result.output
     assert "shannon" in " ".join(result.stderr.split())

@@ -109,7 +109,8 @@ def bench_convergence(
 def bench_online(
     config_file: Annotated[
         Path | None,
-        typer.Argument(
+        typer.Option(
+            "--config",
             help="Run config YAML: model, data, link, online and policy settings to time "
             "(method, steps and seed are the bench's).",
             exists=True,
