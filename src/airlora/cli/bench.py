@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,7 @@ from airlora.cli.common import (
     console,
     err_console,
     key_value_table,
+    overrides,
     print_bench,
     print_json,
     typer_group,
@@ -132,11 +134,11 @@ def bench_online(
     same loop at fixed ranks."""
     from airlora.bench.online import DEFAULT_BASE
     from airlora.bench.online import bench_online as run
+    from airlora.config.base import apply_overrides, read_yaml_mapping
 
     given = {"model": model, "rmax": rmax, "batch_size": batch_size, "max_length": max_length}
-    base = config_mapping(config_file, {**given, "device": device})
-    if config_file is None:
-        base = {**DEFAULT_BASE, **base, "data": {**DEFAULT_BASE["data"], **base.get("data", {})}}
+    base = read_yaml_mapping(config_file) if config_file else copy.deepcopy(DEFAULT_BASE)
+    base = apply_overrides(base, overrides({**given, "device": device}))
     with err_console.status("benchmarking the online loop (airllm vs fixed ranks)"):
         result = run(steps=steps, repeats=repeats, base=base)
     print_bench(result, as_json)

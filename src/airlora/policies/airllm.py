@@ -304,19 +304,17 @@ class AirLLMPolicy(RankPolicy):
             return float("nan")
         obs, coarse, fine, reward = self.buffer.arrays()
         cond = self.condition(obs, coarse)
-        if self.latent:  # every executed vector, weighted by its reward (the reference)
+        if self.latent:  # the whole executed vector (the reference)
+            target = self.encode(fine)
+        else:
+            target = self.center((fine - self.expand(coarse)) / self.residual_scale)
+        if self.latent or cfg.denoiser_objective == "reward_weighted":  # every sample, weighted
             loss = self.sampler.train(
-                self.encode(fine), cond, cfg.updates_per_phase, cfg.batch_size, rewards=reward
+                target, cond, cfg.updates_per_phase, cfg.batch_size, rewards=reward
             )
             self.denoiser_losses.append(loss)
             return loss
-        residual = self.center((fine - self.expand(coarse)) / self.residual_scale)
-        if cfg.denoiser_objective == "reward_weighted":  # the reference: every sample, weighted
-            loss = self.sampler.train(
-                residual, cond, cfg.updates_per_phase, cfg.batch_size, rewards=reward
-            )
-            self.denoiser_losses.append(loss)
-            return loss
+        residual = target
         gain = refinement_gain(cond.astype(np.float64), residual, reward)
         keep = np.argsort(gain)[-max(1, round(cfg.elite_fraction * len(gain))) :]
         loss = self.sampler.train(residual[keep], cond[keep], cfg.updates_per_phase, cfg.batch_size)
