@@ -63,27 +63,33 @@ def test_building_a_sampler_leaves_the_global_generator_alone():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_sampler_follows_diffusers_ddim_schedule():
-    """One guided step of our sampler is exactly DDIMScheduler.step on the mixed prediction."""
-    cfg = AirLLMConfig(train_timesteps=40, inference_steps=1, guidance_weight=2.0)
+@pytest.mark.parametrize("schedule", ["squaredcos_cap_v2", "scaled_linear"])
+def test_sampler_follows_diffusers_ddim_schedule(schedule):
+    """Our guided chain is DDIMScheduler.step, step after step, on the mixed prediction."""
+    cfg = AirLLMConfig(
+        train_timesteps=40, inference_steps=5, guidance_weight=2.0, beta_schedule=schedule
+    )
     sampler = DDIMSampler(4, 2, cfg, seed=0)
     cond = torch.ones(3, 2)
-    noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)) * 3
     ours = sampler.sample(cond, noise=noise)
     ref = DDIMScheduler(
         num_train_timesteps=40,
-        beta_schedule="squaredcos_cap_v2",
+        beta_schedule=schedule,
+        beta_start=1e-4,
+        beta_end=2e-2,
         clip_sample=True,
         set_alpha_to_one=True,
     )
-    ref.set_timesteps(1)
-    t = int(ref.timesteps[0])
-    tt = torch.full((3,), t)
-    with torch.no_grad():
-        eps_u = sampler.denoiser(noise, tt, cond, torch.zeros(3))
-        eps_c = sampler.denoiser(noise, tt, cond, torch.ones(3))
-    expected = ref.step(eps_u + 2.0 * (eps_c - eps_u), t, noise).prev_sample.clamp(-1, 1)
-    assert torch.allclose(ours, expected, atol=1e-6)
+    ref.set_timesteps(5)
+    x = noise
+    for t in ref.timesteps.tolist():
+        tt = torch.full((3,), t)
+        with torch.no_grad():
+            eps_u = sampler.denoiser(x, tt, cond, torch.zeros(3))
+            eps_c = sampler.denoiser(x, tt, cond, torch.ones(3))
+        x = ref.step(eps_u + 2.0 * (eps_c - eps_u), t, x, eta=0.0).prev_sample
+    assert torch.allclose(ours, x.clamp(-1, 1), atol=1e-6)
 
 
 def test_trained_denoiser_recovers_a_conditional_distribution():
@@ -350,13 +356,17 @@ def test_guidance_scale_one_is_the_conditional_sample():
     """eps = eps_u + w (eps_c - eps_u): at w = 1 the unconditional prediction plays no part
     (here it is poisoned with NaN and the sample stays finite), at w = 1.5 it does."""
     sampler = DDIMSampler(4, 2, AirLLMConfig(train_timesteps=50, inference_steps=5), seed=0)
-    real = sampler.denoiser.forward
 
-    def poisoned(x, t, c, present):
-        eps = real(x, t, c, present)
-        return torch.where(present[:, None] > 0, eps, torch.full_like(eps, float("nan")))
+    class Poisoned(torch.nn.Module):  # NaN wherever the input's last column (present) is 0
+        def __init__(self, real: torch.nn.Module) -> None:
+            super().__init__()
+            self.real = real
 
-    sampler.denoiser.forward = poisoned
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            eps = self.real(h)
+            return torch.where(h[:, -1:] > 0, eps, torch.full_like(eps, float("nan")))
+
+    sampler.denoiser.net = Poisoned(sampler.denoiser.net)
     cond = torch.ones(3, 2)
     noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(sampler.sample(cond, guidance_weight=1.0, noise=noise)).all()
@@ -399,6 +409,28 @@ def test_airllm_trains_its_denoiser_reward_weighted_on_request():
     assert phases[-1][0] == len(policy.buffer)  # every sample of the buffer, not an elite
 
 
+@pytest.mark.parametrize(("ppo", "expected"), [((32, 2), 25), ((8, 1), 3), ((128, 4), 200)])
+def test_the_default_denoiser_schedule_scales_with_the_samples_collected(ppo, expected):
+    # 200 updates per 512 transitions: the round formulation's phase keeps its 200, a short
+    # online episode gets a few, instead of 200 re-fits of a tiny buffer per episode.
+    n_steps, n_envs = ppo
+    cfg = SMALL_AIRLLM.model_copy(update={"updates_per_phase": None, "min_buffer": 1})
+    small = SMALL_PPO.model_copy(update={"n_steps": n_steps, "n_envs": n_envs, "batch_size": 8})
+    policy = make_policy("airllm", _layout(), 0, small, cfg)
+    policy.warm_start()
+    updates = []
+    real = policy.sampler.train
+
+    def spy(x0, cond, n_updates, batch_size, rewards=None, **kw):
+        updates.append(n_updates)
+        return real(x0, cond, 1, batch_size, rewards=rewards, **kw)  # the count is the test
+
+    policy.sampler.train = spy
+    policy.learn(lambda s: SyntheticRankEnv(), 2 * n_steps * n_envs, n_envs=n_envs)
+    assert updates == [expected, expected]
+    assert AirLLMConfig(updates_per_phase=7).denoiser_updates(15) == 7  # a set value stays
+
+
 def test_the_denoiser_waits_for_min_buffer_samples():
     cfg = SMALL_AIRLLM.model_copy(update={"min_buffer": 100})
     policy = make_policy("airllm", _layout(), 0, SMALL_PPO, cfg)
@@ -408,11 +440,11 @@ def test_the_denoiser_waits_for_min_buffer_samples():
     fine = policy.expand(coarse)
     for _ in range(99):
         policy.buffer.add(obs, coarse, fine, np.zeros(1))
-    assert np.isnan(policy.denoiser_phase())  # 99 < 100: nothing trains
+    assert np.isnan(policy.denoiser_phase(1))  # 99 < 100: nothing trains
     after = policy.sampler.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     policy.buffer.add(obs, coarse, fine, np.zeros(1))
-    assert np.isfinite(policy.denoiser_phase())
+    assert np.isfinite(policy.denoiser_phase(1))
 
 
 LATENT_AIRLLM = SMALL_AIRLLM.model_copy(

@@ -119,9 +119,10 @@ def bench_online(
             dir_okay=False,
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Online steps per timed run.")] = 60,
+    steps: Annotated[int, typer.Option(help="Online steps per timed run.")] = 120,
     repeats: Annotated[
-        int, typer.Option(help="Pairs of runs (fixed ranks, then airllm, same seed).")
+        int,
+        typer.Option(help="Interleaved runs (airllm and fixed ranks step by step), one seed each."),
     ] = 3,
     model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
     rmax: Annotated[int | None, typer.Option(help="r_max.")] = None,

@@ -64,6 +64,11 @@ class PPOConfig(ConfigBase):
     log_std_init: float = 0.0
 
 
+# The round formulation's denoiser schedule, 200 updates per phase of 512 PPO samples (128
+# steps x 4 copies), as a rate: what ``AirLLMConfig.updates_per_phase = None`` scales by.
+DENOISER_UPDATES_PER_512 = 200
+
+
 class AirLLMConfig(ConfigBase):
     """AirLLM beyond its PPO agent: the coarse decision, the denoiser, its DDIM sampler and the
     alternation of PPO and denoiser phases.
@@ -106,7 +111,13 @@ class AirLLMConfig(ConfigBase):
     max_grad_norm:
         Gradient-norm clip of the denoiser's updates; 0 is none (default; the reference: 1).
     updates_per_phase:
-        Gradient steps of one denoiser phase. Default 200.
+        Gradient steps of one denoiser phase. Default None: 200 per 512 transitions collected
+        since the last phase (:data:`DENOISER_UPDATES_PER_512`; rounded, at least 1), which
+        is 200 in the round formulation's phase of 512 PPO samples and 6 in the online
+        formulation's episode of 15 steps. A fixed 200 in every 15-step episode re-fits a
+        buffer of a few dozen tuples with about 3,400 sample-gradients per new tuple (the
+        round formulation's rate is 100, the reference's 8.5) and, once the buffer holds a
+        full minibatch, costs about a tenth of every MiniLM training step on a CPU.
     batch_size:
         Denoiser minibatch. Default 256.
     denoiser_objective:
@@ -141,7 +152,7 @@ class AirLLMConfig(ConfigBase):
     guidance_weight: float = Field(default=0.5, ge=0)
     learning_rate: float = Field(default=1e-3, gt=0)
     max_grad_norm: float = Field(default=0.0, ge=0)
-    updates_per_phase: int = Field(default=200, ge=0)
+    updates_per_phase: int | None = Field(default=None, ge=0)
     batch_size: int = Field(default=256, ge=2)
     elite_fraction: float = Field(default=0.2, gt=0, le=1)
     denoiser_objective: Literal["elite", "reward_weighted"] = "elite"
@@ -150,6 +161,12 @@ class AirLLMConfig(ConfigBase):
     explore_std: float = Field(default=1.0, ge=0)
     warm_start_updates: int = Field(default=1000, ge=0)
     ppo_rollouts_per_phase: int = Field(default=1, ge=1)
+
+    def denoiser_updates(self, samples: int) -> int:
+        """Gradient steps of a denoiser phase after ``samples`` new transitions."""
+        if self.updates_per_phase is not None:
+            return self.updates_per_phase
+        return max(1, round(DENOISER_UPDATES_PER_512 * samples / 512))
 
     @model_validator(mode="after")
     def _steps(self) -> AirLLMConfig:

@@ -13,6 +13,7 @@ not choose ranks here: AdaLoRA does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -144,6 +145,12 @@ class AdaLoRAModel:
             out += [layer.lora_A[ADAPTER], layer.lora_E[ADAPTER], layer.lora_B[ADAPTER]]
         return out
 
+    @cached_property
+    def head_numel(self) -> int:
+        """Elements of the head (fixed at construction). Cached: the online environment prices
+        several rank vectors per step, and listing the parameters costs ~2 ms each time."""
+        return sum(p.numel() for p in self.head_parameters())
+
     def head_parameters(self) -> list[nn.Parameter]:
         params = dict(self.peft_model.named_parameters())
         return [params[n] for n in self._head_names]
@@ -158,7 +165,7 @@ class AdaLoRAModel:
             per_projection=tuple(
                 r * (p.d_in + p.d_out + extra) for p, r in zip(self.projections, ranks, strict=True)
             ),
-            head_params=sum(p.numel() for p in self.head_parameters()),
+            head_params=self.head_numel,
             max_adapter_params=sum(
                 self.r_max * (p.d_in + p.d_out + extra) for p in self.projections
             ),

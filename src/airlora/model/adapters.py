@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -264,6 +265,12 @@ class RankedLoRAModel:
             out += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
         return out
 
+    @cached_property
+    def head_numel(self) -> int:
+        """Elements of the head (fixed at construction). Cached: the online environment prices
+        several rank vectors per step, and listing the parameters costs ~2 ms each time."""
+        return sum(p.numel() for p in self.head_parameters())
+
     def head_parameters(self) -> list[nn.Parameter]:
         params = dict(self.peft_model.named_parameters())
         return [params[n] for n in self._head_names]
@@ -279,7 +286,7 @@ class RankedLoRAModel:
             per_projection=tuple(
                 p.params_at(r) for p, r in zip(self.projections, ranks, strict=True)
             ),
-            head_params=sum(p.numel() for p in self.head_parameters()),
+            head_params=self.head_numel,
             max_adapter_params=sum(p.params_at(self.r_max) for p in self.projections),
         )
 

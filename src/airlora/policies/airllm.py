@@ -69,6 +69,7 @@ from airlora.policies.ppo import (
     load_ppo,
     make_vec_env,
     new_ppo,
+    unchecked_distributions,
 )
 
 DENOISER_FILE = "denoiser.safetensors"
@@ -270,7 +271,8 @@ class AirLLMPolicy(RankPolicy):
 
     def act_batch(self, observations: np.ndarray, deterministic: bool = True) -> np.ndarray:
         obs = np.asarray(observations, np.float32)
-        coarse, _ = self._agent().predict(obs, deterministic=deterministic)
+        with unchecked_distributions():
+            coarse, _ = self._agent().predict(obs, deterministic=deterministic)
         coarse = self.coarse_array(coarse, len(obs))
         return self.refine(obs, coarse, deterministic)
 
@@ -297,10 +299,13 @@ class AirLLMPolicy(RankPolicy):
         self._warm_started = True
         return self.sampler.train(x0, cond, cfg.warm_start_updates, cfg.batch_size)
 
-    def denoiser_phase(self) -> float:
-        """Train the denoiser on the elite of the buffer; returns the mean loss."""
+    def denoiser_phase(self, samples: int) -> float:
+        """Train the denoiser on the buffer after ``samples`` new transitions (the number of
+        updates follows :meth:`~airlora.config.AirLLMConfig.denoiser_updates`): the elite of
+        the buffer, or all of it reward-weighted; returns the mean loss."""
         cfg = self.airllm_config
-        if not cfg.use_denoiser or cfg.updates_per_phase == 0 or len(self.buffer) < cfg.min_buffer:
+        updates = cfg.denoiser_updates(samples)
+        if not cfg.use_denoiser or updates == 0 or len(self.buffer) < cfg.min_buffer:
             return float("nan")
         obs, coarse, fine, reward = self.buffer.arrays()
         cond = self.condition(obs, coarse)
@@ -309,15 +314,13 @@ class AirLLMPolicy(RankPolicy):
         else:
             target = self.center((fine - self.expand(coarse)) / self.residual_scale)
         if self.latent or cfg.denoiser_objective == "reward_weighted":  # every sample, weighted
-            loss = self.sampler.train(
-                target, cond, cfg.updates_per_phase, cfg.batch_size, rewards=reward
-            )
+            loss = self.sampler.train(target, cond, updates, cfg.batch_size, rewards=reward)
             self.denoiser_losses.append(loss)
             return loss
         residual = target
         gain = refinement_gain(cond.astype(np.float64), residual, reward)
         keep = np.argsort(gain)[-max(1, round(cfg.elite_fraction * len(gain))) :]
-        loss = self.sampler.train(residual[keep], cond[keep], cfg.updates_per_phase, cfg.batch_size)
+        loss = self.sampler.train(residual[keep], cond[keep], updates, cfg.batch_size)
         self.denoiser_losses.append(loss)
         return loss
 
@@ -343,13 +346,14 @@ class AirLLMPolicy(RankPolicy):
         done = 0
         while done < total_steps:
             chunk = min(phase, total_steps - done)
-            self.agent.learn(
-                chunk, callback=callback, reset_num_timesteps=False, tb_log_name=self.method
-            )
+            with unchecked_distributions():
+                self.agent.learn(
+                    chunk, callback=callback, reset_num_timesteps=False, tb_log_name=self.method
+                )
             done += chunk
             if callback.stopped:
                 break
-            self.denoiser_phase()
+            self.denoiser_phase(chunk)
         log.extra["denoiser_losses"] = list(self.denoiser_losses)
         venv.close()
         return log

@@ -41,8 +41,10 @@ def timestep_embedding(
 
 def reward_weights(rewards: torch.Tensor, scale: float = 0.1) -> torch.Tensor:
     """Per-sample weights of the reward-weighted loss: ``clip(1 + scale z, 0.1, 10)`` with
-    ``z`` the rewards standardised over the minibatch (population std, +1e-6)."""
-    z = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+    ``z`` the rewards standardised over the minibatch (population std, +1e-6); the minibatch
+    is the last dimension (a leading dimension holds several minibatches)."""
+    mean = rewards.mean(dim=-1, keepdim=True)
+    z = (rewards - mean) / (rewards.std(dim=-1, unbiased=False, keepdim=True) + 1e-6)
     return torch.clamp(1.0 + scale * z, 0.1, 10.0).detach()
 
 
@@ -81,14 +83,24 @@ class Denoiser(nn.Module):
             nn.Linear(hidden, sample_dim),
         )
 
+    def inputs(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor:
+        """The network's input rows for (x_t, t, condition, present flag); any leading shape."""
+        return torch.cat([x, self.context(t, cond, present)], dim=-1)
+
+    def context(self, t: torch.Tensor, cond: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """The part of the input that is not x_t: timestep embedding, condition, flag. A DDIM
+        chain computes it for all its timesteps at once."""
+        present = present.unsqueeze(-1)
+        emb = timestep_embedding(t.reshape(-1), self.t_dim, self.freqs)
+        emb = emb.reshape(*t.shape, self.t_dim)
+        return torch.cat([emb, cond * present, present], dim=-1)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, present: torch.Tensor
     ) -> torch.Tensor:
-        cond = cond * present[:, None]
-        h = torch.cat(
-            [x, timestep_embedding(t, self.t_dim, self.freqs), cond, present[:, None]], dim=1
-        )
-        return self.net(h)
+        return self.net(self.inputs(x, t, cond, present))
 
 
 class DDIMSampler:
@@ -119,12 +131,32 @@ class DDIMSampler:
             set_alpha_to_one=True,
         )
         self.scheduler.set_timesteps(config.inference_steps)
+        self._steps = self._ddim_steps()
         # Fused: the denoiser trains by many small steps, where the per-parameter loop of the
         # default Adam costs more than the arithmetic (about a quarter of a phase on a CPU).
         self.optimizer = torch.optim.Adam(
             self.denoiser.parameters(), lr=config.learning_rate, fused=True
         )
         self.generator = torch.Generator().manual_seed(seed)
+
+    def _ddim_steps(
+        self,
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per inference timestep t: (t, sqrt(1 - a_t), sqrt(a_t), sqrt(a_prev), sqrt(1 - a_prev)),
+        from the scheduler's own cumulative alphas, computed as its ``step`` computes them.
+
+        Why not call ``scheduler.step``: it re-derives these and builds an output object at every
+        call, about half of a small denoiser's sampling time, paid at every online decision.
+        The update in :meth:`sample` is its eta = 0, epsilon, clipped path (tested equal).
+        """
+        s = self.scheduler
+        stride = s.config.num_train_timesteps // s.num_inference_steps
+        steps = []
+        for t in s.timesteps.tolist():
+            a_t = s.alphas_cumprod[t]
+            a_prev = s.alphas_cumprod[t - stride] if t - stride >= 0 else s.final_alpha_cumprod
+            steps.append((int(t), (1 - a_t) ** 0.5, a_t**0.5, a_prev**0.5, (1 - a_prev) ** 0.5))
+        return steps
 
     @property
     def sample_dim(self) -> int:
@@ -168,12 +200,17 @@ class DDIMSampler:
             noise.reshape(-1, self.sample_dim),
             t.reshape(-1),
         ).reshape(updates, b, self.sample_dim)
+        # Nothing in the network's input depends on its weights: every update's input rows
+        # and loss weights are built at once, leaving the loop the network's own work.
+        inputs = self.denoiser.inputs(xt, t, c_t[idx], present)
+        weights = None if r_t is None else reward_weights(r_t[idx], reward_scale)
+        net = self.denoiser.net
         self.denoiser.train()
         losses = torch.empty(updates)
         for u in range(updates):
-            weights = None if r_t is None else reward_weights(r_t[idx[u]], reward_scale)
-            predicted = self.denoiser(xt[u], t[u], c_t[idx[u]], present[u])
-            loss = weighted_noise_loss(predicted, noise[u], weights)
+            loss = weighted_noise_loss(
+                net(inputs[u]), noise[u], None if weights is None else weights[u]
+            )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config.max_grad_norm > 0:
@@ -225,17 +262,27 @@ class DDIMSampler:
         null = torch.zeros(n)
         guided = cond is not None and w not in (0.0, 1.0)
         if guided:  # one pass over both halves: [unconditional; conditional]
-            c2, flags = torch.cat([c, c]), torch.cat([null, present])
-        for t in self.scheduler.timesteps:
-            if cond is None or w == 0.0:
-                eps = self.denoiser(x, torch.full((n,), int(t)), c, null)
-            elif w == 1.0:
-                eps = self.denoiser(x, torch.full((n,), int(t)), c, present)
-            else:
-                both = self.denoiser(torch.cat([x, x]), torch.full((2 * n,), int(t)), c2, flags)
-                eps_u, eps_c = both[:n], both[n:]
+            c, flags = torch.cat([c, c]), torch.cat([null, present])
+        else:
+            flags = null if cond is None or w == 0.0 else present
+        bound = self.scheduler.config.clip_sample_range
+        rows = 2 * n if guided else n
+        times = torch.tensor([step[0] for step in self._steps])[:, None].expand(-1, rows)
+        context = self.denoiser.context(
+            times, c.expand(len(times), -1, -1), flags.expand(len(times), -1)
+        )
+        net = self.denoiser.net
+        for i, (_, sqrt_beta, sqrt_alpha, sqrt_alpha_prev, sqrt_beta_prev) in enumerate(
+            self._steps
+        ):
+            xs = torch.cat([x, x]) if guided else x
+            eps = net(torch.cat([xs, context[i]], dim=1))
+            if guided:
+                eps_u, eps_c = eps[:n], eps[n:]
                 eps = eps_u + w * (eps_c - eps_u)
-            x = self.scheduler.step(eps, int(t), x, eta=0.0).prev_sample
+            # DDIM, eta = 0: the clipped x_0 estimate, moved to the previous timestep.
+            x0 = ((x - sqrt_beta * eps) / sqrt_alpha).clamp(-bound, bound)
+            x = sqrt_alpha_prev * x0 + sqrt_beta_prev * eps
         return x.clamp(-1.0, 1.0)
 
     # ------------------------------------------------------------------ persistence
