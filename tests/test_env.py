@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -162,6 +164,63 @@ def test_synthetic_env_optimum_is_exact_and_snr_dependent():
     _obs, info = env.reset(seed=1)
     _, reward, _, _, _step_info = env.step(info["optimal_rank_vector"])
     assert reward == pytest.approx(info["optimal_reward"])
+
+
+def _tiny_refinement_env() -> SyntheticRankEnv:
+    # 4 layers x 2 types, r_max 2: 3^8 = 6,561 vectors, few enough to enumerate.
+    return SyntheticRankEnv(
+        num_layers=4, types=("query", "value"), r_max=2, deadline=True, depth_tilt=3.0
+    )
+
+
+def test_a_deadline_loses_the_tail_of_the_stream_and_still_charges_for_it():
+    env = _tiny_refinement_env()
+    units = env.capacity(10.0)
+    assert 0 < units < env.num_projections * env.r_max
+    assert env.capacity(25.0) == env.num_projections * env.r_max  # slot_share 1: all fits
+    ranks = np.full(env.num_projections, env.r_max)
+    arrived = env.delivered(ranks, 10.0)
+    assert arrived.sum() == units // env.r_max and arrived[0] and not arrived[-1]
+    u = env.utilities(10.0, 0.9)
+    kept = np.where(arrived, u[np.arange(env.num_projections), ranks], 0.0)
+    lost_cost = env.send_cost()[0, env.r_max] * (~arrived).sum()
+    assert env.reward_of(ranks, 10.0, 0.9) == pytest.approx(kept.sum() - lost_cost)
+
+
+def test_the_knapsack_optimum_and_the_group_ceiling_match_enumeration():
+    env = _tiny_refinement_env()
+    _, groups = projection_groups(env.projection_names, depth_bands=2)
+    vectors = np.array(list(itertools.product(range(3), repeat=env.num_projections)))
+    group_level = np.array(list(itertools.product(range(3), repeat=max(groups) + 1)))
+    gaps = []
+    for snr_db, difficulty in [(0.0, 1.0), (5.0, 0.75), (5.0, 1.0), (12.0, 0.9), (20.0, 1.0)]:
+        rewards = [env.reward_of(v, snr_db, difficulty) for v in vectors]
+        ranks, best = env.optimum(snr_db, difficulty)
+        assert best == pytest.approx(max(rewards), abs=1e-12)
+        assert env.reward_of(ranks, snr_db, difficulty) == pytest.approx(best, abs=1e-12)
+        coarse = max(env.reward_of(v[groups], snr_db, difficulty) for v in group_level)
+        lower, upper = env.coarse_ceiling(snr_db, difficulty, groups)
+        assert lower <= coarse + 1e-12 and coarse <= upper + 1e-12
+        gaps.append(best - coarse)
+    assert max(gaps) > 0.01  # some rounds want different ranks within a group
+
+
+def test_depth_importance_follows_the_data():
+    env = SyntheticRankEnv(depth_tilt=2.0)
+    easy, hard = env.importance_now(0.75), env.importance_now(1.0)
+    assert easy[0] / easy[-1] > env.importance[0] / env.importance[-1]  # early layers gain
+    assert hard[-1] / hard[0] > env.importance[-1] / env.importance[0]  # deep layers gain
+    assert np.array_equal(SyntheticRankEnv().importance_now(0.75), env.importance)
+    with pytest.raises(ValueError, match="depth_tilt"):
+        SyntheticRankEnv(depth_tilt=-1.0)
+
+
+def test_the_benchmark_env_leaves_group_levels_short_of_the_threshold():
+    from airlora.bench.convergence import THRESHOLD, coarse_headroom
+
+    result = coarse_headroom(episodes=4)
+    lower, upper = result["coarse_ceiling"]
+    assert lower <= upper < THRESHOLD and result["headroom"] > 0.05
 
 
 def test_projection_groups_by_type_and_depth_band():

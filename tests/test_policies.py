@@ -186,8 +186,10 @@ def untrained_scores() -> dict[str, float]:
 
     layout = _layout()
     return {
-        "random": evaluate_greedy(RandomPolicy(layout, seed=0)),
-        "mid rank": evaluate_greedy(FixedRankPolicy(layout, rank=layout.r_max // 2)),
+        "random": evaluate_greedy(RandomPolicy(layout, seed=0), make_env=SyntheticRankEnv),
+        "mid rank": evaluate_greedy(
+            FixedRankPolicy(layout, rank=layout.r_max // 2), make_env=SyntheticRankEnv
+        ),
     }
 
 
@@ -204,10 +206,11 @@ def test_trained_policies_beat_random_and_the_mid_rank(method, seed, untrained_s
     torch.set_num_threads(1)  # small networks: one thread is fastest, and deterministic
     try:
         # The same initial policy, untrained (acting first would fix SB3's env count at 1).
-        before = evaluate_greedy(make_policy(method, _layout(), seed, LEARNING_PPO, AirLLMConfig()))
+        untrained = make_policy(method, _layout(), seed, LEARNING_PPO, AirLLMConfig())
+        before = evaluate_greedy(untrained, make_env=SyntheticRankEnv)
         policy = make_policy(method, _layout(), seed, LEARNING_PPO, AirLLMConfig())
         policy.learn(lambda s: SyntheticRankEnv(), LEARNING_BUDGET, n_envs=LEARNING_PPO.n_envs)
-        after = evaluate_greedy(policy)
+        after = evaluate_greedy(policy, make_env=SyntheticRankEnv)
     finally:
         torch.set_num_threads(threads)
     floor = max(untrained_scores.values())
@@ -500,3 +503,15 @@ def test_latent_action_needs_the_reward_weighted_denoiser():
         AirLLMConfig(action="latent")
     with pytest.raises(ValueError, match="denoiser"):
         AirLLMConfig(action="latent", denoiser_objective="reward_weighted", use_denoiser=False)
+
+
+def test_bench_convergence_reports_the_headroom_and_the_group_level_methods():
+    args = ["bench", "convergence", "--seeds", "1", "--budget", "512", "--no-search", "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    details = json.loads(result.stdout)["details"]
+    assert details["headroom"] > 0.05
+    assert details["coarse_ceiling"][1] < details["threshold"]
+    methods = {"airllm", "ppo", "airllm_coarse_only", "ppo_grouped"}
+    assert set(details["steps"]) == methods == set(details["median_final_regret"])
+    assert details["ppo_grouped_median_steps"] == 512  # group levels cannot reach it

@@ -1,16 +1,26 @@
 """`airlora bench convergence`: environment steps to 95 % of the optimum, AirLLM against PPO.
 
 On :class:`~airlora.env.SyntheticRankEnv` (24 projections, r_max 8, the default model's
-spaces; its optimum is known exactly), both methods train with the same budget and the same
-hyper-parameter search: a grid over PPO's learning rate and discount, each point run on one
-tuning seed, the point that reached the threshold in the fewest steps kept per method. Then
+spaces; its optimum is known exactly) in the set-up where refinement matters
+(:func:`benchmark_env`: a deadline that cuts the stream's tail, depth importance that follows
+the data), so that one rank level per group of layers cannot reach the threshold:
+``details.headroom`` is the share of the optimum that no group-level vector reaches (a lower
+bound, from :meth:`~airlora.env.SyntheticRankEnv.coarse_ceiling` on the evaluation episodes),
+and the threshold (95 %) lies above that ceiling. Both methods train with the same budget and
+the same hyper-parameter search: a grid over PPO's learning rate and discount, each point run on one
+tuning seed, the point that reached the threshold in the fewest steps kept per method (ties,
+such as no point reaching it, go to the best final score). Then
 five evaluation seeds per method with that point. Every ``eval_every`` environment steps the
 greedy policy plays 32 fixed evaluation episodes; its score is the sum of their rewards over
 the sum of the optimal rewards. Steps to threshold = the first evaluation at or above 95 %.
 
 project = median steps of airllm, peer = median steps of ppo, ratio = peer / project (a run
-that never reaches the threshold counts as the budget). ``details`` also gives an ablation:
-airllm with the denoiser frozen at its prior (coarse decisions only).
+that never reaches the threshold counts as the budget). ``details`` also gives two
+group-level methods: PPO on the grouped action space with the fixed decoder (``ppo_grouped``:
+airllm without its denoiser), whose vectors cannot pass the threshold, and airllm with the
+denoiser frozen at its prior (``airllm_coarse_only``: group levels plus the prior's small
+residual); and every method's final regret (1 - its
+last score), the comparison that remains when nothing reaches the threshold.
 """
 
 from __future__ import annotations
@@ -24,15 +34,56 @@ import torch
 
 from airlora.config import AirLLMConfig, PPOConfig
 from airlora.env import SyntheticRankEnv
+from airlora.env.observation import projection_groups
 from airlora.policies import ActionLayout, make_policy
 
 EVAL_EPISODES = 32
 EVAL_SEED = 10_000
+THRESHOLD = 0.95
+# The synthetic set-up of the benchmark: a slot that carries at most 30 % of the rank units
+# (at the top SNR) and a strong depth tilt give a group-level ceiling of 0.88-0.93 of the
+# optimum (headroom >= 0.068; measured when these were chosen among 0.3/0.5 x tilt 2/3/4).
+BENCH_ENV = {"deadline": True, "depth_tilt": 4.0, "slot_share": 0.3}
 
 
-def evaluate_greedy(policy, episodes: int = EVAL_EPISODES, seed: int = EVAL_SEED) -> float:
+def benchmark_env() -> SyntheticRankEnv:
+    """The environment this benchmark trains and evaluates on (module docstring)."""
+    return SyntheticRankEnv(**BENCH_ENV)
+
+
+def coarse_headroom(
+    make_env: Callable[[], SyntheticRankEnv] = benchmark_env,
+    depth_bands: int = 2,
+    episodes: int = EVAL_EPISODES,
+    seed: int = EVAL_SEED,
+) -> dict:
+    """How far one rank per group (AirLLM's coarse action: type x depth band) stays from the
+    optimum on the evaluation episodes: the ceiling's bounds and the headroom above it."""
+    env = make_env()
+    _, groups = projection_groups(env.projection_names, depth_bands)
+    optimum = lower = upper = 0.0
+    for i in range(episodes):
+        env.reset(seed=seed + i)
+        for _ in range(env.episode_rounds):
+            snr_db, difficulty = env.snr_db, env.difficulty
+            optimum += env.optimum(snr_db, difficulty)[1]
+            lo, hi = env.coarse_ceiling(snr_db, difficulty, groups)
+            lower, upper = lower + lo, upper + hi
+            env.step(np.zeros(env.num_projections, dtype=np.int64))
+    return {
+        "coarse_ceiling": [float(lower / optimum), float(upper / optimum)],
+        "headroom": float(1.0 - upper / optimum),
+    }
+
+
+def evaluate_greedy(
+    policy,
+    episodes: int = EVAL_EPISODES,
+    seed: int = EVAL_SEED,
+    make_env: Callable[[], SyntheticRankEnv] = benchmark_env,
+) -> float:
     """Sum of rewards over sum of optimal rewards on fixed episodes (greedy actions)."""
-    envs = [SyntheticRankEnv() for _ in range(episodes)]
+    envs = [make_env() for _ in range(episodes)]
     obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
     total = optimum = 0.0
     for _ in range(envs[0].episode_rounds):
@@ -54,10 +105,10 @@ def steps_to_threshold(
     airllm: AirLLMConfig | None = None,
     budget: int = 30_000,
     eval_every: int = 512,
-    threshold: float = 0.95,
+    threshold: float = THRESHOLD,
 ) -> dict:
     """Train one policy until its greedy score reaches ``threshold`` or the budget runs out."""
-    layout = ActionLayout.of_env(SyntheticRankEnv())
+    layout = ActionLayout.of_env(benchmark_env())
     policy = make_policy(method, layout, seed, ppo, airllm)
     curve: list[tuple[int, float]] = []
     state = {"next": eval_every, "reached": None}
@@ -74,7 +125,7 @@ def steps_to_threshold(
         return True
 
     started = time.perf_counter()
-    policy.learn(lambda s: SyntheticRankEnv(), budget, n_envs=ppo.n_envs, on_steps=on_steps)
+    policy.learn(lambda s: benchmark_env(), budget, n_envs=ppo.n_envs, on_steps=on_steps)
     return {
         "steps": state["reached"],
         "final_score": curve[-1][1] if curve else float("nan"),
@@ -114,18 +165,19 @@ def bench_convergence(
             cfg = base.model_copy(update=point)
             say(f"search {method} {point}")
             run = steps_to_threshold(method, 1000, cfg, airllm_cfg, budget)
-            results.append((point, _score(run, budget), run["steps"]))
-        best = min(results, key=lambda r: r[1])
+            results.append((point, _score(run, budget), run["steps"], run["final_score"]))
+        # Fewest steps; among points that never reach the threshold, the best final score.
+        best = min(results, key=lambda r: (r[1], -r[3]))
         chosen[method] = base.model_copy(update=best[0])
-        search_log[method] = [{"point": p, "steps": s} for p, _, s in results]
+        search_log[method] = [{"point": p, "steps": s, "final_score": f} for p, _, s, f in results]
 
     runs: dict[str, list[dict]] = {"airllm": [], "ppo": []}
     variants = [("airllm", airllm_cfg, "airllm"), ("ppo", None, "ppo")]
     if ablation:
-        runs["airllm_coarse_only"] = []
-        variants.append(
-            ("airllm", airllm_cfg.model_copy(update={"updates_per_phase": 0}), "airllm_coarse_only")
-        )
+        frozen = airllm_cfg.model_copy(update={"updates_per_phase": 0})
+        grouped = airllm_cfg.model_copy(update={"use_denoiser": False})
+        variants += [("airllm", frozen, "airllm_coarse_only"), ("airllm", grouped, "ppo_grouped")]
+        runs.update({"airllm_coarse_only": [], "ppo_grouped": []})
     for seed in range(seeds):
         for method, acfg, key in variants:
             say(f"{key} seed {seed}")
@@ -137,8 +189,10 @@ def bench_convergence(
 
     project, peer = median_steps("airllm"), median_steps("ppo")
     details = {
-        "environment": "SyntheticRankEnv: 24 projections, r_max 8, T 10, SNR U(-5, 25) dB",
-        "threshold": 0.95,
+        "environment": "SyntheticRankEnv: 24 projections, r_max 8, T 10, SNR U(-5, 25) dB, "
+        f"{BENCH_ENV}",
+        **coarse_headroom(),
+        "threshold": THRESHOLD,
         "budget_steps": budget,
         "seeds": seeds,
         "eval_episodes": EVAL_EPISODES,
@@ -152,9 +206,13 @@ def bench_convergence(
         "airllm_median_final_score": float(
             statistics.median(r["final_score"] for r in runs["airllm"])
         ),
+        "median_final_regret": {
+            k: float(statistics.median(1.0 - r["final_score"] for r in v)) for k, v in runs.items()
+        },
     }
     if ablation:
         details["airllm_coarse_only_median_steps"] = median_steps("airllm_coarse_only")
+        details["ppo_grouped_median_steps"] = median_steps("ppo_grouped")
     return {
         "name": "convergence",
         "unit": "environment steps to 95 % of the optimal episode reward (median; lower is better)",

@@ -89,11 +89,17 @@ def bench_convergence(
         bool, typer.Option(help="Run the hyper-parameter grid for both methods first.")
     ] = True,
     ablation: Annotated[
-        bool, typer.Option(help="Also run airllm with the denoiser frozen (coarse only).")
+        bool,
+        typer.Option(
+            help="Also run the group-level methods: airllm with its denoiser frozen, and PPO "
+            "on the grouped actions (no denoiser)."
+        ),
     ] = True,
     as_json: JsonOption = False,
 ) -> None:
-    """Steps to 95 % of the optimum on the synthetic environment: airllm against ppo."""
+    """Steps to 95 % of the optimum on the synthetic environment where one rank per group
+    cannot reach it: airllm against ppo (the headroom above the group-level ceiling in the
+    details)."""
     from airlora.bench.convergence import bench_convergence as run
 
     with err_console.status("benchmarking convergence") as status:
