@@ -515,3 +515,43 @@ def test_bench_convergence_reports_the_headroom_and_the_group_level_methods():
     methods = {"airllm", "ppo", "airllm_coarse_only", "ppo_grouped"}
     assert set(details["steps"]) == methods == set(details["median_final_regret"])
     assert details["ppo_grouped_median_steps"] == 512  # group levels cannot reach it
+
+
+def test_advantage_weights_follow_what_the_refinement_earned_and_ignore_the_rest():
+    from airlora.policies.airllm import advantage_weights, condition_advantage
+
+    rng = np.random.default_rng(0)
+    n, cond = 512, rng.uniform(-1, 1, (512, 12))
+    residual = rng.normal(0, 0.3, (n, 24))
+    state_part = 2.0 * cond[:, 0] - cond[:, 1] * cond[:, 2]  # what the condition explains
+    noise = rng.normal(0, 0.1, n)
+    # A reward the residual plays no part in: no residual dimension may look rewarded.
+    weights = advantage_weights(condition_advantage(cond, state_part + noise))
+    corr = [abs(np.corrcoef(weights, residual[:, j])[0, 1]) for j in range(24)]
+    assert max(corr) < 0.2
+    # The condition's part is taken out, out of fold: what is left tracks the noise.
+    assert np.corrcoef(condition_advantage(cond, state_part + noise), noise)[0, 1] > 0.8
+    # A reward for the first residual dimension: the weights favour it, the others not.
+    earned = state_part + 0.3 * residual[:, 0] + noise
+    weights = advantage_weights(condition_advantage(cond, earned))
+    assert np.corrcoef(weights, residual[:, 0])[0, 1] > 0.3
+    assert abs(np.corrcoef(weights, residual[:, 1])[0, 1]) < 0.2
+    assert weights.max() <= 20.0 and weights.min() > 0
+
+
+def test_airllm_trains_its_denoiser_advantage_weighted_on_request():
+    cfg = SMALL_AIRLLM.model_copy(update={"denoiser_objective": "advantage"})
+    policy = make_policy("airllm", _layout(), 0, SMALL_PPO, cfg)
+    calls = []
+    real = policy.sampler.train
+
+    def spy(x0, cond, updates, batch_size, rewards=None, sample_weights=None, **kw):
+        calls.append((len(x0), sample_weights))
+        return real(x0, cond, updates, batch_size, rewards, sample_weights=sample_weights, **kw)
+
+    policy.sampler.train = spy
+    policy.learn(lambda s: SyntheticRankEnv(), 256, n_envs=2)
+    _warm, *phases = calls
+    assert phases and all(w is not None and len(w) == n for n, w in phases)
+    assert phases[-1][0] == len(policy.buffer)  # every sample, weighted
+    assert np.isfinite(policy.denoiser_losses).all()

@@ -123,7 +123,10 @@ class AirLLMConfig(ConfigBase):
     denoiser_objective:
         ``elite``: fit the samples whose refinement earned the most (the default here);
         ``reward_weighted``: the reference's loss on every sample, weighted by
-        ``clip(1 + 0.1 z, 0.1, 10)`` with ``z`` the minibatch-standardised reward.
+        ``clip(1 + 0.1 z, 0.1, 10)`` with ``z`` the minibatch-standardised reward;
+        ``advantage``: every sample, weighted by ``min(exp(A / std(A)), 20)`` with ``A`` the
+        reward less a baseline of the condition alone (state and coarse decision), predicted
+        out of fold (advantage-weighted regression; grouped actions only).
     elite_fraction:
         Share of the buffer (highest reward residual after a fitted state+coarse baseline) the
         denoiser is trained on. Default 0.2.
@@ -155,7 +158,7 @@ class AirLLMConfig(ConfigBase):
     updates_per_phase: int | None = Field(default=None, ge=0)
     batch_size: int = Field(default=256, ge=2)
     elite_fraction: float = Field(default=0.2, gt=0, le=1)
-    denoiser_objective: Literal["elite", "reward_weighted"] = "elite"
+    denoiser_objective: Literal["elite", "reward_weighted", "advantage"] = "elite"
     buffer_size: int = Field(default=8192, ge=16)
     min_buffer: int = Field(default=32, ge=1)
     explore_std: float = Field(default=1.0, ge=0)

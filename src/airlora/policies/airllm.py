@@ -132,6 +132,45 @@ def refinement_gain(cond: np.ndarray, residual: np.ndarray, rewards: np.ndarray)
     return z[:, n_base:] @ coef[n_base:]
 
 
+ADVANTAGE_FOLDS = 5
+MAX_ADVANTAGE_WEIGHT = 20.0
+
+
+def condition_advantage(cond: np.ndarray, rewards: np.ndarray, folds: int = ADVANTAGE_FOLDS):
+    """Each reward less what the condition alone predicts for it (a ridge, quadratic in the
+    standardised condition, penalty 1), the prediction made by a fit that did not see that
+    sample (``folds``-fold cross-fitting).
+
+    Why out of fold: with a few hundred features and fewer samples, an in-sample ridge all but
+    interpolates the rewards, and its residuals, the advantages, would shrink toward zero. Why
+    the condition alone: a baseline that also saw the residual x would explain away what the
+    refinement earned (the elite's ridge does that on purpose, and ranks its own noise).
+    """
+    phi = _quadratic(np.asarray(cond, np.float64))[:, 1:]
+    rewards = np.asarray(rewards, np.float64)
+    n = len(rewards)
+    fold = np.arange(n) % max(2, min(folds, n))
+    predicted = np.empty(n)
+    for k in np.unique(fold):
+        fit, out = fold != k, fold == k
+        mean, std = phi[fit].mean(axis=0), phi[fit].std(axis=0) + 1e-8
+        z, y0 = (phi[fit] - mean) / std, rewards[fit].mean()
+        y = rewards[fit] - y0
+        if len(z) < z.shape[1]:
+            coef = z.T @ np.linalg.solve(z @ z.T + np.eye(len(z)), y)
+        else:
+            coef = np.linalg.solve(z.T @ z + np.eye(z.shape[1]), z.T @ y)
+        predicted[out] = y0 + ((phi[out] - mean) / std) @ coef
+    return rewards - predicted
+
+
+def advantage_weights(advantage: np.ndarray) -> np.ndarray:
+    """``min(exp(A / std(A)), 20)``: advantage-weighted regression's weights, unitless."""
+    a = np.asarray(advantage, np.float64)
+    scale = a.std() + 1e-12
+    return np.minimum(np.exp(a / scale), MAX_ADVANTAGE_WEIGHT)
+
+
 class _CoarseToFine(VecEnvWrapper):
     """What PPO sees in AirLLM: coarse actions in, the denoiser fills in the rank vector."""
 
@@ -302,7 +341,7 @@ class AirLLMPolicy(RankPolicy):
     def denoiser_phase(self, samples: int) -> float:
         """Train the denoiser on the buffer after ``samples`` new transitions (the number of
         updates follows :meth:`~airlora.config.AirLLMConfig.denoiser_updates`): the elite of
-        the buffer, or all of it reward-weighted; returns the mean loss."""
+        the buffer, or all of it reward- or advantage-weighted; returns the mean loss."""
         cfg = self.airllm_config
         updates = cfg.denoiser_updates(samples)
         if not cfg.use_denoiser or updates == 0 or len(self.buffer) < cfg.min_buffer:
@@ -315,6 +354,11 @@ class AirLLMPolicy(RankPolicy):
             target = self.center((fine - self.expand(coarse)) / self.residual_scale)
         if self.latent or cfg.denoiser_objective == "reward_weighted":  # every sample, weighted
             loss = self.sampler.train(target, cond, updates, cfg.batch_size, rewards=reward)
+            self.denoiser_losses.append(loss)
+            return loss
+        if cfg.denoiser_objective == "advantage":  # every sample, advantage-weighted
+            weights = advantage_weights(condition_advantage(cond, reward))
+            loss = self.sampler.train(target, cond, updates, cfg.batch_size, sample_weights=weights)
             self.denoiser_losses.append(loss)
             return loss
         residual = target

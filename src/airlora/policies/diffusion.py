@@ -176,13 +176,17 @@ class DDIMSampler:
         batch_size: int,
         rewards: np.ndarray | None = None,
         reward_scale: float = 0.1,
+        sample_weights: np.ndarray | None = None,
     ) -> float:
         """``updates`` Adam steps of the denoising loss on (x0, cond) pairs; mean loss.
 
         Each step drops the condition of a ``cond_dropout`` share of the batch. With
         ``rewards``, the loss of each sample is weighted by :func:`reward_weights` of the
-        minibatch's rewards (the reference's reward-weighted noise prediction).
+        minibatch's rewards (the reference's reward-weighted noise prediction); with
+        ``sample_weights``, by those fixed per-sample weights (one of the two, or neither).
         """
+        if rewards is not None and sample_weights is not None:
+            raise ValueError("give rewards or sample_weights, not both")
         if updates <= 0 or len(x0) == 0:
             return float("nan")
         x0_t = torch.as_tensor(x0, dtype=torch.float32)
@@ -204,6 +208,8 @@ class DDIMSampler:
         # and loss weights are built at once, leaving the loop the network's own work.
         inputs = self.denoiser.inputs(xt, t, c_t[idx], present)
         weights = None if r_t is None else reward_weights(r_t[idx], reward_scale)
+        if sample_weights is not None:
+            weights = torch.as_tensor(sample_weights, dtype=torch.float32)[idx]
         net = self.denoiser.net
         self.denoiser.train()
         losses = torch.empty(updates)
