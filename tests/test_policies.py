@@ -122,6 +122,18 @@ def test_coarse_levels_expand_and_residuals_only_redistribute():
         assert np.allclose(centred[:, policy.group_index == g].mean(axis=1), 0.0)
 
 
+def test_a_type_wide_residual_moves_ranks_between_depth_bands():
+    cfg = SMALL_AIRLLM.model_copy(update={"spread_within": "type"})
+    policy = AirLLMPolicy(_layout(), seed=0, ppo=SMALL_PPO, airllm=cfg)
+    x = np.random.default_rng(0).normal(size=(5, 24))
+    centred = policy.center(x)
+    types = np.arange(24) % 4  # the synthetic layout: 6 layers x 4 types, layer by layer
+    for t in range(4):
+        assert np.allclose(centred[:, types == t].mean(axis=1), 0.0)  # each type's total kept
+    band_means = [centred[:, policy.group_index == g].mean(axis=1) for g in range(8)]
+    assert max(np.abs(m).max() for m in band_means) > 0.1  # ... but not each band's
+
+
 def test_refinement_gain_with_fewer_samples_than_features_is_the_same_ridge():
     # Few samples (a short online run) take the n x n form of the ridge; it must give the
     # p x p form's answer, computed here by hand.

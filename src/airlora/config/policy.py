@@ -90,6 +90,11 @@ class AirLLMConfig(ConfigBase):
     depth_bands:
         The coarse decision is one rank level per (projection type, depth band); the layers
         are cut into this many contiguous bands. Default 2.
+    spread_within:
+        Where the denoiser's residual may move ranks: ``group`` (default) keeps each group's
+        mean rank at its level, so ranks move only among the layers of one depth band;
+        ``type`` keeps the mean over all layers of a projection type, so ranks may also move
+        between bands (the coarse levels still set each type's total).
     train_timesteps:
         Diffusion steps of the noise schedule (``DDIMScheduler.num_train_timesteps``). Default 100.
     beta_schedule:
@@ -147,6 +152,7 @@ class AirLLMConfig(ConfigBase):
     latent_dim: int = Field(default=16, ge=1)
     use_denoiser: bool = True
     depth_bands: int = Field(default=2, ge=1)
+    spread_within: Literal["group", "type"] = "group"
     train_timesteps: int = Field(default=100, ge=2)
     beta_schedule: Literal["squaredcos_cap_v2", "scaled_linear"] = "squaredcos_cap_v2"
     inference_steps: int = Field(default=10, ge=1)

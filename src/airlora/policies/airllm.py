@@ -225,6 +225,12 @@ class AirLLMPolicy(RankPolicy):
         self.latent = cfg.action == "latent"
         self.group_names, groups = projection_groups(layout.projection_names, cfg.depth_bands)
         self.group_index = np.asarray(groups, dtype=np.int64)
+        # The sets whose mean rank the residual keeps (AirLLMConfig.spread_within).
+        if cfg.spread_within == "type":
+            _, types = projection_groups(layout.projection_names, 1)
+            self.spread_index = np.asarray(types, dtype=np.int64)
+        else:
+            self.spread_index = self.group_index
         if self.latent:
             shape = (cfg.latent_dim,)
             self.coarse_space = spaces.Box(-LATENT_BOUND, LATENT_BOUND, shape, np.float32)
@@ -278,11 +284,14 @@ class AirLLMPolicy(RankPolicy):
         return np.asarray(coarse, dtype=np.int64)[:, self.group_index]
 
     def center(self, x: np.ndarray) -> np.ndarray:
-        """Remove each group's mean from a residual, so it only redistributes the level."""
-        sums = np.zeros((len(x), len(self.group_names)))
-        np.add.at(sums.T, self.group_index, np.asarray(x, np.float64).T)
-        counts = np.bincount(self.group_index, minlength=len(self.group_names))
-        return x - (sums / counts)[:, self.group_index]
+        """Remove each group's (or type's: ``spread_within``) mean from a residual, so that it
+        only redistributes the levels."""
+        index = self.spread_index
+        sets = int(index.max()) + 1
+        sums = np.zeros((len(x), sets))
+        np.add.at(sums.T, index, np.asarray(x, np.float64).T)
+        counts = np.bincount(index, minlength=sets)
+        return x - (sums / counts)[:, index]
 
     def refine(self, obs: np.ndarray, coarse: np.ndarray, deterministic: bool) -> np.ndarray:
         """The full rank vectors for coarse decisions, sampled from the denoiser."""
