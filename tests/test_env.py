@@ -210,6 +210,7 @@ def test_depth_importance_follows_the_data():
     easy, hard = env.importance_now(0.75), env.importance_now(1.0)
     assert easy[0] / easy[-1] > env.importance[0] / env.importance[-1]  # early layers gain
     assert hard[-1] / hard[0] > env.importance[-1] / env.importance[0]  # deep layers gain
+    assert easy.sum() == pytest.approx(env.importance.sum()) == hard.sum()  # moved, not added
     assert np.array_equal(SyntheticRankEnv().importance_now(0.75), env.importance)
     with pytest.raises(ValueError, match="depth_tilt"):
         SyntheticRankEnv(depth_tilt=-1.0)

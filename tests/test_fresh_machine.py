@@ -395,6 +395,7 @@ def test_bench_online_times_the_configured_model_and_pairs_runs(tiny_model_dir, 
     pairs = zip(details["airllm_steps_per_s"], details["fixed_rank_steps_per_s"], strict=True)
     assert details["paired_ratios"] == pytest.approx([p / q for p, q in pairs])
     assert out["ratio"] == pytest.approx(statistics.median(details["paired_ratios"]))
+    assert len(details["violated_steps"]) == 2 and details["denoiser_updates_per_episode"] == 6
 
 
 def test_bench_online_refuses_a_link_the_online_formulation_lacks(tiny_model_dir, tmp_path):

@@ -526,7 +526,7 @@ def test_bench_convergence_reports_the_headroom_and_the_group_level_methods():
     assert details["coarse_ceiling"][1] < details["threshold"]
     methods = {"airllm", "ppo", "airllm_coarse_only", "ppo_grouped"}
     assert set(details["steps"]) == methods == set(details["median_final_regret"])
-    assert details["ppo_grouped_median_steps"] == 512  # group levels cannot reach it
+    assert details["steps"]["ppo_grouped"] == [None]  # group levels cannot reach it
 
 
 def test_advantage_weights_follow_what_the_refinement_earned_and_ignore_the_rest():
@@ -567,3 +567,12 @@ def test_airllm_trains_its_denoiser_advantage_weighted_on_request():
     assert phases and all(w is not None and len(w) == n for n, w in phases)
     assert phases[-1][0] == len(policy.buffer)  # every sample, weighted
     assert np.isfinite(policy.denoiser_losses).all()
+
+
+def test_non_finite_ppo_actions_are_refused_before_they_become_ranks():
+    policy = make_policy("airllm", _layout(), 0, SMALL_PPO, LATENT_AIRLLM)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        policy.coarse_array(np.full((1, 16), np.nan), 1)
+    sampler = DDIMSampler(4, 2, AirLLMConfig(), seed=0)
+    with pytest.raises(ValueError, match="3 sample weights for 5 samples"):
+        sampler.train(np.zeros((5, 4)), np.zeros((5, 2)), 1, 4, sample_weights=np.ones(3))

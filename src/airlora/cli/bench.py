@@ -128,8 +128,11 @@ def bench_online(
     steps: Annotated[int, typer.Option(help="Online steps per timed run.")] = 120,
     repeats: Annotated[
         int,
-        typer.Option(help="Interleaved runs (airllm and fixed ranks step by step), one seed each."),
-    ] = 3,
+        typer.Option(
+            help="Interleaved runs (airllm and fixed ranks step by step), one seed each; "
+            "an even number balances which environment is built first."
+        ),
+    ] = 4,
     model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
     rmax: Annotated[int | None, typer.Option(help="r_max.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,

@@ -33,8 +33,9 @@ nothing to add. Two state-dependent effects make the best rank differ *within* a
   nothing. At low SNR the early layers matter
   more, because only they arrive;
 - depth importance that follows the data: ``w_i`` is multiplied by
-  ``exp(depth_tilt (2 z - 1) (depth_i - 1/2))``, ``z`` the difficulty in [0, 1]: easy
-  batches want early layers, hard ones deep layers.
+  ``exp(depth_tilt (2 z - 1) (depth_i - 1/2))``, ``z`` the difficulty in [0, 1], and the
+  weights rescaled to their untilted total: easy batches want early layers, hard ones deep
+  layers.
 
 The optimum is still exact: sending a projection that is lost only costs, so the best vector
 sends what fits, and ``max sum_i U_i(r_i)`` subject to ``sum_i r_i <= units`` is a knapsack
@@ -179,7 +180,10 @@ class SyntheticRankEnv(gym.Env):
         if self.depth_tilt == 0:
             return self.importance
         z = (difficulty - 0.75) / 0.25
-        return self.importance * np.exp(self.depth_tilt * (2 * z - 1) * (self.depth - 0.5))
+        tilted = self.importance * np.exp(self.depth_tilt * (2 * z - 1) * (self.depth - 0.5))
+        # The same total: the tilt moves importance across depth, it does not add any (the
+        # accuracy proxy stays below a_top).
+        return tilted * (self.importance.sum() / tilted.sum())
 
     def capacity(self, snr_db: float) -> int:
         """Rank units a slot carries at ``snr_db`` (every unit when there is no deadline)."""

@@ -149,6 +149,8 @@ def condition_advantage(cond: np.ndarray, rewards: np.ndarray, folds: int = ADVA
     phi = _quadratic(np.asarray(cond, np.float64))[:, 1:]
     rewards = np.asarray(rewards, np.float64)
     n = len(rewards)
+    if n < 2:  # nothing to fit a baseline on: no sample is better than expected
+        return np.zeros(n)
     fold = np.arange(n) % max(2, min(folds, n))
     predicted = np.empty(n)
     for k in np.unique(fold):
@@ -251,8 +253,11 @@ class AirLLMPolicy(RankPolicy):
 
     def coarse_array(self, actions: np.ndarray, n: int) -> np.ndarray:
         """PPO's actions as an (n, coarse size) array: levels, or the latent's numbers."""
+        actions = np.asarray(actions)
+        if not np.isfinite(actions).all():  # a diverged PPO network: no rank vector from it
+            raise FloatingPointError(f"PPO produced non-finite actions: {actions.tolist()}")
         dtype = np.float32 if self.latent else np.int64
-        return np.asarray(actions, dtype=dtype).reshape(n, -1)
+        return actions.astype(dtype).reshape(n, -1)
 
     def decode(self, x: np.ndarray) -> np.ndarray:
         """Rank levels from a whole sampled vector in [-1, 1] (``action: latent``): the

@@ -103,6 +103,10 @@ class Denoiser(nn.Module):
         return self.net(self.inputs(x, t, cond, present))
 
 
+# Denoiser updates whose draws and inputs are built together (DDIMSampler.train).
+TRAIN_CHUNK = 128
+
+
 class DDIMSampler:
     """A denoiser with its DDIM schedule: train it, sample from it with guidance.
 
@@ -189,40 +193,44 @@ class DDIMSampler:
             raise ValueError("give rewards or sample_weights, not both")
         if updates <= 0 or len(x0) == 0:
             return float("nan")
+        if sample_weights is not None and len(sample_weights) != len(x0):
+            raise ValueError(f"{len(sample_weights)} sample weights for {len(x0)} samples")
         x0_t = torch.as_tensor(x0, dtype=torch.float32)
         c_t = torch.as_tensor(cond, dtype=torch.float32)
         r_t = None if rewards is None else torch.as_tensor(rewards, dtype=torch.float32)
+        w_t = None if sample_weights is None else torch.as_tensor(sample_weights).float()
         n, b, g = len(x0_t), min(batch_size, len(x0_t)), self.generator
-        # Every update's draws at once (one call each rather than five per update: the
-        # per-call overhead is what a small denoiser's phase mostly spends).
-        idx = torch.randint(0, n, (updates, b), generator=g)
-        noise = torch.randn((updates, b, self.sample_dim), generator=g)
-        t = torch.randint(0, self.config.train_timesteps, (updates, b), generator=g)
-        present = (torch.rand((updates, b), generator=g) >= self.config.cond_dropout).float()
-        xt = self.scheduler.add_noise(
-            x0_t[idx].reshape(-1, self.sample_dim),
-            noise.reshape(-1, self.sample_dim),
-            t.reshape(-1),
-        ).reshape(updates, b, self.sample_dim)
-        # Nothing in the network's input depends on its weights: every update's input rows
-        # and loss weights are built at once, leaving the loop the network's own work.
-        inputs = self.denoiser.inputs(xt, t, c_t[idx], present)
-        weights = None if r_t is None else reward_weights(r_t[idx], reward_scale)
-        if sample_weights is not None:
-            weights = torch.as_tensor(sample_weights, dtype=torch.float32)[idx]
         net = self.denoiser.net
         self.denoiser.train()
         losses = torch.empty(updates)
-        for u in range(updates):
-            loss = weighted_noise_loss(
-                net(inputs[u]), noise[u], None if weights is None else weights[u]
-            )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.config.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.max_grad_norm)
-            self.optimizer.step()
-            losses[u] = loss.detach()
+        # The draws, input rows and loss weights of a chunk of updates are built at once (one
+        # call each rather than several per update: the per-call overhead is what a small
+        # denoiser's phase mostly spends); chunks bound the memory (updates x batch x input).
+        for start in range(0, updates, TRAIN_CHUNK):
+            k = min(TRAIN_CHUNK, updates - start)
+            idx = torch.randint(0, n, (k, b), generator=g)
+            noise = torch.randn((k, b, self.sample_dim), generator=g)
+            t = torch.randint(0, self.config.train_timesteps, (k, b), generator=g)
+            present = (torch.rand((k, b), generator=g) >= self.config.cond_dropout).float()
+            xt = self.scheduler.add_noise(
+                x0_t[idx].reshape(-1, self.sample_dim),
+                noise.reshape(-1, self.sample_dim),
+                t.reshape(-1),
+            ).reshape(k, b, self.sample_dim)
+            inputs = self.denoiser.inputs(xt, t, c_t[idx], present)
+            weights = None if r_t is None else reward_weights(r_t[idx], reward_scale)
+            if w_t is not None:
+                weights = w_t[idx]
+            for u in range(k):
+                loss = weighted_noise_loss(
+                    net(inputs[u]), noise[u], None if weights is None else weights[u]
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.config.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.max_grad_norm)
+                self.optimizer.step()
+                losses[start + u] = loss.detach()
         self.denoiser.eval()
         return float(losses.mean())
 

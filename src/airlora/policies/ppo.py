@@ -66,8 +66,9 @@ def unchecked_distributions() -> Iterator[None]:
 
     SB3 builds a distribution object (one Categorical per rank head) at every decision and
     every minibatch; the checks (probabilities in the simplex, finite logits) cost about a
-    third of an online decision and change no value. A NaN in the logits still fails, in the
-    sampling, instead of in the check.
+    third of an online decision and change no value. What they caught, a diverged network's
+    NaN, is caught elsewhere: a categorical sample raises on it, and AirLLM refuses non-finite
+    PPO actions before they become ranks (a greedy argmax over NaN logits would not raise).
     """
     previous = torch.distributions.Distribution._validate_args
     torch.distributions.Distribution.set_default_validate_args(False)
