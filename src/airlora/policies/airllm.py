@@ -102,6 +102,14 @@ def _quadratic(x: np.ndarray) -> np.ndarray:
     return np.concatenate([np.ones((len(x), 1)), x, pairs], axis=1)
 
 
+def _ridge(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Coefficients of the ridge regression of y on z, penalty 1."""
+    n, p = z.shape
+    if n < p:  # the same ridge solution from the n x n system (z'z + I)^-1 z' = z'(zz' + I)^-1
+        return z.T @ np.linalg.solve(z @ z.T + np.eye(n), y)
+    return np.linalg.solve(z.T @ z + np.eye(p), z.T @ y)
+
+
 def refinement_gain(cond: np.ndarray, residual: np.ndarray, rewards: np.ndarray) -> np.ndarray:
     """Estimated reward that each sample's residual added to its coarse decision.
 
@@ -122,12 +130,7 @@ def refinement_gain(cond: np.ndarray, residual: np.ndarray, rewards: np.ndarray)
     # whose elite only ever moves further out.
     mean, std = phi.mean(axis=0), phi.std(axis=0) + 1e-8
     z = (phi - mean) / std
-    y = rewards - rewards.mean()
-    n, p = z.shape
-    if n < p:  # the same ridge solution from the n x n system (z'z + I)^-1 z' = z'(zz' + I)^-1
-        coef = z.T @ np.linalg.solve(z @ z.T + np.eye(n), y)
-    else:
-        coef = np.linalg.solve(z.T @ z + np.eye(p), z.T @ y)
+    coef = _ridge(z, rewards - rewards.mean())
     n_base = base.shape[1] - 1
     return z[:, n_base:] @ coef[n_base:]
 
@@ -158,10 +161,7 @@ def condition_advantage(cond: np.ndarray, rewards: np.ndarray, folds: int = ADVA
         mean, std = phi[fit].mean(axis=0), phi[fit].std(axis=0) + 1e-8
         z, y0 = (phi[fit] - mean) / std, rewards[fit].mean()
         y = rewards[fit] - y0
-        if len(z) < z.shape[1]:
-            coef = z.T @ np.linalg.solve(z @ z.T + np.eye(len(z)), y)
-        else:
-            coef = np.linalg.solve(z.T @ z + np.eye(z.shape[1]), z.T @ y)
+        coef = _ridge(z, y)
         predicted[out] = y0 + ((phi[out] - mean) / std) @ coef
     return rewards - predicted
 
