@@ -57,6 +57,17 @@ class LoggedRound:
     accuracy: float
     payload_params: int
     max_payload_params: int
+    # ``design`` (a trained and sent round), ``counterfactual`` (a trained checkpoint re-scored
+    # under ``sent_vector`` instead), ``anchor`` or ``policy`` (:mod:`airlora.surrogate_log`).
+    kind: str = "design"
+    sent_vector: list[int] | None = None
+    seed: int | None = None
+    policy: str | None = None
+
+    @property
+    def sent(self) -> list[int]:
+        """The ranks that went out (the trained ones unless re-scored)."""
+        return self.rank_vector if self.sent_vector is None else self.sent_vector
 
     def complexity_features(self) -> ComplexityFeatures:
         vals = {k: (float("nan") if v is None else float(v)) for k, v in self.complexity.items()}

@@ -1,0 +1,345 @@
+"""`airlora log-rounds`: the real rounds a round-formulation surrogate is fitted and checked on.
+
+One engine (model, data, link settings of a sweep preset at one r_max) plays three kinds of
+real episode, each rebuilt from its own seed (fresh adapter, batch order, link draws), so a
+killed run resumes at the first unfinished episode and reproduces the same rows:
+
+- **design** episodes: every round's rank vector (one level per group of projections: type x
+  depth band) and SNR is a point of a scrambled Sobol sequence, so that the logged rounds fill
+  the space of group levels and channels instead of clustering where one policy goes. A level
+  u in [0, 1) is the rank floor((r_max + 1)^u) - 1: small ranks, where accuracy moves most,
+  get as many points as large ones. After each round the trained checkpoint is re-scored
+  under two other deliveries (evaluation only, no training): the head alone (rank 0) and a
+  random truncation of the trained ranks at another SNR. These *counterfactual* rows show
+  the response to what arrives with the training held fixed.
+- **anchor** episodes: every rank 0, and every rank r_max, at Sobol SNRs.
+- **policy** episodes: fixed policies (LoRA at several ranks, the SNR heuristic, the deadline
+  oracle, group-shifted vectors) at the preset's evaluation SNRs on paired seeds that no
+  design episode used: the returns a surrogate must rank the way real rounds do.
+
+Writes ``rounds.jsonl`` (design, anchor and counterfactual rows), ``policies.jsonl`` (policy
+rows) and ``manifest.json`` (config, seeds, versions, code revision) into the output folder;
+finished episodes are kept in ``episodes/`` until the run completes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import qmc
+
+from airlora.config import SweepConfig
+from airlora.engine import RoundEngine
+from airlora.env.observation import projection_groups
+from airlora.env.surrogate import LoggedRound
+from airlora.link import build_link
+from airlora.runs import atomic_write_text, code_revision, package_versions, read_jsonl
+from airlora.sweep.planning import cell_model
+
+ROUNDS = "rounds.jsonl"
+POLICIES = "policies.jsonl"
+MANIFEST = "manifest.json"
+EPISODES = "episodes"
+
+
+@dataclass(frozen=True)
+class LogPlan:
+    """What to log. Seeds: design and anchor episodes use ``seed``, ``seed + 1``, ...;
+    policy episodes use ``policy_seeds`` (disjoint from those, and from the seeds a sweep
+    evaluates on, which the caller keeps apart)."""
+
+    r_max: int
+    design_episodes: int = 44
+    counterfactuals: bool = True
+    policy_snrs_db: tuple[float, ...] = (8.0, 14.0, 20.0)
+    policy_seeds: tuple[int, ...] = (1000, 1001)
+    seed: int = 100
+    depth_bands: int = 2
+
+    def __post_init__(self) -> None:
+        if self.r_max <= 0:
+            raise ValueError(f"r_max must be positive, got {self.r_max}")
+        if self.design_episodes < 2:
+            raise ValueError("log at least two design episodes")
+        design = set(range(self.seed, self.seed + self.design_episodes + 2))
+        if design & set(self.policy_seeds):
+            raise ValueError("policy seeds must differ from the design episodes' seeds")
+
+
+def sobol_points(n: int, dims: int, seed: int) -> np.ndarray:
+    """``n`` points of a scrambled Sobol sequence in [0, 1)^dims (the first ``n`` of the next
+    power of two, which keeps most of its balance)."""
+    m = max(1, math.ceil(math.log2(max(n, 2))))
+    return qmc.Sobol(dims, scramble=True, seed=seed).random_base2(m)[:n]
+
+
+def level_to_rank(u: np.ndarray, r_max: int) -> np.ndarray:
+    return np.clip(np.floor((r_max + 1.0) ** np.asarray(u)) - 1, 0, r_max).astype(np.int64)
+
+
+def fixed_policies(
+    projection_names: Sequence[str], r_max: int, depth_bands: int = 2
+) -> dict[str, Callable[[float, RoundEngine], list[int]]]:
+    """Named fixed policies: each maps (SNR dB, engine) to a rank vector."""
+    m = len(projection_names)
+    _, types = projection_groups(projection_names, 1)
+    _, groups = projection_groups(projection_names, depth_bands)
+    types, groups = np.asarray(types), np.asarray(groups)
+    n_types = int(types.max()) + 1
+    # The deeper band of each type: its groups' indices are the later ones of that type.
+    deep = np.asarray([g % depth_bands == depth_bands - 1 for g in groups])
+    low = max(1, r_max // 4)
+
+    def uniform(rank: int) -> Callable[[float, RoundEngine], list[int]]:
+        return lambda _snr, _engine: [rank] * m
+
+    def shaped(mask: np.ndarray) -> Callable[[float, RoundEngine], list[int]]:
+        vector = np.where(mask, r_max, low).tolist()
+        return lambda _snr, _engine: vector
+
+    def heuristic(snr_db: float, _engine: RoundEngine) -> list[int]:
+        rate = math.log2(1.0 + 10.0 ** (snr_db / 10.0)) / math.log2(1.0 + 10.0**2.0)
+        return [round(r_max * min(1.0, rate))] * m
+
+    def deadline_oracle(snr_db: float, engine: RoundEngine) -> list[int]:
+        """The largest uniform rank whose whole payload fits the round's airtime budget."""
+        link_config = getattr(engine.link, "config", None)
+        budget = None if link_config is None else link_config.deadline_s
+        airtime = getattr(engine.link, "airtime_s", None)
+        best = 0
+        for rank in range(r_max + 1):
+            params = engine.server.payload([rank] * m).adapter_params
+            if budget is None or airtime is None or airtime(params, snr_db) <= budget:
+                best = rank
+        return [best] * m
+
+    out: dict[str, Callable[[float, RoundEngine], list[int]]] = {}
+    for rank in sorted({0, 1, 2, 4, r_max // 2, r_max}):
+        out[f"lora-r{rank}"] = uniform(rank)
+    out["heuristic"] = heuristic
+    out["deadline-oracle"] = deadline_oracle
+    out["early-heavy"] = shaped(~deep)
+    out["deep-heavy"] = shaped(deep)
+    out["qk-heavy"] = shaped(types < n_types // 2)
+    out["vo-heavy"] = shaped(types >= n_types // 2)
+    return out
+
+
+def _round_row(
+    kind: str, episode: int, metrics, rounds: int, previous: float, **extra
+) -> LoggedRound:
+    return LoggedRound(
+        episode=episode,
+        round=metrics.round - 1,
+        rounds=rounds,
+        snr_db=float(metrics.snr_db),
+        complexity=dict(metrics.complexity),
+        rank_vector=[int(r) for r in metrics.rank_vector],
+        previous_accuracy=float(previous),
+        accuracy=float(metrics.accuracy),
+        payload_params=int(metrics.payload_params),
+        max_payload_params=int(metrics.max_payload_params),
+        kind=kind,
+        **extra,
+    )
+
+
+def play_episode(
+    engine: RoundEngine,
+    config: SweepConfig,
+    seed: int,
+    vectors: Callable[[int, float], list[int]],
+    snrs: Sequence[float],
+    kind: str,
+    episode: int,
+    counterfactual_rng: np.random.Generator | None = None,
+    policy: str | None = None,
+) -> list[LoggedRound]:
+    """One real episode from seed ``seed``: round t trains and sends ``vectors(t, snr_t)``.
+    With ``counterfactual_rng``, every trained checkpoint is also re-scored under the head
+    alone and under a random truncation at a random SNR (rows of kind ``counterfactual``)."""
+    engine.reset(seed)
+    engine.link = build_link(config.link, seed)
+    previous = engine.initial_accuracy()
+    rows: list[LoggedRound] = []
+    groups = np.asarray(projection_groups([p.name for p in engine.server.projections], 2)[1])
+    for t, snr in enumerate(snrs):
+        ranks = vectors(t, float(snr))
+        metrics = engine.run_round(ranks, float(snr))
+        if metrics.diverged:
+            break  # the real environment ends a diverged episode too
+        rows.append(
+            _round_row(kind, episode, metrics, len(snrs), previous, seed=seed, policy=policy)
+        )
+        if counterfactual_rng is not None:
+            trained = np.asarray(metrics.rank_vector)
+            share = counterfactual_rng.random(int(groups.max()) + 1)[groups]
+            low, high = config.link.snr_low_db, config.link.snr_high_db
+            for sent, at in (
+                (np.zeros_like(trained), float(snr)),
+                (
+                    np.floor(trained * share).astype(np.int64),
+                    float(counterfactual_rng.uniform(low, high)),
+                ),
+            ):
+                rows.append(_rescore(engine, metrics, sent, at, episode, len(snrs), previous, seed))
+            engine.server.set_rank_vector(metrics.rank_vector)
+        previous = metrics.accuracy
+    return rows
+
+
+def _rescore(engine, metrics, sent, snr_db, episode, rounds, previous, seed) -> LoggedRound:
+    """The edge's accuracy had ``sent`` (<= the trained ranks) gone out at ``snr_db``."""
+    sent = [int(r) for r in sent]
+    engine.server.set_rank_vector(sent)
+    engine.deliver(sent, snr_db)
+    accuracy, _loss = engine.evaluate(engine.edge, engine.task.edge_eval)
+    payload = engine.server.payload(sent)
+    return LoggedRound(
+        episode=episode,
+        round=metrics.round - 1,
+        rounds=rounds,
+        snr_db=float(snr_db),
+        complexity=dict(metrics.complexity),
+        rank_vector=[int(r) for r in metrics.rank_vector],
+        previous_accuracy=float(previous),
+        accuracy=float(accuracy),
+        payload_params=int(payload.total_params),
+        max_payload_params=int(payload.max_total_params),
+        kind="counterfactual",
+        sent_vector=sent,
+        seed=seed,
+    )
+
+
+def log_rounds(
+    config: SweepConfig,
+    plan: LogPlan,
+    out_dir: Path,
+    on_episode: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Log the plan's episodes into ``out_dir`` (see the module docstring); resumes a run
+    that was stopped. Returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST).exists():
+        raise FileExistsError(f"{out_dir} already holds a finished log; choose another folder")
+    model = cell_model(config, plan.r_max)
+    engine = RoundEngine.build(
+        config.data,
+        model,
+        config.train,
+        build_link(config.link, plan.seed),
+        plan.seed,
+        protect_head=config.link.protect_head,
+    )
+    names = [p.name for p in engine.server.projections]
+    group_names, groups = projection_groups(names, plan.depth_bands)
+    groups_arr = np.asarray(groups)
+    rounds = config.train.rounds
+    low, high = config.link.snr_low_db, config.link.snr_high_db
+    episodes_dir = out_dir / EPISODES
+    episodes_dir.mkdir(parents=True, exist_ok=True)
+
+    jobs: list[tuple[str, Callable[[], list[LoggedRound]]]] = []
+    points = sobol_points(plan.design_episodes * rounds, len(group_names) + 1, plan.seed)
+    for e in range(plan.design_episodes):
+        block = points[e * rounds : (e + 1) * rounds]
+        levels = level_to_rank(block[:, :-1], plan.r_max)
+        snrs = low + (high - low) * block[:, -1]
+
+        def design(e=e, levels=levels, snrs=snrs) -> list[LoggedRound]:
+            rng = np.random.default_rng([plan.seed, e])
+            return play_episode(
+                engine,
+                config,
+                plan.seed + e,
+                lambda t, _s: levels[t][groups_arr].tolist(),
+                snrs,
+                "design",
+                e,
+                rng if plan.counterfactuals else None,
+            )
+
+        jobs.append((f"design-{e:03d}", design))
+    anchor_snrs = low + (high - low) * sobol_points(2 * rounds, 1, plan.seed + 1)[:, 0]
+    for a, rank in enumerate((0, plan.r_max)):
+        e = plan.design_episodes + a
+        snrs = anchor_snrs[a * rounds : (a + 1) * rounds]
+
+        def anchor(e=e, rank=rank, snrs=snrs) -> list[LoggedRound]:
+            return play_episode(
+                engine,
+                config,
+                plan.seed + e,
+                lambda _t, _s: [rank] * len(names),
+                snrs,
+                "anchor",
+                e,
+            )
+
+        jobs.append((f"anchor-r{rank}", anchor))
+    policies = fixed_policies(names, plan.r_max, plan.depth_bands)
+    e = plan.design_episodes + 2
+    for name, choose in policies.items():
+        for snr in plan.policy_snrs_db:
+            for seed in plan.policy_seeds:
+
+                def policy(e=e, name=name, choose=choose, snr=snr, seed=seed):
+                    return play_episode(
+                        engine,
+                        config,
+                        seed,
+                        lambda _t, s: choose(s, engine),
+                        [snr] * rounds,
+                        "policy",
+                        e,
+                        policy=name,
+                    )
+
+                jobs.append((f"policy-{name}-{snr:g}dB-s{seed}", policy))
+                e += 1
+
+    for i, (job_id, play) in enumerate(jobs):
+        path = episodes_dir / f"{job_id}.jsonl"
+        if not path.exists():  # a resumed run skips what it finished
+            rows = play()
+            atomic_write_text(path, "".join(json.dumps(r.__dict__) + "\n" for r in rows))
+        if on_episode:
+            on_episode(job_id, i + 1, len(jobs))
+
+    logged = [
+        LoggedRound(**d) for job_id, _ in jobs for d in read_jsonl(episodes_dir / f"{job_id}.jsonl")
+    ]
+    design_rows = [r for r in logged if r.kind != "policy"]
+    policy_rows = [r for r in logged if r.kind == "policy"]
+    atomic_write_text(out_dir / ROUNDS, "".join(json.dumps(r.__dict__) + "\n" for r in design_rows))
+    atomic_write_text(
+        out_dir / POLICIES, "".join(json.dumps(r.__dict__) + "\n" for r in policy_rows)
+    )
+    manifest = {
+        "kind": "log-rounds",
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": config.model_dump(mode="json", exclude={"out_dir"}),
+        "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.__dict__.items()},
+        "projection_names": names,
+        "params_per_rank": [p.d_in + p.d_out for p in engine.server.projections],
+        "head_params": engine.server.payload().head_params,
+        "initial_accuracy": engine.initial_accuracy(),
+        "edge_eval_rows": len(engine.task.edge_eval),
+        "counts": {
+            kind: sum(r.kind == kind for r in logged)
+            for kind in ("design", "counterfactual", "anchor", "policy")
+        },
+        "versions": package_versions(),
+        "code_revision": code_revision(),
+    }
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(episodes_dir)
+    return out_dir
