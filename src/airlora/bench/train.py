@@ -2,10 +2,12 @@
 
 Both sides train the same model at the same ``r_max`` on the same target projections, on the
 same pre-drawn batches (same batch size and sequence lengths), with the same thread count, in
-interleaved repeats. The project side is :meth:`RoundEngine.train_steps` with every projection
-at ``r_max`` (rank masks, restoring inactive components, gradient clipping, schedule); the peer
-is the loop the PEFT documentation shows (forward, backward, ``optimizer.step()``,
-``lr_scheduler.step()``, ``optimizer.zero_grad()``).
+interleaved repeats, on the engine's device (a GPU when ``train.device`` is ``auto`` and there
+is one; both sides then under the same bf16 autocast). The project side is
+:meth:`RoundEngine.train_steps` with every projection at ``r_max`` (rank masks, restoring
+inactive components, gradient clipping, schedule); the peer is the loop the PEFT documentation
+shows (forward, backward, ``optimizer.step()``, ``lr_scheduler.step()``,
+``optimizer.zero_grad()``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from peft import LoraConfig, TaskType, get_peft_model
 
 from airlora.config import DataConfig, ModelConfig, TrainConfig
 from airlora.data import collate
+from airlora.devices import autocast
 from airlora.engine import RoundEngine
 from airlora.link import PerfectLink
 from airlora.model import load_model
@@ -41,7 +44,7 @@ def bench_train(
     engine.server.set_rank_vector([model.r_max] * engine.server.num_projections)
 
     # The peer: a fresh copy of the same base model, LoRA placed by PEFT directly.
-    peer_base = load_model(model.name_or_path, engine.task.num_labels, seed).model
+    peer_base = load_model(model.name_or_path, engine.task.num_labels, seed).model.to(engine.device)
     peer = get_peft_model(
         peer_base,
         LoraConfig(
@@ -64,7 +67,10 @@ def bench_train(
     def run_peer(indices) -> None:
         for index in indices:
             batch = collate(engine.task.train, index, pad)
-            loss = peer(**batch).loss
+            if engine.device.type != "cpu":
+                batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+            with autocast(engine.device, engine.amp_dtype):
+                loss = peer(**batch).loss
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -73,6 +79,8 @@ def bench_train(
     def timed(fn, indices) -> float:
         start = time.perf_counter()
         fn(indices)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)  # the peer queues kernels without waiting
         return len(indices) * data.batch_size / (time.perf_counter() - start)
 
     # One untimed warm-up each, then interleaved repeats (alternating who goes first).
@@ -102,6 +110,8 @@ def bench_train(
             "steps_per_repeat": steps,
             "repeats": repeats,
             "threads": torch.get_num_threads(),
+            "device": str(engine.device),
+            "autocast": str(engine.amp_dtype) if engine.amp_dtype else None,
             "project_runs": project,
             "peer_runs": peer_rates,
             "peer_description": "plain PEFT LoRA loop as in the PEFT docs, same batches",
