@@ -91,7 +91,7 @@ def _sweep_file(cfg, tmp_path, workers=2) -> tuple:
         "link": {"scheme": "analog", "snr_process": "fixed"},
         "ppo": {"n_steps": 8, "n_envs": 1, "batch_size": 8, "n_epochs": 1},
         "airllm": {"warm_start_updates": 5, "updates_per_phase": 5},
-        "surrogate": {"real_episodes": 2, "holdout_fraction": 0.5},
+        "surrogate": {"real_episodes": 3, "min_r2": None},
         "total_steps": 16,
         "methods": [
             {"name": "airllm", "method": "airllm"},

@@ -300,6 +300,7 @@ def test_train_policy_with_surrogate_then_evaluate(tiny_finetune_config, tmp_pat
             "--surrogate",
             "--surrogate-episodes",
             "3",
+            "--force-surrogate",  # a random tiny model's rounds validate nothing
             "--tensorboard",
             "--quiet",
         ],
@@ -309,7 +310,8 @@ def test_train_policy_with_surrogate_then_evaluate(tiny_finetune_config, tmp_pat
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "completed"
     fit = manifest["summary"]["surrogate_fit"]
-    assert "holdout_r2" in fit and "holdout_mae" in fit
+    assert fit["episodes"] == 3 and fit["held_out_rounds"] == 9
+    assert np.isfinite(fit["loeo_r2"]) and fit["loeo_mae"] >= 0 and fit["noise_floor_r2"] <= 1
     assert "surrogate held-out R^2" in result.output
     episodes = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) >= 10 and all(np.isfinite(e["return"]) for e in episodes)
@@ -337,6 +339,19 @@ def test_train_policy_with_surrogate_then_evaluate(tiny_finetune_config, tmp_pat
         str(run / "rounds.jsonl"),
         "--quiet",
     ]
+    # Without --force-surrogate a surrogate below surrogate.min_r2 is refused, by name.
+    strict = yaml.safe_load(config.read_text())
+    strict["surrogate"] = {"min_r2": 0.9999}
+    strict_file = tmp_path / "strict.yaml"
+    strict_file.write_text(yaml.safe_dump(strict))
+    refused = runner.invoke(
+        app, [*again[:2], str(strict_file), *again[3:6], "pol-strict", *again[7:]]
+    )
+    assert refused.exit_code == 2, refused.output
+    assert "R^2" in refused.output and "min_r2 0.9999" in refused.output
+    assert "--force-surrogate" in refused.output
+    assert not (tmp_path / "runs" / "pol-strict" / "policy").exists()
+    again.append("--force-surrogate")
     result = runner.invoke(app, again)
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "runs" / "pol2" / "rounds.jsonl").exists()

@@ -38,7 +38,7 @@ def _tiny_sweep(cfg, tmp_path: Path, name: str) -> Path:
         "link": {"scheme": "analog", "snr_process": "fixed"},
         "ppo": {"n_steps": 8, "n_envs": 1, "batch_size": 8, "n_epochs": 1},
         "airllm": {"warm_start_updates": 5, "updates_per_phase": 5},
-        "surrogate": {"real_episodes": 2, "holdout_fraction": 0.5},
+        "surrogate": {"real_episodes": 3, "min_r2": None},
         "total_steps": 16,
         "methods": [
             {"name": "airllm", "method": "airllm"},
@@ -243,7 +243,7 @@ def test_run_end_to_end_for_decoder_families(
         "link": {"scheme": "digital", "snr_process": "fixed", "snr_db": 12.0},
         "ppo": {"n_steps": 8, "n_envs": 1, "batch_size": 8, "n_epochs": 1},
         "airllm": {"warm_start_updates": 5, "updates_per_phase": 5},
-        "surrogate": {"real_episodes": 2, "holdout_fraction": 0.5},
+        "surrogate": {"real_episodes": 3, "min_r2": None},
         "total_steps": 16,
         "out_dir": str(tmp_path / "runs"),
     }

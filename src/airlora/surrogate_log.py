@@ -73,6 +73,10 @@ class LogPlan:
             raise ValueError("policy seeds must differ from the design episodes' seeds")
 
 
+def _plan_dict(plan: LogPlan) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.__dict__.items()}
+
+
 def sobol_points(n: int, dims: int, seed: int) -> np.ndarray:
     """``n`` points of a scrambled Sobol sequence in [0, 1)^dims (the first ``n`` of the next
     power of two, which keeps most of its balance)."""
@@ -246,6 +250,17 @@ def log_rounds(
     low, high = config.link.snr_low_db, config.link.snr_high_db
     episodes_dir = out_dir / EPISODES
     episodes_dir.mkdir(parents=True, exist_ok=True)
+    # A resumed run must be the same run: its episodes are joined into one file at the end.
+    identity = json.dumps(
+        {"config": config.model_dump(mode="json", exclude={"out_dir"}), "plan": _plan_dict(plan)},
+        sort_keys=True,
+    )
+    stamp = episodes_dir / "plan.json"
+    if stamp.exists() and stamp.read_text(encoding="utf-8") != identity:
+        raise ValueError(
+            f"{out_dir} holds episodes of another config or plan; choose another folder"
+        )
+    atomic_write_text(stamp, identity)
 
     jobs: list[tuple[str, Callable[[], list[LoggedRound]]]] = []
     points = sobol_points(plan.design_episodes * rounds, len(group_names) + 1, plan.seed)
@@ -327,7 +342,7 @@ def log_rounds(
         "kind": "log-rounds",
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.model_dump(mode="json", exclude={"out_dir"}),
-        "plan": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.__dict__.items()},
+        "plan": _plan_dict(plan),
         "projection_names": names,
         "params_per_rank": [p.d_in + p.d_out for p in engine.server.projections],
         "head_params": engine.server.payload().head_params,

@@ -90,14 +90,16 @@ def run_train_policy(
                 head,
                 config.link,
                 config.env,
-                config.surrogate.holdout_fraction,
-                config.seed,
+                min_r2=config.surrogate.min_r2,
+                eval_rows=len(real.engine.task.edge_eval),
+                seed=config.seed,
             )
             surrogate.save(run.path / SURROGATE_DIR, rows)
             fit = surrogate.model.metrics
             say(
-                f"surrogate fit on held-out episodes: R^2 {fit['holdout_r2']:.3f}, "
-                f"MAE {fit['holdout_mae']:.4f} ({fit['holdout_rounds']} rounds)"
+                f"surrogate, leave-one-episode-out: R^2 {fit['loeo_r2']:.3f}, "
+                f"MAE {fit['loeo_mae']:.4f} ({fit['held_out_rounds']} rounds, "
+                f"{fit['episodes']} episodes; noise floor R^2 {fit['noise_floor_r2']:.2f})"
             )
 
             def make_env(seed: int) -> SurrogateEnv:

@@ -113,6 +113,22 @@ def bench_convergence(
     print_bench(result, as_json)
 
 
+@bench_app.command("surrogate")
+def bench_surrogate(
+    log: Annotated[
+        str, typer.Option(help="Shipped logged rounds to fit and check on.")
+    ] = "paper-cpu-r8",
+    as_json: JsonOption = False,
+) -> None:
+    """Leave-one-episode-out R^2 of the round surrogate against the earlier ridge, and the
+    rank correlation of the fixed policies' surrogate and real returns (details.spearman)."""
+    from airlora.bench.surrogate import bench_surrogate as run
+
+    with err_console.status("benchmarking the surrogate on the shipped logged rounds"):
+        result = run(log)
+    print_bench(result, as_json)
+
+
 @bench_app.command("online")
 def bench_online(
     config_file: Annotated[

@@ -61,6 +61,13 @@ def train_policy(
             help="rounds.jsonl of an earlier run to fit the surrogate on (no new logging)."
         ),
     ] = None,
+    force_surrogate: Annotated[
+        bool,
+        typer.Option(
+            "--force-surrogate",
+            help="Train on the surrogate even if its held-out R^2 is below surrogate.min_r2.",
+        ),
+    ] = False,
     total_steps: Annotated[
         int | None, typer.Option(help="Environment steps (rounds) of training. [20000]")
     ] = None,
@@ -114,6 +121,8 @@ def train_policy(
     )
     if section is not None or surrogate is False:
         mapping["surrogate"] = section
+    if force_surrogate and mapping.get("surrogate") is not None:
+        mapping["surrogate"] = {**mapping["surrogate"], "min_r2": None}
     config = PolicyTrainConfig.model_validate(mapping)
     with progress_bar("train-policy", "env steps", quiet) as progress:
         task = progress.add_task("steps", total=config.total_steps)
@@ -130,9 +139,9 @@ def train_policy(
         rows.append((f"mean return, last {k} episodes", f"{sum(returns[-k:]) / k:.4f}"))
     if result.surrogate_fit:
         fit = result.surrogate_fit
-        rows.append(("surrogate held-out R^2", f"{fit['holdout_r2']:.3f}"))
-        rows.append(("surrogate held-out MAE", f"{fit['holdout_mae']:.4f}"))
-        rows.append(("  MAE of predicting the mean", f"{fit['holdout_mae_of_mean']:.4f}"))
+        rows.append(("surrogate held-out R^2", f"{fit['loeo_r2']:.3f}"))
+        rows.append(("surrogate held-out MAE", f"{fit['loeo_mae']:.4f}"))
+        rows.append(("  MAE of predicting the mean", f"{fit['loeo_mae_of_mean']:.4f}"))
     rows.append(("run folder", str(result.run_dir)))
     console.print(key_value_table("Policy training", rows))
 
@@ -167,3 +176,45 @@ def evaluate_policy(
     rows = [(k, shown(summary[k])) for k in (*keys, "mean_payload_params")]
     rows.append(("mean rank vector", " ".join(f"{r:.1f}" for r in summary["mean_rank_vector"])))
     console.print(key_value_table(f"evaluate-policy at {snr_db:g} dB", rows))
+
+
+def log_rounds(
+    config_file: Annotated[
+        Path | None, typer.Argument(help="YAML file with a SweepConfig.", show_default=False)
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="A shipped preset instead of a file (airlora presets).")
+    ] = None,
+    rmax: Annotated[int, typer.Option(help="r_max of the logged rounds.")] = 8,
+    design_episodes: Annotated[
+        int, typer.Option(help="Sobol-designed episodes (each also re-scored twice).", min=2)
+    ] = 44,
+    out: Annotated[Path, typer.Option(help="Output folder (resumed if it exists).")] = Path(
+        "runs/rounds"
+    ),
+    quiet: QuietOption = False,
+) -> None:
+    """Log real rounds for a round surrogate: Sobol-designed episodes with counterfactual
+    re-scores, rank-0 and rank-r_max anchors, and fixed policies at the preset's SNRs on
+    paired seeds. Writes rounds.jsonl, policies.jsonl and manifest.json; a stopped run
+    resumes where it stopped. The shipped set (airlora bench surrogate) is
+    `airlora log-rounds --preset paper-cpu --rmax 8`.
+    """
+    from airlora.config import SweepConfig, read_yaml_mapping
+    from airlora.presets import preset_mapping
+    from airlora.surrogate_log import LogPlan
+    from airlora.surrogate_log import log_rounds as run
+
+    if (config_file is None) == (preset is None):
+        raise ValueError("give a sweep config file or --preset, not both and not neither")
+    base = read_yaml_mapping(config_file) if config_file else preset_mapping(preset)
+    config = SweepConfig.model_validate(base)
+    plan = LogPlan(r_max=rmax, design_episodes=design_episodes, policy_snrs_db=tuple(config.snr_db))
+    with progress_bar("log-rounds", "episodes", quiet) as progress:
+        task = progress.add_task("episodes", total=None)
+
+        def on_episode(job: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        folder = run(config, plan, out, on_episode=on_episode)
+    console.print(f"logged rounds in {folder}")

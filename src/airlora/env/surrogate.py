@@ -1,13 +1,11 @@
 """A surrogate environment: the real environment's interface with a fitted reward model.
 
 Real rounds are slow on a CPU, so policies may train against a model of them, as model-based RL
-does (design section 3). :func:`collect_rounds` logs real rounds with exploratory rank vectors;
-:class:`AccuracyModel` fits the edge accuracy from (ranks, SNR, complexity, round, last
-accuracy) with a ridge regression on a few features that follow the link physics (the mean rank
-sent; the mean rank *delivered*, from the link's expected packet survival and deadline, its
-square, its products with training progress and with the noise level 1 / (1 + SNR), and whether
-anything arrived; progress t/T; the last accuracy), and reports its R^2 and mean absolute error
-on held-out episodes every time it is fitted; :class:`SurrogateEnv` replays logged complexity
+does (design section 3). :func:`collect_rounds` logs real rounds with exploratory rank vectors
+(:mod:`airlora.surrogate_log` logs a designed set); :class:`~airlora.env.response.
+ResponseModel` predicts the edge accuracy with the link's part computed by the link code and
+only the learning response fitted; :func:`fit_surrogate` checks it leave-one-episode-out and
+refuses one below ``surrogate.min_r2``; :class:`SurrogateEnv` replays logged complexity
 sequences, draws SNRs from the link's process and predicts the accuracy. Final numbers are never
 taken from it.
 
@@ -26,10 +24,6 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from sklearn.linear_model import RidgeCV
-from sklearn.metrics import mean_absolute_error, r2_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from airlora.config import EnvConfig, LinkConfig
 from airlora.data import ComplexityFeatures
@@ -37,6 +31,13 @@ from airlora.env.observation import (
     build_observation,
     observation_space,
     rank_space,
+)
+from airlora.env.response import (
+    Delivery,
+    ResponseModel,
+    RoundInputs,
+    inputs_from_rows,
+    leave_one_episode_out,
 )
 from airlora.env.reward import round_reward
 from airlora.link import build_snr_process
@@ -136,9 +137,8 @@ def read_rounds(path: Path) -> list[LoggedRound]:
     return rows
 
 
-Delivery = Callable[[Sequence[int], float], np.ndarray]
-"""Expected delivered share of each item of a stream (sizes, SNR in dB): see
-:meth:`airlora.link.WirelessLink.expected_delivery`."""
+class SurrogateRejected(ValueError):
+    """The fitted surrogate explains too little of the held-out rounds to train on."""
 
 
 def link_delivery(link_config: LinkConfig) -> Delivery | None:
@@ -152,126 +152,12 @@ def link_delivery(link_config: LinkConfig) -> Delivery | None:
     return link.expected_delivery
 
 
-class AccuracyModel:
-    """Ridge regression of the edge accuracy on physics-shaped features (module docstring).
-
-    Parameters
-    ----------
-    projection_names: the adapted projections, in rank-vector order (they define the groups).
-    r_max: largest rank.
-    params_per_rank: d_in + d_out of each projection (its parameters per unit of rank).
-    delivery: the link's expected delivered share per projection (packet losses, deadline);
-        the model then also sees the *delivered* ranks. Default: everything arrives.
-
-    The ridge penalty is chosen by leave-one-out cross-validation (``RidgeCV``) on the
-    training rounds.
-    """
-
-    def __init__(
-        self,
-        projection_names: Sequence[str],
-        r_max: int,
-        params_per_rank: Sequence[int] | None = None,
-        delivery: Delivery | None = None,
-    ) -> None:
-        self.projection_names = list(projection_names)
-        self.r_max = r_max
-        self.params_per_rank = (
-            np.ones(len(self.projection_names), np.int64)
-            if params_per_rank is None
-            else np.asarray(params_per_rank, np.int64)
-        )
-        self.delivery = delivery
-        self.pipeline = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-        self.metrics: dict[str, float] = {}
-
-    def features(
-        self,
-        ranks: np.ndarray,
-        snr_db: np.ndarray,
-        complexity: np.ndarray,
-        progress: np.ndarray,
-        previous_accuracy: np.ndarray,
-    ) -> np.ndarray:
-        """Eight features per round; few on purpose, since a surrogate is fitted on tens of
-        rounds (a per-group version over-fitted: negative held-out R^2 on 30 rounds)."""
-        snr_db = np.asarray(snr_db, np.float64)
-        raw = np.asarray(ranks, np.float64).reshape(len(snr_db), -1)
-        if self.delivery is None:
-            delivered = raw
-        else:
-            delivered = np.stack(
-                [
-                    r * self.delivery(r * self.params_per_rank, s)
-                    for r, s in zip(raw, snr_db, strict=True)
-                ]
-            )
-        sent = raw.mean(axis=1) / self.r_max
-        got = delivered.mean(axis=1) / self.r_max
-        noise = 1.0 / (1.0 + 10.0 ** (snr_db / 10.0))
-        progress = np.asarray(progress, np.float64)
-        return np.column_stack(
-            [
-                got,
-                sent,
-                progress,
-                np.asarray(previous_accuracy, np.float64),
-                got**2,
-                got * progress,
-                (got > 0).astype(np.float64),
-                got * noise,
-            ]
-        )
-
-    def _xy(self, rows: Sequence[LoggedRound]) -> tuple[np.ndarray, np.ndarray]:
-        x = self.features(
-            np.asarray([r.rank_vector for r in rows]),
-            np.asarray([r.snr_db for r in rows]),
-            np.stack([r.complexity_features().as_array() for r in rows]),
-            np.asarray([r.round / r.rounds for r in rows]),
-            np.asarray([r.previous_accuracy for r in rows]),
-        )
-        return x, np.asarray([r.accuracy for r in rows])
-
-    def fit(self, rows: Sequence[LoggedRound], holdout_fraction: float = 0.25) -> dict[str, float]:
-        """Fit on all but the last ``holdout_fraction`` of episodes, score on those, refit on all.
-
-        Returns (and keeps in ``metrics``) R^2 and mean absolute error on the held-out rounds,
-        beside the error of predicting the training mean (``holdout_mae_of_mean``).
-        """
-        episodes = sorted({r.episode for r in rows})
-        n_hold = max(1, round(holdout_fraction * len(episodes)))
-        if len(episodes) - n_hold < 1:
-            raise ValueError("need at least two logged episodes to fit and check a surrogate")
-        held = set(episodes[-n_hold:])
-        train = [r for r in rows if r.episode not in held]
-        test = [r for r in rows if r.episode in held]
-        x, y = self._xy(train)
-        self.pipeline.fit(x, y)
-        xt, yt = self._xy(test)
-        pred = self.predict_features(xt)
-        self.metrics = {
-            "holdout_r2": float(r2_score(yt, pred)) if len(yt) > 1 else float("nan"),
-            "holdout_mae": float(mean_absolute_error(yt, pred)),
-            # What a fit must beat to mean anything: the training mean as the prediction.
-            "holdout_mae_of_mean": float(np.mean(np.abs(yt - float(np.mean(y))))),
-            "holdout_rounds": len(test),
-            "train_rounds": len(train),
-        }
-        x_all, y_all = self._xy(rows)
-        self.pipeline.fit(x_all, y_all)
-        return self.metrics
-
-    def predict_features(self, x: np.ndarray) -> np.ndarray:
-        return np.clip(self.pipeline.predict(x), 0.0, 1.0)
-
-
 class SurrogateEnv(gym.Env):
     """The real environment's spaces and reward with a fitted :class:`AccuracyModel`.
 
     Parameters
     ----------
-    model: the fitted accuracy model.
+    model: the fitted :class:`~airlora.env.response.ResponseModel`.
     rows: the logged real rounds (complexity sequences are replayed from them; a_0 too).
     link_config: the SNR process.
     env_config: reward and observation settings.
@@ -284,7 +170,7 @@ class SurrogateEnv(gym.Env):
 
     def __init__(
         self,
-        model: AccuracyModel,
+        model: ResponseModel,
         rows: Sequence[LoggedRound],
         link_config: LinkConfig,
         env_config: EnvConfig,
@@ -316,6 +202,8 @@ class SurrogateEnv(gym.Env):
         self._prev_acc = self.initial_accuracy
         self._last_acc = float("nan")
         self._last_ranks: list[int] | None = None
+        self._trained_means: list[float] = []
+        self._prev_snr_db = 0.0
 
     def _observation(self) -> np.ndarray:
         t = min(self._t, self.episode_rounds - 1)
@@ -344,7 +232,8 @@ class SurrogateEnv(gym.Env):
         self._prev_acc = self.initial_accuracy
         self._last_acc = float("nan")
         self._last_ranks = None
-        self._snr_db = float(self._snr.next())
+        self._trained_means = []
+        self._snr_db = self._prev_snr_db = float(self._snr.next())
         return self._observation(), {"snr_db": self._snr_db}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -353,14 +242,23 @@ class SurrogateEnv(gym.Env):
             raise ValueError(
                 f"action must hold {len(self.projection_names)} ranks in 0..{self.r_max}"
             )
-        x = self.model.features(
-            ranks[None, :],
-            np.asarray([self._snr_db]),
-            self._sequence[self._t].as_array()[None, :],
-            np.asarray([self._t / self.episode_rounds]),
-            np.asarray([self._prev_acc]),
+        self._trained_means.append(float(ranks.mean()) / self.r_max)
+        previous = (
+            np.zeros(len(ranks)) if self._last_ranks is None else np.asarray(self._last_ranks)
         )
-        accuracy = float(self.model.predict_features(x)[0])
+        x = RoundInputs(
+            trained=ranks[None, :].astype(np.float64),
+            trained_share=np.asarray([np.mean(self._trained_means)]),
+            sent=ranks[None, :].astype(np.float64),
+            snr_db=np.asarray([self._snr_db]),
+            complexity=self._sequence[self._t].as_array()[None, :4],
+            progress=np.asarray([(self._t + 1) / self.episode_rounds]),
+            round_index=np.asarray([self._t]),
+            previous_accuracy=np.asarray([self._prev_acc]),
+            previous_sent=previous[None, :].astype(np.float64),
+            previous_snr_db=np.asarray([self._prev_snr_db]),
+        )
+        accuracy = float(self.model.predict(x)[0])
         payload = int(ranks @ self.params_per_rank + self.head_params)
         reward = round_reward(accuracy, self._prev_acc, payload, self.max_payload, self.config)
         info = {"accuracy": accuracy, "payload_params": payload, "snr_db": self._snr_db}
@@ -368,6 +266,7 @@ class SurrogateEnv(gym.Env):
         self._last_ranks = ranks.tolist()
         self._t += 1
         terminated = self._t >= self.episode_rounds
+        self._prev_snr_db = self._snr_db
         if not terminated:
             self._snr_db = float(self._snr.next())
         return self._observation(), reward, terminated, False, info
@@ -395,12 +294,30 @@ def fit_surrogate(
     head_params: int,
     link_config: LinkConfig,
     env_config: EnvConfig,
-    holdout_fraction: float = 0.25,
+    min_r2: float | None = None,
+    eval_rows: int | None = None,
     seed: int = 0,
 ) -> SurrogateEnv:
-    """Fit the accuracy model on logged rounds (reporting its held-out fit) and wrap it."""
-    model = AccuracyModel(projection_names, r_max, params_per_rank, link_delivery(link_config))
-    model.fit(rows, holdout_fraction)
-    if not all(math.isfinite(v) for k, v in model.metrics.items() if k.startswith("holdout_mae")):
-        raise ValueError("the surrogate fit produced a non-finite error")
+    """Check the response model leave-one-episode-out (its R^2 and MAE in ``model.metrics``),
+    fit it on every logged round and wrap it.
+
+    Raises :class:`SurrogateRejected` when the held-out R^2 is below ``min_r2`` (None: no
+    check); ``eval_rows`` (the edge split's size) adds the binomial noise floor."""
+    delivery = link_delivery(link_config)
+
+    def make() -> ResponseModel:
+        return ResponseModel(projection_names, r_max, params_per_rank, delivery)
+
+    metrics = leave_one_episode_out(make, rows, r_max, eval_rows)
+    if not all(math.isfinite(metrics[k]) for k in ("loeo_r2", "loeo_mae")):
+        raise ValueError("the surrogate fit produced a non-finite score")
+    if min_r2 is not None and metrics["loeo_r2"] < min_r2:
+        raise SurrogateRejected(
+            f"the surrogate explains too little of the held-out rounds: leave-one-episode-out "
+            f"R^2 {metrics['loeo_r2']:.3f} < surrogate.min_r2 {min_r2} "
+            f"({metrics['held_out_rounds']} rounds of {metrics['episodes']} episodes); log "
+            "more episodes (--surrogate-episodes), or train on it anyway with --force-surrogate"
+        )
+    model = make().fit(inputs_from_rows(rows, r_max), [r.accuracy for r in rows])
+    model.metrics = metrics
     return SurrogateEnv(model, rows, link_config, env_config, params_per_rank, head_params, seed)

@@ -79,6 +79,7 @@ class WirelessLink:
         )
         self._previous: dict[str, np.ndarray] = {}
         self._symbols_per_packet: dict[float, int] = {}
+        self._delivery_at: dict[float, tuple[float, float]] = {}
 
     # -------------------------------------------------------------- helpers
 
@@ -120,25 +121,31 @@ class WirelessLink:
         feature; the link itself never does.
         """
         sizes = np.asarray(sizes, dtype=np.float64)
-        budget = self._budget_symbols()
-        p_ok = 1.0
-        if self.config.scheme == "analog":
-            capacity = np.inf if budget is None else 2.0 * budget
-        else:
-            modulation = self.modulation_at(snr_db)
-            channel = PacketChannel(modulation, self.channel, self.config.packet_bits, True)
-            if self.config.crc_check:
-                ber = self.theory_ber(modulation, snr_db)
-                p_ok = float((1.0 - ber) ** channel.frame_bits)
-            per_packet = self.config.packet_bits / self.config.quant_bits
-            capacity = (
-                np.inf if budget is None else (budget // channel.symbols_per_packet) * per_packet
-            )
+        # Surrogates ask at the same few SNRs many times: the link's side depends on it alone.
+        cached = self._delivery_at.get(snr_db)
+        if cached is None:
+            cached = self._delivery_at[snr_db] = self._capacity_and_survival(snr_db)
+        capacity, p_ok = cached
         end = np.cumsum(sizes)
         start = end - sizes
         fits = np.clip(np.minimum(end, capacity) - start, 0.0, None)
         share = np.divide(fits, sizes, out=np.ones_like(sizes), where=sizes > 0)
         return p_ok * share
+
+    def _capacity_and_survival(self, snr_db: float) -> tuple[float, float]:
+        """Parameters that fit before the deadline, and a packet's survival probability."""
+        budget = self._budget_symbols()
+        if self.config.scheme == "analog":
+            return (np.inf if budget is None else 2.0 * budget), 1.0
+        modulation = self.modulation_at(snr_db)
+        channel = PacketChannel(modulation, self.channel, self.config.packet_bits, True)
+        p_ok = 1.0
+        if self.config.crc_check:
+            ber = self.theory_ber(modulation, snr_db)
+            p_ok = float((1.0 - ber) ** channel.frame_bits)
+        per_packet = self.config.packet_bits / self.config.quant_bits
+        capacity = np.inf if budget is None else (budget // channel.symbols_per_packet) * per_packet
+        return capacity, p_ok
 
     def airtime_s(self, n_params: int, snr_db: float) -> float:
         """Seconds on air of a first transmission of ``n_params`` parameters at ``snr_db``
