@@ -14,7 +14,7 @@ from airlora.env.real import RankSelectionEnv
 from airlora.env.reward import round_reward
 from airlora.env.surrogate import (
     ROUNDS_FILE,
-    AccuracyModel,
+    SurrogateRejected,
     collect_rounds,
     fit_surrogate,
     read_rounds,
@@ -78,7 +78,7 @@ def test_surrogate_fits_logged_rounds_and_passes_checker(real_env, tmp_path):
     write_rounds(rows, tmp_path / ROUNDS_FILE)
     assert read_rounds(tmp_path / ROUNDS_FILE) == rows
     per_rank, head = _payload_layout(real_env)
-    env = fit_surrogate(
+    args = (
         rows,
         real_env.projection_names,
         real_env.r_max,
@@ -86,18 +86,16 @@ def test_surrogate_fits_logged_rounds_and_passes_checker(real_env, tmp_path):
         head,
         real_env.link_config,
         EnvConfig(),
-        holdout_fraction=0.25,
     )
+    env = fit_surrogate(*args, eval_rows=len(real_env.engine.task.edge_eval))
     fit = env.model.metrics
-    held = [r.accuracy for r in rows if r.episode == 3]  # the last of 4 episodes is held out
-    mean_of_fit = np.mean([r.accuracy for r in rows if r.episode < 3])
-    assert fit["holdout_mae_of_mean"] == pytest.approx(
-        np.mean(np.abs(np.array(held) - mean_of_fit))
-    )
-    assert fit["holdout_rounds"] == len(held) and fit["train_rounds"] == 3 * len(held)
-    # This ridge does not beat the mean on 3 held-out rounds (issue 13 replaces it); it must
-    # not be absurd either: a surrogate that predicts 0 or 1 fails this.
-    assert 0.0 <= fit["holdout_mae"] < 2 * fit["holdout_mae_of_mean"]
+    # Every round of every episode is predicted once by a model that never saw its episode.
+    assert fit["episodes"] == 4 and fit["held_out_rounds"] == len(rows)
+    held = np.asarray([r.accuracy for r in rows])
+    assert fit["loeo_mae"] >= 0 and np.isfinite(fit["loeo_r2"])
+    assert 0 < fit["noise_floor_rmse"] < 0.5 and fit["noise_floor_r2"] <= 1.0
+    # A surrogate that predicts 0 or 1 would be far worse than this.
+    assert fit["loeo_mae"] < 2 * np.mean(np.abs(held - held.mean())) + 1e-9
     check_env(env, skip_render_check=True)
     # Payload bookkeeping agrees with the real model's.
     ranks = np.full(len(per_rank), 3)
@@ -105,44 +103,8 @@ def test_surrogate_fits_logged_rounds_and_passes_checker(real_env, tmp_path):
     assert (
         info["payload_params"] == real_env.engine.server.payload([3] * len(per_rank)).total_params
     )
-
-
-def test_accuracy_model_recovers_a_known_law():
-    names = [f"enc.layer.{i}.{t}" for i in range(2) for t in ("q", "v")]
-    model = AccuracyModel(names, r_max=4)
-    rng = np.random.default_rng(0)
-    from airlora.env.surrogate import LoggedRound
-
-    rows = []
-    for ep in range(12):
-        for t in range(4):
-            ranks = rng.integers(0, 5, size=4)
-            snr = float(rng.uniform(-5, 20))
-            acc = 0.4 + 0.1 * ranks.mean() - 0.05 * ranks.mean() / (1 + 10 ** (snr / 10))
-            rows.append(
-                LoggedRound(
-                    ep,
-                    t,
-                    4,
-                    snr,
-                    {
-                        "length": 0.5,
-                        "type_token_ratio": 0.7,
-                        "rarity": 0.4,
-                        "tokens_per_word": 1.2,
-                        "model_loss": None,
-                    },
-                    ranks.tolist(),
-                    0.3,
-                    float(acc),
-                    10,
-                    20,
-                )
-            )
-    fit = model.fit(rows)
-    assert fit["holdout_r2"] > 0.95
-    # Far better than predicting the mean (a mean predictor scores R^2 <= 0 and this ratio 1).
-    assert fit["holdout_mae"] < 0.25 * fit["holdout_mae_of_mean"]
+    with pytest.raises(SurrogateRejected, match=r"R\^2 .* < surrogate.min_r2 0.9999"):
+        fit_surrogate(*args, min_r2=0.9999)
 
 
 def test_read_rounds_names_the_bad_line(tmp_path):
