@@ -191,3 +191,33 @@ def test_decoder_families_get_default_targets_and_export_exactly(family, expecte
     expected_logits = logits(model.peft_model, batch)
     loaded = PeftModel.from_pretrained(base_copy, str(model.export_peft(tmp_path / "a")))
     torch.testing.assert_close(logits(loaded, batch), expected_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "svd", "adalora"])
+def test_one_lora_scale_rule_for_every_method_and_r_max(tiny_model_dir, adapter):
+    """Unset lora_alpha means 2 r_max: a scale of 2 whatever r_max, for every adapter (a fixed
+    alpha would make r_max 8 eight times weaker than r_max 1 here)."""
+    from airlora.config import ModelConfig, TrainConfig
+    from airlora.engine import build_adapter
+
+    scales = []
+    for r_max in (2, 8):
+        config = ModelConfig(name_or_path=str(tiny_model_dir), r_max=r_max, adapter=adapter)
+        assert config.alpha == 2.0 * r_max
+        base = load_model(str(tiny_model_dir), 4, seed=0).model
+        wrapped = build_adapter(base, config, TrainConfig(rounds=2, steps_per_round=2), 0.0)
+        # AdaLoRA's layers divide their scaling (alpha) by ranknum (r_max) in the forward.
+        found = {
+            round(
+                float(m.scaling["default"])
+                / float(m.ranknum["default"] if hasattr(m, "ranknum") else 1.0),
+                4,
+            )
+            for m in wrapped.peft_model.modules()
+            if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling
+        }
+        assert len(found) == 1
+        scales.append(found.pop())
+    assert scales[0] == pytest.approx(scales[1])
+    fixed = ModelConfig(name_or_path=str(tiny_model_dir), r_max=8, lora_alpha=16)
+    assert fixed.alpha == 16.0

@@ -64,6 +64,19 @@ def test_real_env_episode_reward_and_reset(real_env):
     assert real_env.step(np.full(m, 2))[1] == pytest.approx(again)
 
 
+def test_complexity_in_the_state_describes_the_data_unless_asked():
+    from airlora.data import ComplexityFeatures
+    from airlora.env.observation import build_observation
+
+    feats = ComplexityFeatures(0.5, 0.7, 0.4, 1.2, model_loss=1.2)
+    loss_at = OBSERVATION_FIELDS.index("complexity_model_loss")
+    plain = build_observation(10.0, feats, 1, 4, 0.5, None, 8, EnvConfig())
+    assert plain[loss_at] == 0.0 and plain[loss_at - 4] == pytest.approx(0.5)
+    shown = build_observation(10.0, feats, 1, 4, 0.5, None, 8, EnvConfig(model_loss_in_state=True))
+    assert shown[loss_at] == pytest.approx(0.3)
+    assert np.array_equal(np.delete(plain, loss_at), np.delete(shown, loss_at))
+
+
 def test_gain_reward_form():
     cfg = EnvConfig(cost_weight=0.2, reward_form="gain")
     assert round_reward(0.8, 0.7, 50, 100, cfg) == pytest.approx(0.1 - 0.1)

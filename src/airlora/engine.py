@@ -428,7 +428,7 @@ def build_adapter(base, model: ModelConfig, train: TrainConfig, dropout: float):
             model.r_max,
             ada.target_rank or max(1, model.r_max // 2),
             total,
-            model.lora_alpha,
+            model.alpha,
             model.target_modules,
             tinit=int(ada.tinit_fraction * total),
             tfinal=int(ada.tfinal_fraction * total),
@@ -441,14 +441,12 @@ def build_adapter(base, model: ModelConfig, train: TrainConfig, dropout: float):
         return RankedSVDModel.from_base(
             base,
             model.r_max,
-            model.lora_alpha,
+            model.alpha,
             dropout,
             model.target_modules,
             model.svd_orth_reg_weight,
         )
-    return RankedLoRAModel.from_base(
-        base, model.r_max, model.lora_alpha, dropout, model.target_modules
-    )
+    return RankedLoRAModel.from_base(base, model.r_max, model.alpha, dropout, model.target_modules)
 
 
 def _all_finite(params: Sequence[torch.Tensor]) -> bool:

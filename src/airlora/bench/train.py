@@ -50,7 +50,7 @@ def bench_train(
         LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=model.r_max,
-            lora_alpha=model.lora_alpha,
+            lora_alpha=model.alpha,
             lora_dropout=model.lora_dropout,
             target_modules=list(engine.server.lora_config.target_modules),
         ),

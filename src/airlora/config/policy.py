@@ -26,8 +26,13 @@ class EnvConfig(ConfigBase):
         SNR range mapped to [-1, 1] in the observation (values outside go beyond, clipped at
         +-3). Default -10 and 30 dB.
     use_complexity:
-        Put the complexity features in the observation; false zeroes them (an ablation).
-        Default true.
+        Put the data's complexity features in the observation; false zeroes them (an
+        ablation). Default true.
+    model_loss_in_state:
+        Also show the server model's current loss on the round's first batch (the fifth
+        complexity entry). Default false: the complexity then describes the data alone, and
+        the no-complexity ablation removes the data's description, not a progress signal.
+        (The layout keeps the entry, zeroed, so saved policies load either way.)
     """
 
     cost_weight: float = Field(default=0.1, ge=0)
@@ -35,6 +40,7 @@ class EnvConfig(ConfigBase):
     snr_norm_low_db: float = -10.0
     snr_norm_high_db: float = 30.0
     use_complexity: bool = True
+    model_loss_in_state: bool = False
 
     @model_validator(mode="after")
     def _range(self) -> EnvConfig:

@@ -122,7 +122,10 @@ class ModelConfig(ConfigBase):
         Default 8.
     lora_alpha:
         LoRA scaling numerator; the update is ``(lora_alpha / r_max) * B A`` whatever the active
-        rank, so that lowering a rank does not rescale what remains. Default 16.
+        rank, so that lowering a rank does not rescale what remains. Default none:
+        ``2 r_max`` (:attr:`alpha`), a scale of 2 at every r_max, for every method (LoRA,
+        the SVD form, AdaLoRA). A fixed alpha instead makes r_max 64 eight times weaker than
+        r_max 8 over the same steps; at r_max 8 the default equals the former alpha 16.
     lora_dropout:
         Dropout on the LoRA input. Default 0.0.
     target_modules:
@@ -143,12 +146,17 @@ class ModelConfig(ConfigBase):
 
     name_or_path: str = "default"
     r_max: int = Field(default=8, gt=0, le=1024)
-    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_alpha: float | None = Field(default=None, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = None
     adapter: Literal["lora", "svd", "adalora"] = "lora"
     adalora: AdaLoRASettings = AdaLoRASettings()
     svd_orth_reg_weight: float = Field(default=0.01, ge=0)
+
+    @property
+    def alpha(self) -> float:
+        """The LoRA alpha in effect: ``lora_alpha``, or ``2 r_max`` when it is not set."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.r_max
 
     @model_validator(mode="after")
     def _adalora_target(self) -> ModelConfig:

@@ -65,11 +65,11 @@ def build_observation(
 ) -> np.ndarray:
     """The observation before round ``round_index`` (0-based) of ``rounds``.
 
-    The model-loss feature is divided by 4 (a 4-class chance-level loss is ln 4 = 1.39); a
-    missing value (NaN) becomes 0.
+    The model-loss feature is 0 unless ``config.model_loss_in_state``, then divided by 4 (a
+    4-class chance-level loss is ln 4 = 1.39); a missing value (NaN) becomes 0.
     """
     feats = complexity.as_array().astype(np.float64)
-    feats[-1] = feats[-1] / 4.0
+    feats[-1] = feats[-1] / 4.0 if config.model_loss_in_state else 0.0
     feats = np.where(np.isfinite(feats), feats, 0.0)
     if not config.use_complexity:
         feats = np.zeros_like(feats)

@@ -127,7 +127,8 @@ class SyntheticRankEnv(gym.Env):
         self.deadline = deadline
         self.depth_tilt = depth_tilt
         self.slot_share = slot_share
-        self.config = env_config or EnvConfig(cost_weight=0.5)
+        # Its hidden difficulty is shown in the model-loss slot of the observation.
+        self.config = env_config or EnvConfig(cost_weight=0.5, model_loss_in_state=True)
         self.r_max = r_max
         self.episode_rounds = episode_rounds
         self.snr_range = (snr_low_db, snr_high_db)
