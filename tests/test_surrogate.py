@@ -195,3 +195,59 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(tiny_finetune_confi
         log_rounds(config, plan, log_rounds_stamp, on_episode=stop_after_three)
     with pytest.raises(ValueError, match="another config or plan"):
         log_rounds(config, other, log_rounds_stamp)
+
+
+def test_a_sweep_trains_on_a_given_log_instead_of_logging(tiny_finetune_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from airlora.cli import app
+    from airlora.config import EnvConfig
+    from airlora.env.real import RankSelectionEnv
+    from airlora.env.surrogate import collect_rounds, resolve_rounds_file, write_rounds
+
+    cfg = tiny_finetune_config
+    train = {"rounds": 2, "steps_per_round": 1, "warmup_steps": 0}
+    link = {"scheme": "analog", "snr_process": "fixed", "snr_db": 10.0}
+    env = RankSelectionEnv.build(
+        cfg.data,
+        cfg.model,
+        type(cfg.train)(**train),
+        LinkConfig(**link),
+        EnvConfig(),
+    )
+    write_rounds(collect_rounds(env, 3, seed=50), tmp_path / "log-r4.jsonl")
+    body = {
+        "name": "given",
+        "data": cfg.data.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "train": train,
+        "link": link,
+        "ppo": {"n_steps": 8, "n_envs": 1, "batch_size": 8, "n_epochs": 1},
+        "airllm": {"warm_start_updates": 5, "updates_per_phase": 5},
+        "surrogate": {"rounds_file": str(tmp_path / "log-r{r_max}.jsonl"), "min_r2": None},
+        "total_steps": 16,
+        "methods": [{"name": "airllm", "method": "airllm"}],
+        "r_max": [4],
+        "snr_db": [10.0],
+        "seeds": [0],
+        "out_dir": str(tmp_path / "runs"),
+    }
+    assert resolve_rounds_file(body["surrogate"]["rounds_file"], 4) == tmp_path / "log-r4.jsonl"
+    path = tmp_path / "sweep.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(body))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    cells = sorted(p.name for p in (tmp_path / "runs" / "given" / "cells").iterdir())
+    assert not any(c.startswith("rounds-") for c in cells) and len(cells) == 2
+    policy = tmp_path / "runs" / "given" / "cells" / "policy-airllm-r4-s0"
+    assert not (policy / "rounds.jsonl").exists()  # nothing logged: the given log was used
+    assert (policy / "surrogate" / "rounds.jsonl").read_text() == (
+        tmp_path / "log-r4.jsonl"
+    ).read_text()
+    # A log missing for one r_max stops the sweep at load, before any cell runs.
+    body["r_max"] = [4, 2]
+    path.write_text(yaml.safe_dump(body))
+    result = CliRunner().invoke(app, ["sweep", str(path), "--quiet"])
+    assert result.exit_code == 2 and "r_max 2" in result.output and "log-r2.jsonl" in result.output

@@ -25,6 +25,7 @@ from airlora.env.surrogate import (
     collect_rounds,
     fit_surrogate,
     read_rounds,
+    resolve_rounds_file,
 )
 from airlora.policies import ActionLayout, RankPolicy, make_policy
 from airlora.runs import (
@@ -59,7 +60,8 @@ def run_train_policy(
     layout = ActionLayout.of_env(real)
     reused = None
     if config.surrogate is not None and config.surrogate.rounds_file is not None:
-        reused = read_rounds(config.surrogate.rounds_file)
+        source = resolve_rounds_file(config.surrogate.rounds_file, config.model.r_max)
+        reused = read_rounds(source)
         _check_rounds(reused, layout)  # before the run folder exists: bad input leaves nothing
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     name = config.run_name or f"policy-{config.method}-{stamp}-seed{config.seed}"
@@ -69,7 +71,7 @@ def run_train_policy(
         if config.surrogate is not None:
             if reused is not None:
                 rows = reused
-                say(f"surrogate: {len(rows)} rounds from {config.surrogate.rounds_file}")
+                say(f"surrogate: {len(rows)} rounds from {source}")
             else:
                 n = config.surrogate.real_episodes
                 say(f"logging {n} real episodes of {real.episode_rounds} rounds for the surrogate")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -29,18 +27,9 @@ from airlora.env.response import (
     leave_one_episode_out,
 )
 from airlora.env.reward import round_reward
-from airlora.env.surrogate import LoggedRound, link_delivery, read_rounds
+from airlora.env.surrogate import LoggedRound, link_delivery, read_rounds, shipped_log
 
 DEFAULT_LOG = "paper-cpu-r8"
-
-
-def shipped_log(name: str = DEFAULT_LOG) -> Path:
-    """The folder of a logged-rounds set shipped with the package."""
-    folder = Path(str(resources.files("airlora") / "datasets" / "surrogate" / name))
-    if not (folder / "manifest.json").is_file():
-        known = sorted(p.name for p in folder.parent.iterdir() if p.is_dir())
-        raise FileNotFoundError(f"no shipped logged rounds named '{name}' (known: {known})")
-    return folder
 
 
 def _models(manifest: dict, link: LinkConfig):

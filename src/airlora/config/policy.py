@@ -213,7 +213,10 @@ class SurrogateConfig(ConfigBase):
         process). Default 8.
     rounds_file:
         A ``rounds.jsonl`` logged by an earlier run (same model and r_max) to fit on instead of
-        logging new real episodes (``airlora log-rounds`` writes a designed one). Default none.
+        logging new real episodes (``airlora log-rounds`` writes a designed one); ``{r_max}``
+        in it is replaced by the r_max, and ``shipped:NAME`` names a log shipped with the
+        package (``shipped:paper-cpu-r8``). In a sweep it replaces the per-seed logging.
+        Default none.
     min_r2:
         The least leave-one-episode-out R^2 of the fitted surrogate that a policy may train
         on; below it ``train-policy`` stops with an error that names the score. Default 0.3:

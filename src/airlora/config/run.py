@@ -381,6 +381,16 @@ class SweepConfig(ConfigBase):
                         merge_section(getattr(self, section), overrides)
                     except ValueError as err:  # pydantic's ValidationError is a ValueError
                         raise ValueError(f"method {m.name}: its {section} section: {err}") from err
+        if self.formulation == "round" and self.surrogate.rounds_file is not None:
+            from airlora.env.surrogate import resolve_rounds_file
+
+            for r_max in self.r_max:  # a missing log would stop the sweep hours in
+                try:
+                    path = resolve_rounds_file(self.surrogate.rounds_file, r_max)
+                except FileNotFoundError as err:
+                    raise ValueError(f"surrogate.rounds_file for r_max {r_max}: {err}") from err
+                if not path.is_file():
+                    raise ValueError(f"surrogate.rounds_file for r_max {r_max}: no file {path}")
         if self.formulation != "online" and any(m.method == "oracle" for m in self.methods):
             raise ValueError(ORACLE_ONLINE_ONLY)
         if self.formulation == "online" and self.link.scheme not in ONLINE_LINKS:

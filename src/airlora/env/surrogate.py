@@ -137,6 +137,31 @@ def read_rounds(path: Path) -> list[LoggedRound]:
     return rows
 
 
+SHIPPED = "shipped:"
+
+
+def shipped_log(name: str) -> Path:
+    """The folder of a logged-rounds set shipped with the package
+    (``airlora/datasets/surrogate/<name>``: rounds.jsonl, policies.jsonl, manifest.json)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("airlora") / "datasets" / "surrogate" / name))
+    if not (folder / "manifest.json").is_file():
+        known = sorted(p.name for p in folder.parent.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"no shipped logged rounds named '{name}' (known: {known})")
+    return folder
+
+
+def resolve_rounds_file(rounds_file: Path | str, r_max: int) -> Path:
+    """A ``surrogate.rounds_file`` setting as a path: ``{r_max}`` is replaced by the model's
+    r_max, and ``shipped:NAME`` names a set shipped with the package (``shipped:paper-cpu-r8``,
+    or ``shipped:paper-cpu-r{r_max}`` in a sweep over r_max)."""
+    text = str(rounds_file).replace("{r_max}", str(r_max))
+    if text.startswith(SHIPPED):
+        return shipped_log(text[len(SHIPPED) :]) / ROUNDS_FILE
+    return Path(text)
+
+
 class SurrogateRejected(ValueError):
     """The fitted surrogate explains too little of the held-out rounds to train on."""
 

@@ -76,7 +76,11 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
         from airlora.train_policy import run_train_policy
 
         assert spec is not None
-        rounds_file = cells / cell["rounds"] / ROUNDS_FILE
+        rounds_file = (
+            cells / cell["rounds"] / ROUNDS_FILE
+            if "rounds" in cell
+            else config.surrogate.rounds_file  # the sweep's given log, resolved per r_max
+        )
         policy_config = PolicyTrainConfig(
             method=spec.method,
             data=config.data,

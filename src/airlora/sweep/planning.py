@@ -68,9 +68,11 @@ def plan(config: SweepConfig) -> list[list[dict]]:
         return _plan_online(config)
     rounds, policies, evals = [], [], []
     trained = [m for m in config.methods if m.method in TRAINED]
+    # A given log (surrogate.rounds_file) replaces the per-(r_max, seed) logging.
+    log_here = config.surrogate.rounds_file is None
     for r_max in config.r_max:
         for seed in config.seeds:
-            if trained:
+            if trained and log_here:
                 rounds.append(
                     {
                         "kind": "rounds",
@@ -80,16 +82,16 @@ def plan(config: SweepConfig) -> list[list[dict]]:
                     }
                 )
             for m in trained:
-                policies.append(
-                    {
-                        "kind": "policy",
-                        "id": policy_id(m.name, r_max, seed),
-                        "name": m.name,
-                        "r_max": r_max,
-                        "seed": seed,
-                        "rounds": rounds_id(r_max, seed),
-                    }
-                )
+                cell = {
+                    "kind": "policy",
+                    "id": policy_id(m.name, r_max, seed),
+                    "name": m.name,
+                    "r_max": r_max,
+                    "seed": seed,
+                }
+                if log_here:
+                    cell["rounds"] = rounds_id(r_max, seed)
+                policies.append(cell)
             for m in config.methods:
                 for snr in config.snr_db:
                     cell = {
