@@ -140,7 +140,7 @@ def test_expected_delivery_is_cached_per_snr_and_unchanged():
 def test_shipped_rounds_validate_the_surrogate():
     from airlora.bench.surrogate import bench_surrogate, shipped_log
 
-    manifest = json.loads((shipped_log() / "manifest.json").read_text())
+    manifest = json.loads((shipped_log("paper-cpu-r8") / "manifest.json").read_text())
     assert manifest["counts"]["design"] >= 150 and manifest["counts"]["policy"] >= 30 * 2
     result = bench_surrogate()
     assert set(result) == {"name", "unit", "project", "peer", "ratio", "details"}
@@ -151,6 +151,42 @@ def test_shipped_rounds_validate_the_surrogate():
     assert details["project_fit"]["held_out_rounds"] >= 40
     with pytest.raises(FileNotFoundError, match="known"):
         shipped_log("nope")
+
+
+def test_surrogate_env_replays_whole_real_episodes_of_a_designed_log():
+    from gymnasium.utils.env_checker import check_env
+
+    from airlora.config import EnvConfig
+    from airlora.env.surrogate import SurrogateEnv, read_rounds, resolve_rounds_file
+
+    path = resolve_rounds_file("shipped:paper-cpu-r{r_max}", 8)
+    rows = read_rounds(path)
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    link = LinkConfig.model_validate(manifest["config"]["link"])
+    model = ResponseModel(
+        manifest["projection_names"], 8, manifest["params_per_rank"], link_delivery(link)
+    )
+    model.fit(inputs_from_rows(rows, 8), [r.accuracy for r in rows])
+    env = SurrogateEnv(
+        model, rows, link, EnvConfig(), manifest["params_per_rank"], manifest["head_params"]
+    )
+    real = [r for r in rows if r.kind != "counterfactual"]
+    assert len(env._episodes) == len({(r.kind, r.episode) for r in real}) == 46
+    for episode in env._episodes:
+        assert [r.round for r in episode] == [0, 1, 2, 3]
+        assert len({r.kind for r in episode}) == 1 and len({r.episode for r in episode}) == 1
+    check_env(env, skip_render_check=True)
+    env.reset(seed=3)
+    rewards = [env.step(np.full(24, 4))[1] for _ in range(4)]
+    assert all(np.isfinite(rewards))
+
+
+def test_configs_saved_before_the_check_still_load():
+    from airlora.config import SurrogateConfig
+
+    with pytest.warns(DeprecationWarning, match="holdout_fraction"):
+        old = SurrogateConfig.model_validate({"real_episodes": 4, "holdout_fraction": 0.25})
+    assert old.real_episodes == 4 and old.min_r2 == 0.3
 
 
 def test_log_rounds_resumes_and_matches_an_uninterrupted_run(tiny_finetune_config, tmp_path):

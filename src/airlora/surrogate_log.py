@@ -165,6 +165,7 @@ def play_episode(
     episode: int,
     counterfactual_rng: np.random.Generator | None = None,
     policy: str | None = None,
+    depth_bands: int = 2,
 ) -> list[LoggedRound]:
     """One real episode from seed ``seed``: round t trains and sends ``vectors(t, snr_t)``.
     With ``counterfactual_rng``, every trained checkpoint is also re-scored under the head
@@ -173,7 +174,8 @@ def play_episode(
     engine.link = build_link(config.link, seed)
     previous = engine.initial_accuracy()
     rows: list[LoggedRound] = []
-    groups = np.asarray(projection_groups([p.name for p in engine.server.projections], 2)[1])
+    names = [p.name for p in engine.server.projections]
+    groups = np.asarray(projection_groups(names, depth_bands)[1])
     for t, snr in enumerate(snrs):
         ranks = vectors(t, float(snr))
         metrics = engine.run_round(ranks, float(snr))
@@ -202,8 +204,14 @@ def play_episode(
 def _rescore(engine, metrics, sent, snr_db, episode, rounds, previous, seed) -> LoggedRound:
     """The edge's accuracy had ``sent`` (<= the trained ranks) gone out at ``snr_db``."""
     sent = [int(r) for r in sent]
+    # The re-score must not become the receiver's memory (erasure_fill: previous) for the
+    # next real round; its random draws do come from the episode's link stream.
+    memory = getattr(engine.link, "_previous", None)
+    saved = dict(memory) if memory is not None else None
     engine.server.set_rank_vector(sent)
     engine.deliver(sent, snr_db)
+    if saved is not None:
+        engine.link._previous = saved
     accuracy, _loss = engine.evaluate(engine.edge, engine.task.edge_eval)
     payload = engine.server.payload(sent)
     return LoggedRound(
@@ -280,6 +288,7 @@ def log_rounds(
                 "design",
                 e,
                 rng if plan.counterfactuals else None,
+                depth_bands=plan.depth_bands,
             )
 
         jobs.append((f"design-{e:03d}", design))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -226,6 +227,21 @@ class SurrogateConfig(ConfigBase):
         (``--force-surrogate``).
     """
 
-    real_episodes: int = Field(default=8, ge=3)
+    real_episodes: int = Field(default=8, ge=2)
     rounds_file: Path | None = None
     min_r2: float | None = 0.3
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_holdout(cls, data: object) -> object:
+        # Configs saved before the leave-one-episode-out check (every earlier run folder and
+        # sweep) hold this key; they must still load for reports, resumes and evaluations.
+        if isinstance(data, dict) and "holdout_fraction" in data:
+            warnings.warn(
+                "surrogate.holdout_fraction is no longer used: the surrogate is checked "
+                "leave-one-episode-out",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            data = {k: v for k, v in data.items() if k != "holdout_fraction"}
+        return data

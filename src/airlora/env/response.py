@@ -212,7 +212,9 @@ class ResponseModel(_LinkFeatures):
     def fit_features(self, f: np.ndarray, y: np.ndarray) -> ResponseModel:
         y = np.asarray(y, np.float64)
         self.mean_, self.scale_ = f.mean(axis=0), f.std(axis=0)
-        self.scale_[self.scale_ == 0] = 1.0
+        # A constant column (its std is rounding noise) must stay a zero input, not +-1.
+        constant = self.scale_ <= 1e-9 * (1.0 + np.abs(self.mean_))
+        self.scale_[constant] = np.inf
         z = (f - self.mean_) / self.scale_
         alpha = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(z, y).alpha_
         k = z.shape[1]

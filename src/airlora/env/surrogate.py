@@ -213,9 +213,11 @@ class SurrogateEnv(gym.Env):
         self.max_payload = int(self.params_per_rank.sum() * self.r_max + self.head_params)
         self.observation_space = observation_space()
         self.action_space = rank_space(len(self.projection_names), self.r_max)
-        by_episode: dict[int, list[LoggedRound]] = {}
+        # Real rounds only, one sequence per episode: re-scores repeat their round's data.
+        by_episode: dict[tuple, list[LoggedRound]] = {}
         for r in rows:
-            by_episode.setdefault(r.episode, []).append(r)
+            if r.kind != "counterfactual":
+                by_episode.setdefault((r.kind, r.episode, r.seed, r.policy), []).append(r)
         self._episodes = [sorted(v, key=lambda r: r.round) for v in by_episode.values()]
         self.episode_rounds = self._episodes[0][0].rounds
         self.initial_accuracy = float(np.mean([e[0].previous_accuracy for e in self._episodes]))

@@ -124,6 +124,8 @@ class WirelessLink:
         # Surrogates ask at the same few SNRs many times: the link's side depends on it alone.
         cached = self._delivery_at.get(snr_db)
         if cached is None:
+            if len(self._delivery_at) >= 4096:  # a continuous SNR process: keep it bounded
+                self._delivery_at.clear()
             cached = self._delivery_at[snr_db] = self._capacity_and_survival(snr_db)
         capacity, p_ok = cached
         end = np.cumsum(sizes)

@@ -56,7 +56,10 @@ class ActionLayout:
     @classmethod
     def from_dict(cls, d: dict) -> ActionLayout:
         obs_dim = int(d.get("obs_dim", len(OBSERVATION_FIELDS)))  # older saves: the fixed layout
-        env, min_level = EnvConfig(**d["env"]), int(d.get("min_level", 0))
+        saved = dict(d["env"])
+        # Saved before the state's complexity became data-only: those policies saw the loss.
+        saved.setdefault("model_loss_in_state", True)
+        env, min_level = EnvConfig(**saved), int(d.get("min_level", 0))
         return cls(tuple(d["projection_names"]), int(d["r_max"]), env, obs_dim, min_level)
 
     @classmethod
