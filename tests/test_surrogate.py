@@ -287,3 +287,15 @@ def test_a_sweep_trains_on_a_given_log_instead_of_logging(tiny_finetune_config, 
     path.write_text(yaml.safe_dump(body))
     result = CliRunner().invoke(app, ["sweep", str(path), "--quiet"])
     assert result.exit_code == 2 and "r_max 2" in result.output and "log-r2.jsonl" in result.output
+
+
+def test_a_sweep_refuses_to_evaluate_on_the_seeds_its_given_log_used():
+    base = {
+        "methods": [{"name": "a", "method": "airllm"}],
+        "surrogate": {"rounds_file": "shipped:paper-cpu-r{r_max}"},
+        "r_max": [8],
+    }
+    assert SweepConfig.model_validate({**base, "seeds": [0, 1, 2]}).seeds == [0, 1, 2]
+    for used in (100, 145, 1001):  # a design episode's seed, the last one, a policy seed
+        with pytest.raises(ValueError, match=rf"seeds \[{used}\] were used to log"):
+            SweepConfig.model_validate({**base, "seeds": [0, used]})

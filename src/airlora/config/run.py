@@ -391,6 +391,12 @@ class SweepConfig(ConfigBase):
                     raise ValueError(f"surrogate.rounds_file for r_max {r_max}: {err}") from err
                 if not path.is_file():
                     raise ValueError(f"surrogate.rounds_file for r_max {r_max}: no file {path}")
+                logged = _logged_seeds(path.parent / "manifest.json")
+                if logged & set(self.seeds):
+                    raise ValueError(
+                        f"seeds {sorted(logged & set(self.seeds))} were used to log {path}: "
+                        "evaluate on other seeds"
+                    )
         if self.formulation != "online" and any(m.method == "oracle" for m in self.methods):
             raise ValueError(ORACLE_ONLINE_ONLY)
         if self.formulation == "online" and self.link.scheme not in ONLINE_LINKS:
@@ -402,6 +408,17 @@ class SweepConfig(ConfigBase):
             if shared:
                 raise ValueError(f"tuning seeds {shared} are also evaluation seeds")
         return self
+
+
+def _logged_seeds(manifest: Path) -> set[int]:
+    """The seeds an ``airlora log-rounds`` folder used (none known without its manifest)."""
+    import json
+
+    if not manifest.is_file():
+        return set()
+    plan = json.loads(manifest.read_text(encoding="utf-8")).get("plan", {})
+    first, n = int(plan.get("seed", 0)), int(plan.get("design_episodes", 0))
+    return set(range(first, first + n + 2)) | {int(x) for x in plan.get("policy_seeds", [])}
 
 
 def surrogate_section(
