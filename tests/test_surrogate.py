@@ -137,12 +137,14 @@ def test_expected_delivery_is_cached_per_snr_and_unchanged():
     assert link.expected_delivery(sizes, -5.0).sum() <= first.sum()
 
 
-def test_shipped_rounds_validate_the_surrogate():
+@pytest.mark.parametrize("log", ["paper-cpu-r8", "paper-cpu-r64"])
+def test_shipped_rounds_validate_the_surrogate(log):
     from airlora.bench.surrogate import bench_surrogate, shipped_log
 
-    manifest = json.loads((shipped_log("paper-cpu-r8") / "manifest.json").read_text())
+    manifest = json.loads((shipped_log(log) / "manifest.json").read_text())
     assert manifest["counts"]["design"] >= 150 and manifest["counts"]["policy"] >= 30 * 2
-    result = bench_surrogate()
+    assert not manifest["code_revision"]["dirty"]
+    result = bench_surrogate(log)
     assert set(result) == {"name", "unit", "project", "peer", "ratio", "details"}
     details = result["details"]
     # What train-policy demands by default, and what the issue asks of the rank order.
