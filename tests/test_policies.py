@@ -311,7 +311,8 @@ def test_train_policy_with_surrogate_then_evaluate(tiny_finetune_config, tmp_pat
     assert manifest["status"] == "completed"
     fit = manifest["summary"]["surrogate_fit"]
     assert fit["episodes"] == 3 and fit["held_out_rounds"] == 9
-    assert np.isfinite(fit["loeo_r2"]) and fit["loeo_mae"] >= 0 and fit["noise_floor_r2"] <= 1
+    assert np.isfinite(fit["loeo_r2"]) and fit["loeo_mae"] >= 0
+    assert fit["noise_floor_r2"] is None or fit["noise_floor_r2"] <= 1
     assert "surrogate held-out R^2" in result.output
     episodes = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
     assert len(episodes) >= 10 and all(np.isfinite(e["return"]) for e in episodes)

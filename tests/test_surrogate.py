@@ -125,6 +125,11 @@ def test_leave_one_episode_out_scores_real_rounds_only_and_states_the_noise_floo
     assert binomial_noise(np.asarray([0.5]), 100) == pytest.approx(0.0025)
     with pytest.raises(ValueError, match="three"):
         leave_one_episode_out(lambda: ResponseModel(NAMES, 4), rows[:8], 4)
+    # Rounds that all scored alike: no floor to state, and nothing non-finite in JSON.
+    flat = [LoggedRound(**{**r.__dict__, "accuracy": 0.5}) for r in rows]
+    same = leave_one_episode_out(lambda: ResponseModel(NAMES, 4), flat, 4, 128)
+    assert same["noise_floor_r2"] is None
+    json.dumps(same, allow_nan=False)
 
 
 def test_expected_delivery_is_cached_per_snr_and_unchanged():

@@ -98,10 +98,12 @@ def run_train_policy(
             )
             surrogate.save(run.path / SURROGATE_DIR, rows)
             fit = surrogate.model.metrics
+            floor = fit.get("noise_floor_r2")
             say(
                 f"surrogate, leave-one-episode-out: R^2 {fit['loeo_r2']:.3f}, "
                 f"MAE {fit['loeo_mae']:.4f} ({fit['held_out_rounds']} rounds, "
-                f"{fit['episodes']} episodes; noise floor R^2 {fit['noise_floor_r2']:.2f})"
+                f"{fit['episodes']} episodes"
+                + (f"; the noise floor allows R^2 {floor:.2f})" if floor is not None else ")")
             )
 
             def make_env(seed: int) -> SurrogateEnv:

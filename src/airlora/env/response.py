@@ -333,5 +333,7 @@ def leave_one_episode_out(
     if eval_rows:
         noise = binomial_noise(y[scored], eval_rows)
         out["noise_floor_rmse"] = math.sqrt(noise)
-        out["noise_floor_r2"] = float(1.0 - noise / np.var(y[scored]))
+        spread = float(np.var(y[scored]))
+        # Rounds that all scored alike leave nothing to explain (None, not -inf, in JSON).
+        out["noise_floor_r2"] = float(1.0 - noise / spread) if spread > 0 else None
     return out
