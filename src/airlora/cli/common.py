@@ -126,6 +126,21 @@ TargetsOption = Annotated[
         "(q_proj,v_proj). [the family's attention projections]"
     ),
 ]
+SweepFileArgument = Annotated[
+    Path | None, typer.Argument(help="YAML file with a SweepConfig.", show_default=False)
+]
+PresetOption = Annotated[
+    str | None, typer.Option(help="A shipped preset instead of a file (airlora presets).")
+]
+
+
+def sweep_file_or_preset(config_file: Path | None, preset: str | None) -> dict:
+    """The mapping of a sweep config file or of a shipped preset (exactly one of them)."""
+    from airlora.presets import preset_mapping
+
+    if (config_file is None) == (preset is None):
+        raise ValueError("give a sweep config file or --preset, not both and not neither")
+    return read_yaml_mapping(config_file) if config_file else preset_mapping(preset)
 
 
 def _rank_vector(text: str) -> list[int]:

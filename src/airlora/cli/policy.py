@@ -20,12 +20,14 @@ from airlora.cli.common import (
     NoHeaderOption,
     OutOption,
     PrecisionOption,
+    PresetOption,
     QuietOption,
     RmaxOption,
     RoundsOption,
     RunNameOption,
     SeedOption,
     StepsOption,
+    SweepFileArgument,
     TargetsOption,
     TextColumnOption,
     ThreadsOption,
@@ -36,6 +38,7 @@ from airlora.cli.common import (
     print_json,
     progress_bar,
     shown,
+    sweep_file_or_preset,
 )
 
 
@@ -179,12 +182,8 @@ def evaluate_policy(
 
 
 def log_rounds(
-    config_file: Annotated[
-        Path | None, typer.Argument(help="YAML file with a SweepConfig.", show_default=False)
-    ] = None,
-    preset: Annotated[
-        str | None, typer.Option(help="A shipped preset instead of a file (airlora presets).")
-    ] = None,
+    config_file: SweepFileArgument = None,
+    preset: PresetOption = None,
     rmax: Annotated[int, typer.Option(help="r_max of the logged rounds.")] = 8,
     design_episodes: Annotated[
         int, typer.Option(help="Sobol-designed episodes (each also re-scored twice).", min=2)
@@ -200,14 +199,11 @@ def log_rounds(
     resumes where it stopped. The shipped set (airlora bench surrogate) is
     `airlora log-rounds --preset paper-cpu --rmax 8`.
     """
-    from airlora.config import SweepConfig, read_yaml_mapping
-    from airlora.presets import preset_mapping
+    from airlora.config import SweepConfig
     from airlora.surrogate_log import LogPlan
     from airlora.surrogate_log import log_rounds as run
 
-    if (config_file is None) == (preset is None):
-        raise ValueError("give a sweep config file or --preset, not both and not neither")
-    base = read_yaml_mapping(config_file) if config_file else preset_mapping(preset)
+    base = sweep_file_or_preset(config_file, preset)
     config = SweepConfig.model_validate(base)
     plan = LogPlan(r_max=rmax, design_episodes=design_episodes, policy_snrs_db=tuple(config.snr_db))
     with progress_bar("log-rounds", "episodes", quiet) as progress:

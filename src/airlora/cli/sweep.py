@@ -14,11 +14,14 @@ from rich.table import Table
 from airlora.cli.common import (
     DeviceOption,
     PrecisionOption,
+    PresetOption,
     QuietOption,
+    SweepFileArgument,
     console,
     err_console,
     overrides,
     progress_bar,
+    sweep_file_or_preset,
 )
 from airlora.runs import REPORT_DIR
 
@@ -39,12 +42,8 @@ def sweep_progress(quiet: bool) -> Iterator[tuple]:
 
 
 def sweep(
-    config_file: Annotated[
-        Path | None, typer.Argument(help="YAML file with a SweepConfig.", show_default=False)
-    ] = None,
-    preset: Annotated[
-        str | None, typer.Option(help="A shipped preset instead of a file (airlora presets).")
-    ] = None,
+    config_file: SweepFileArgument = None,
+    preset: PresetOption = None,
     out: Annotated[
         Path | None, typer.Option(help="Sweep folder. [<out_dir>/<name> of the config]")
     ] = None,
@@ -78,13 +77,10 @@ def sweep(
     Writes sweep.yaml, cells/<id>/ (one folder per finished cell) and results.csv /
     results.parquet. Run `airlora report SWEEP_DIR` afterwards for figures and tables.
     """
-    from airlora.config import SweepConfig, apply_overrides, read_yaml_mapping
-    from airlora.presets import preset_mapping
+    from airlora.config import SweepConfig, apply_overrides
     from airlora.sweep import RESULTS, run_sweep
 
-    if (config_file is None) == (preset is None):
-        raise ValueError("give a sweep config file or --preset, not both and not neither")
-    base = read_yaml_mapping(config_file) if config_file else preset_mapping(preset)
+    base = sweep_file_or_preset(config_file, preset)
     params = {"workers": workers, "device": device, "precision": precision}
     config = SweepConfig.model_validate(apply_overrides(base, overrides(params)))
     with sweep_progress(quiet) as (on_cell, on_problem):
