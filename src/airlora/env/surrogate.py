@@ -178,7 +178,7 @@ def link_delivery(link_config: LinkConfig) -> Delivery | None:
 
 
 class SurrogateEnv(gym.Env):
-    """The real environment's spaces and reward with a fitted :class:`AccuracyModel`.
+    """The real environment's spaces and reward with a fitted response model.
 
     Parameters
     ----------
