@@ -28,7 +28,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -181,9 +181,8 @@ def play_episode(
         metrics = engine.run_round(ranks, float(snr))
         if metrics.diverged:
             break  # the real environment ends a diverged episode too
-        rows.append(
-            _round_row(kind, episode, metrics, len(snrs), previous, seed=seed, policy=policy)
-        )
+        real = _round_row(kind, episode, metrics, len(snrs), previous, seed=seed, policy=policy)
+        rows.append(real)
         if counterfactual_rng is not None:
             trained = np.asarray(metrics.rank_vector)
             share = counterfactual_rng.random(int(groups.max()) + 1)[groups]
@@ -195,14 +194,14 @@ def play_episode(
                     float(counterfactual_rng.uniform(low, high)),
                 ),
             ):
-                rows.append(_rescore(engine, metrics, sent, at, episode, len(snrs), previous, seed))
+                rows.append(_rescore(engine, real, sent, at))
             engine.server.set_rank_vector(metrics.rank_vector)
         previous = metrics.accuracy
     return rows
 
 
-def _rescore(engine, metrics, sent, snr_db, episode, rounds, previous, seed) -> LoggedRound:
-    """The edge's accuracy had ``sent`` (<= the trained ranks) gone out at ``snr_db``."""
+def _rescore(engine, real: LoggedRound, sent, snr_db: float) -> LoggedRound:
+    """The real round ``real`` had ``sent`` (<= its trained ranks) gone out at ``snr_db``."""
     sent = [int(r) for r in sent]
     # The re-score must not become the receiver's memory (erasure_fill: previous) for the
     # next real round; its random draws do come from the episode's link stream.
@@ -213,21 +212,13 @@ def _rescore(engine, metrics, sent, snr_db, episode, rounds, previous, seed) -> 
     if saved is not None:
         engine.link._previous = saved
     accuracy, _loss = engine.evaluate(engine.edge, engine.task.edge_eval)
-    payload = engine.server.payload(sent)
-    return LoggedRound(
-        episode=episode,
-        round=metrics.round - 1,
-        rounds=rounds,
+    return replace(
+        real,
         snr_db=float(snr_db),
-        complexity=dict(metrics.complexity),
-        rank_vector=[int(r) for r in metrics.rank_vector],
-        previous_accuracy=float(previous),
         accuracy=float(accuracy),
-        payload_params=int(payload.total_params),
-        max_payload_params=int(payload.max_total_params),
+        payload_params=int(engine.server.payload(sent).total_params),
         kind="counterfactual",
         sent_vector=sent,
-        seed=seed,
     )
 
 
