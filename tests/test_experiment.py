@@ -84,7 +84,7 @@ def test_run_rejects_bad_input_before_writing(tiny_finetune_config, tmp_path):
 # ----------------------------------------------------------------------------- sweeps
 
 
-def _sweep_file(cfg, tmp_path, workers=2) -> tuple:
+def _sweep_file(cfg, tmp_path, workers=2, **extra) -> tuple:
     body = {
         **_base(cfg, tmp_path),
         "name": "tiny",
@@ -103,6 +103,7 @@ def _sweep_file(cfg, tmp_path, workers=2) -> tuple:
         "seeds": [0, 1],
         "workers": workers,
         "threads_per_worker": 1,
+        **extra,
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(body))
@@ -181,6 +182,52 @@ def test_sweep_resumes_after_a_kill_without_redoing_or_losing_cells(tiny_finetun
     p = summary[summary.method != "airllm"].p_vs_airllm
     assert ((p >= 0) & (p <= 1) | p.isna()).all()  # the numbers: see the test below
     assert summary[summary.method == "airllm"].p_vs_airllm.isna().all()
+
+
+def test_a_round_sweep_tunes_every_method_on_validation_and_scores_the_test_split(
+    tiny_finetune_config, tmp_path
+):
+    import pandas as pd
+
+    from airlora.config import SweepConfig, load_config
+    from airlora.sweep import plan
+
+    rates = [1e-4, 5e-2]
+    path, out = _sweep_file(
+        tiny_finetune_config,
+        tmp_path,
+        workers=1,
+        snr_db=[20.0, 0.0, 10.0],
+        seeds=[0],
+        tuning={"learning_rates": rates, "seeds": [7]},
+    )
+    config = load_config(path, SweepConfig)
+    stages = plan(config)
+    # rounds, policy, then 3 methods x 2 rates at the median SNR, then 3 x 3 evaluations.
+    assert [len(s) for s in stages] == [1, 1, 6, 9]
+    assert {c["snr_db"] for c in stages[2]} == {10.0}
+    assert {c.get("policy") for c in stages[2] if c["name"] == "airllm"} == {"policy-airllm-r4-s0"}
+    result = runner.invoke(app, ["sweep", str(path), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    tunes = [json.loads(p.read_text()) for p in (out / "cells").glob("tune-*/result.json")]
+    assert len(tunes) == 6
+    for t in tunes:  # scored on validation, never on the test split
+        assert t["test_accuracy"] is None and 0 <= t["validation_accuracy"] <= 1
+    table = pd.read_csv(out / "results.csv")
+    assert len(table) == 9 and table.test_accuracy.between(0, 1).all()
+    for name in ("airllm", "lora", "heuristic"):
+        scores = {t["learning_rate"]: t["validation_accuracy"] for t in tunes if t["name"] == name}
+        best = max(scores, key=lambda lr: (scores[lr], -rates.index(lr)))
+        assert set(table[table.name == name].learning_rate) == {best}, name
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    report = (out / "report.md").read_text()
+    assert "Learning-rate tuning" in report and "10 dB, the median SNR" in report
+    assert "test accuracy" in report and (out / "report" / "tuning.png").is_file()
+    comparisons = pd.read_csv(out / "report" / "comparisons.csv")
+    airllm = table[table.name == "airllm"].set_index(["snr_db", "seed"]).test_accuracy
+    lora = table[table.name == "lora"].set_index(["snr_db", "seed"]).test_accuracy
+    row = comparisons[comparisons.method == "lora"].iloc[0]
+    assert row.mean_diff == pytest.approx((lora - airllm).mean())  # on the test split
 
 
 def test_sweep_refuses_a_folder_of_another_configuration(tiny_finetune_config, tmp_path):

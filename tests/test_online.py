@@ -398,8 +398,6 @@ def test_an_online_sweep_tunes_every_method_on_the_same_grid(
     )
     with pytest.raises(ValueError, match="also evaluation seeds"):
         SweepConfig.model_validate({**body, "tuning": {"learning_rates": [1e-3], "seeds": [0]}})
-    with pytest.raises(ValueError, match="online sweeps only"):
-        SweepConfig.model_validate({**body, "formulation": "round", "link": {"scheme": "digital"}})
     stages = plan(SweepConfig.model_validate(body))
     assert [len(s) for s in stages] == [4, 2]  # 2 methods x 2 rates, then 2 evaluation runs
     path = tmp_path / "tuned.yaml"

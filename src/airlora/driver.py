@@ -194,9 +194,14 @@ def run_episode(
     config: RunConfig | FinetuneConfig,
     callback: EpisodeCallback | Callable[[dict], None] | None = None,
     out: Path | None = None,
+    score_validation: bool = False,
 ) -> EpisodeResult:
     """Play one real episode of the config's method; ``out`` overrides the run folder path
-    (sweeps use it). A :class:`~airlora.config.FinetuneConfig` plays its fixed rank vector."""
+    (sweeps use it). A :class:`~airlora.config.FinetuneConfig` plays its fixed rank vector.
+
+    ``score_validation``: the summary's ``validation_accuracy`` is the edge's final model on
+    the whole validation split (a tuning run's score; the rounds score its first
+    ``edge_eval_size`` rows only)."""
     callback = as_callback(callback)
     if isinstance(config, RunConfig) and config.formulation == "online":
         from airlora.online import run_online
@@ -221,11 +226,17 @@ def run_episode(
         method = config.method if isinstance(config, RunConfig) else "lora"
         rounds = play_episode(env, policy, config.seed, callback, run.append_metrics, method=method)
         summary = summarize(rounds, config.train.steps_per_round, config.data.batch_size)
+        if score_validation:
+            summary["validation_accuracy"] = None
         if not summary["diverged"]:
+            engine = env.engine
             if config.final_test:
-                engine = env.engine
                 acc, loss = engine.evaluate(engine.edge, engine.task.test)
                 summary.update(test_accuracy=acc, test_loss=loss)
+            if score_validation:
+                summary["validation_accuracy"] = engine.evaluate(
+                    engine.edge, engine.task.validation
+                )[0]
             env.engine.edge.export_peft(run.path / ADAPTER_DIR)
         run.finish(summary, started, status="diverged" if summary["diverged"] else "completed")
     except BaseException as err:

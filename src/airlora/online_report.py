@@ -4,7 +4,6 @@ minimum detectable difference of the design."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -15,10 +14,10 @@ import pandas as pd
 from matplotlib.axes import Axes
 
 from airlora.config import SweepConfig
-from airlora.report import _legend, _per_rmax_axes, _save, _title
-from airlora.runs import METRICS_FILE, REPORT_DIR, REPORT_FILE, RESULT_FILE
+from airlora.report import _legend, _per_rmax_axes, _save, _title, tuning_lines, tuning_table
+from airlora.runs import METRICS_FILE, REPORT_DIR, REPORT_FILE
 from airlora.stats import compare_to_reference, mean_ci
-from airlora.sweep.store import CELLS, cell_records
+from airlora.sweep.store import cell_records
 from airlora.tables import comparison_frame, fmt_ci, markdown_table
 
 REFERENCE = "airllm"
@@ -84,29 +83,6 @@ def rank_by_snr(table: pd.DataFrame, logs: dict[str, list[dict]]) -> pd.DataFram
     if frame.empty:
         return frame
     return frame.groupby(["r_max", "name", "snr_db"], as_index=False)["mean_rank"].mean()
-
-
-def tuning_table(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
-    """The tuning runs: mean validation accuracy per (r_max, method, learning rate), and the
-    rate the evaluation runs of that (r_max, method) used (``chosen``)."""
-    records = [
-        json.loads(p.read_text(encoding="utf-8"))
-        for p in sorted((Path(sweep_dir) / CELLS).glob(f"tune-*/{RESULT_FILE}"))
-    ]
-    if not records:
-        return pd.DataFrame()
-    frame = pd.DataFrame(records)
-    out = (
-        frame.groupby(["r_max", "name", "learning_rate"])
-        .agg(runs=("seed", "size"), validation_accuracy=("best_validation_accuracy", "mean"))
-        .reset_index()
-    )
-    used = table.groupby(["r_max", "name"]).learning_rate.first().to_dict()
-    out["chosen"] = [
-        used.get((r, n)) == lr
-        for r, n, lr in zip(out.r_max, out.name, out.learning_rate, strict=True)
-    ]
-    return out
 
 
 def online_summary(table: pd.DataFrame, curves: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -213,7 +189,9 @@ def _ranks_by_snr(ranks: pd.DataFrame, folder: Path) -> Path:
     )
 
 
-def _tuning_curves(tuning: pd.DataFrame, folder: Path) -> Path:
+def tuning_curves(tuning: pd.DataFrame, folder: Path, stem: str = "online_tuning") -> Path:
+    """The validation accuracy of each method against the learning rate, per r_max."""
+
     def draw(ax: Axes, panel: pd.DataFrame) -> None:
         for name, g in panel.groupby("name", sort=True):
             g = g.sort_values("learning_rate")
@@ -234,7 +212,7 @@ def _tuning_curves(tuning: pd.DataFrame, folder: Path) -> Path:
         ax.set_ylabel("validation accuracy (tuning seeds)")
 
     title = "Learning-rate tuning: the same grid for every method, scored on validation"
-    return _per_rmax_figure(tuning, folder, "online_tuning", title, draw)
+    return _per_rmax_figure(tuning, folder, stem, title, draw)
 
 
 def _cost_line(config: SweepConfig) -> str:
@@ -336,27 +314,8 @@ def write_online_report(
     tuning = tuning_table(sweep_dir, table)
     if not tuning.empty:
         tuning.to_csv(folder / "tuning.csv", index=False)
-        figures.append(_tuning_curves(tuning, folder))
-        show_tuning = pd.DataFrame(
-            {
-                "r_max": tuning.r_max,
-                "method": tuning.name,
-                "learning rate": tuning.learning_rate.map(lambda v: f"{v:g}"),
-                "tuning runs": tuning.runs,
-                "validation accuracy": tuning.validation_accuracy.map(lambda v: f"{v:.4f}"),
-                "chosen": tuning.chosen.map(lambda v: "yes" if v else ""),
-            }
-        )
-        lines += [
-            "## Learning-rate tuning",
-            "",
-            f"Every method ran the same grid ({config.tuning.learning_rates}) on tuning seeds "
-            f"{config.tuning.seeds} (not evaluation seeds); the rate with the best mean "
-            "validation accuracy is the one its evaluation runs used. No test row took part.",
-            "",
-            markdown_table(show_tuning),
-            "",
-        ]
+        figures.append(tuning_curves(tuning, folder))
+        lines += tuning_lines(tuning, config)
     lines += [
         "Steps to 95 %: the median over seeds of the training steps until an episode return "
         "first covers 95 % of the way from the first episode's return to the final one.",

@@ -10,6 +10,7 @@ accuracy. The report states the configuration, the seeds and the code revision.
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,10 +23,18 @@ import numpy as np
 import pandas as pd
 
 from airlora.config import SweepConfig, load_config
-from airlora.runs import EPISODES_FILE, METRICS_FILE, REPORT_DIR, REPORT_FILE, SWEEP_FILE
+from airlora.runs import (
+    EPISODES_FILE,
+    METRICS_FILE,
+    REPORT_DIR,
+    REPORT_FILE,
+    RESULT_FILE,
+    SWEEP_FILE,
+)
 from airlora.stats import compare_to_reference, mean_ci, paired_comparison
-from airlora.sweep.planning import parse_cell_id
-from airlora.sweep.store import cell_records, finished_cells, first_manifest, read_results
+from airlora.sweep.cells import tuning_score
+from airlora.sweep.planning import parse_cell_id, tuning_snr_db
+from airlora.sweep.store import CELLS, cell_records, finished_cells, first_manifest, read_results
 from airlora.tables import comparison_frame, fmt_ci, markdown_table
 
 REFERENCE = "airllm"
@@ -52,16 +61,30 @@ def _usable(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def scored_metric(table: pd.DataFrame) -> str:
+    """The accuracy methods are compared on: ``test_accuracy`` (the edge's final model on the
+    test split), or ``final_accuracy`` (its last round on the edge's validation rows) for a
+    sweep from before round episodes scored the test split."""
+    usable = _usable(table)
+    usable = usable[~usable.diverged]
+    if "test_accuracy" in usable and len(usable) and usable["test_accuracy"].notna().all():
+        return "test_accuracy"
+    return "final_accuracy"
+
+
 def summary_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (r_max, SNR, method): means and CIs over seeds, p-value against airllm.
+    """One row per (r_max, SNR, method): means and CIs over seeds, p-value against airllm on
+    the :func:`scored_metric`.
 
     Diverged episodes have no accuracy: they are counted in ``diverged`` and left out of
     every mean, never averaged in as numbers."""
     rows = []
     table = _usable(table)
+    metric = scored_metric(table)
     for (r_max, snr, name), g_all in table.groupby(["r_max", "snr_db", "name"], sort=True):
         g = g_all[~g_all.diverged]
-        acc, acc_ci = mean_ci(g["final_accuracy"])
+        acc, acc_ci = mean_ci(g[metric])
+        edge, edge_ci = mean_ci(g["final_accuracy"])
         ref = table[
             (table.r_max == r_max)
             & (table.snr_db == snr)
@@ -75,17 +98,76 @@ def summary_table(table: pd.DataFrame) -> pd.DataFrame:
                 "method": name,
                 "seeds": len(g),
                 "diverged": int(g_all.diverged.sum()),
-                "final_accuracy": acc,
-                "final_accuracy_ci95": acc_ci,
+                "scored_metric": metric,
+                "accuracy": acc,
+                "accuracy_ci95": acc_ci,
+                "final_accuracy": edge,
+                "final_accuracy_ci95": edge_ci,
                 "mean_accuracy": float(g["mean_accuracy"].mean()),
                 "payload_params_per_round": float(g["mean_payload_params"].mean()),
                 "airtime_s_per_episode": float(g["total_airtime_s"].mean()),
                 "mean_rank": float(g["mean_rank"].mean()),
                 "episode_return": float(g["episode_return"].mean()),
-                "p_vs_airllm": math.nan if name == REFERENCE or ref.empty else paired_p(g, ref),
+                "p_vs_airllm": (
+                    math.nan if name == REFERENCE or ref.empty else paired_p(g, ref, metric)
+                ),
             }
         )
     return pd.DataFrame(rows)
+
+
+def tuning_table(sweep_dir: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """The tuning runs: mean validation accuracy per (r_max, method, learning rate), and the
+    rate the evaluation runs of that (r_max, method) used (``chosen``)."""
+    records = [
+        json.loads(p.read_text(encoding="utf-8"))
+        for p in sorted((Path(sweep_dir) / CELLS).glob(f"tune-*/{RESULT_FILE}"))
+    ]
+    if not records:
+        return pd.DataFrame()
+    frame = pd.DataFrame(records)
+    frame["tuning_score"] = [tuning_score(r) for r in records]
+    out = (
+        frame.groupby(["r_max", "name", "learning_rate"])
+        .agg(runs=("seed", "size"), validation_accuracy=("tuning_score", "mean"))
+        .reset_index()
+    )
+    used = table.groupby(["r_max", "name"]).learning_rate.first().to_dict()
+    out["chosen"] = [
+        used.get((r, n)) == lr
+        for r, n, lr in zip(out.r_max, out.name, out.learning_rate, strict=True)
+    ]
+    return out
+
+
+def tuning_lines(tuning: pd.DataFrame, config: SweepConfig) -> list[str]:
+    """The report's learning-rate tuning section (a :func:`tuning_table`)."""
+    assert config.tuning is not None
+    show = pd.DataFrame(
+        {
+            "r_max": tuning.r_max,
+            "method": tuning.name,
+            "learning rate": tuning.learning_rate.map(lambda v: f"{v:g}"),
+            "tuning runs": tuning.runs,
+            "validation accuracy": tuning.validation_accuracy.map(lambda v: f"{v:.4f}"),
+            "chosen": tuning.chosen.map(lambda v: "yes" if v else ""),
+        }
+    )
+    where = (
+        ""
+        if config.formulation == "online"
+        else f" (one episode at {tuning_snr_db(config):g} dB, the median SNR)"
+    )
+    return [
+        "## Learning-rate tuning",
+        "",
+        f"Every method ran the same grid ({config.tuning.learning_rates}) on tuning seeds "
+        f"{config.tuning.seeds}{where}, not evaluation seeds; the rate with the best mean "
+        "validation accuracy is the one its evaluation runs used. No test row took part.",
+        "",
+        markdown_table(show),
+        "",
+    ]
 
 
 # ----------------------------------------------------------------------------- figures
@@ -115,20 +197,26 @@ def _per_rmax_axes(r_values: list[int], rows: int = 1, height: float = 3.6):
     return fig, axes
 
 
+_ACCURACY_LABEL = {
+    "test_accuracy": "test accuracy (edge's final model)",
+    "final_accuracy": "final edge accuracy (edge validation rows)",
+}
+
+
 def plot_vs_snr(summary: pd.DataFrame, folder: Path) -> list[Path]:
     r_values = sorted(summary.r_max.unique())
     fig, axes = _per_rmax_axes(r_values)
     for ax, r_max in zip(axes[0], r_values, strict=True):
         sub = summary[summary.r_max == r_max]
         for name, g in sub.groupby("method"):
-            err = np.nan_to_num(g.final_accuracy_ci95.to_numpy())
-            ax.errorbar(g.snr_db, g.final_accuracy, yerr=err, marker="o", capsize=3, label=name)
+            err = np.nan_to_num(g.accuracy_ci95.to_numpy())
+            ax.errorbar(g.snr_db, g.accuracy, yerr=err, marker="o", capsize=3, label=name)
         ax.set_title(f"r_max = {r_max}")
         ax.set_xlabel("SNR (Es/N0), dB")
-        ax.set_ylabel("final edge accuracy")
+        ax.set_ylabel(_ACCURACY_LABEL[summary.scored_metric.iloc[0]])
         ax.grid(alpha=0.3)
     _legend(axes[0][-1])
-    _title(fig, "Edge accuracy after the last round (mean, 95 % CI over seeds)")
+    _title(fig, "Accuracy of the edge's final model (mean, 95 % CI over seeds)")
     return _save(fig, folder, "accuracy_vs_snr")
 
 
@@ -157,18 +245,18 @@ def plot_pareto(summary: pd.DataFrame, folder: Path) -> list[Path]:
     for ax, r_max in zip(axes[0], r_values, strict=True):
         sub = summary[summary.r_max == r_max]
         for name, g in sub.groupby("method"):
-            ax.scatter(g.payload_params_per_round, g.final_accuracy, label=name, s=28)
+            ax.scatter(g.payload_params_per_round, g.accuracy, label=name, s=28)
             for _, row in g.iterrows():
                 ax.annotate(
                     f"{row.snr_db:g}",
-                    (row.payload_params_per_round, row.final_accuracy),
+                    (row.payload_params_per_round, row.accuracy),
                     fontsize=6,
                     xytext=(2, 2),
                     textcoords="offset points",
                 )
         ax.set_title(f"r_max = {r_max} (labels: SNR dB)")
         ax.set_xlabel("parameters sent per round")
-        ax.set_ylabel("final edge accuracy")
+        ax.set_ylabel(_ACCURACY_LABEL[summary.scored_metric.iloc[0]])
         ax.grid(alpha=0.3)
     _legend(axes[0][-1])
     _title(fig, "Accuracy against payload (up and left is better)")
@@ -263,14 +351,23 @@ def _code_revision(sweep_dir: Path) -> str:
     return f"{rev.get('commit', 'unknown')}{dirty}"
 
 
-def _comparison_lines(comparisons: pd.DataFrame) -> list[str]:
+_ACCURACY_TEXT = {
+    "test_accuracy": "Test accuracy: the edge's final model scored on the test split, which "
+    "nothing was fitted, tuned or selected on",
+    "final_accuracy": "Final accuracy: the edge's accuracy after the last round, on its "
+    "validation rows (this sweep predates test-split scoring of round episodes)",
+}
+
+
+def _comparison_lines(comparisons: pd.DataFrame, metric: str) -> list[str]:
     if comparisons.empty:
         return []
     show = comparison_frame(comparisons)
+    what = "Test" if metric == "test_accuracy" else "Final"
     return [
         "## Paired comparisons against airllm",
         "",
-        "Final accuracy of each method minus airllm's, paired on (SNR, seed), with its 95 % "
+        f"{what} accuracy of each method minus airllm's, paired on (SNR, seed), with its 95 % "
         "CI; paired t and Wilcoxon signed-rank p-values, the t p-values Holm-adjusted over "
         "this table; MDD: the smallest true difference this design detects with power 0.8 at "
         "5 %. A difference below its MDD that is not significant is not detectable here.",
@@ -297,6 +394,7 @@ def write_report(sweep_dir: Path) -> Path:
     folder.mkdir(exist_ok=True)
     summary = summary_table(table)
     summary.to_csv(folder / "summary.csv", index=False)
+    metric = scored_metric(table)
     curves = training_curves(sweep_dir)
     figures = [
         *plot_vs_snr(summary, folder),
@@ -322,10 +420,10 @@ def write_report(sweep_dir: Path) -> Path:
         f"- r_max {config.r_max}, SNR {config.snr_db} dB, seeds {config.seeds}; policies "
         f"trained {config.total_steps} steps on a surrogate fitted to "
         f"{config.surrogate.real_episodes} logged real episodes per (r_max, seed).",
-        "- Accuracy: the edge's accuracy after the last round (mean ± 95 % CI over seeds); "
-        "p: paired t-test against airllm on the seeds both ran (same data order, same "
-        "channel draws), unadjusted; the paired comparisons below are Holm-adjusted and "
-        "state the minimum detectable difference (MDD, power 0.8 at 5 %).",
+        f"- {_ACCURACY_TEXT[metric]} (mean ± 95 % CI over seeds); p: paired t-test against "
+        "airllm on the seeds both ran (same data order, same channel draws), unadjusted; the "
+        "paired comparisons below are Holm-adjusted and state the minimum detectable "
+        "difference (MDD, power 0.8 at 5 %).",
         f"- Diverged episodes (non-finite loss or parameters; left out of every mean and "
         f"test, counted in the `diverged` column): {int(summary.diverged.sum())}.",
         "",
@@ -333,14 +431,17 @@ def write_report(sweep_dir: Path) -> Path:
     for r_max in sorted(summary.r_max.unique()):
         lines += [f"## r_max = {r_max}", ""]
         sub = summary[summary.r_max == r_max]
+        columns = {"accuracy": "test accuracy" if metric == "test_accuracy" else "final accuracy"}
+        if metric == "test_accuracy":
+            columns["final_accuracy"] = "edge accuracy, last round"
         show = pd.DataFrame(
             {
                 "SNR dB": sub.snr_db.map(lambda v: f"{v:g}"),
                 "method": sub.method,
-                "final accuracy": [
-                    fmt_ci(m, h)
-                    for m, h in zip(sub.final_accuracy, sub.final_accuracy_ci95, strict=True)
-                ],
+                **{
+                    label: [fmt_ci(m, h) for m, h in zip(sub[col], sub[f"{col}_ci95"], strict=True)]
+                    for col, label in columns.items()
+                },
                 "params / round": sub.payload_params_per_round.map(lambda v: f"{v:,.0f}"),
                 "airtime / episode s": sub.airtime_s_per_episode.map(lambda v: f"{v:.3f}"),
                 "mean rank": sub.mean_rank.map(lambda v: f"{v:.2f}"),
@@ -350,9 +451,16 @@ def write_report(sweep_dir: Path) -> Path:
         if summary.diverged.any():
             show["diverged"] = sub.diverged.to_numpy()
         lines += [markdown_table(show), ""]
-    comparisons = compare_to_reference(table[~table.diverged], REFERENCE)
+    comparisons = compare_to_reference(table[~table.diverged], REFERENCE, metric)
     comparisons.to_csv(folder / "comparisons.csv", index=False)
-    lines += _comparison_lines(comparisons)
+    lines += _comparison_lines(comparisons, metric)
+    tuning = tuning_table(sweep_dir, table)
+    if not tuning.empty:
+        from airlora.online_report import tuning_curves
+
+        tuning.to_csv(folder / "tuning.csv", index=False)
+        lines += tuning_lines(tuning, config)
+        figures.append(tuning_curves(tuning, folder, "tuning"))
     overhead = table.groupby("name")[
         ["mean_decision_time_s", "mean_train_time_s", "mean_latency_s"]
     ].mean()
@@ -387,7 +495,8 @@ def write_report(sweep_dir: Path) -> Path:
 
 def headline(sweep_dir: Path) -> pd.DataFrame:
     """Per method over every cell, with display column names: the mean final accuracy and
-    parameters per round (the demo's print); for an online sweep, the test accuracy,
+    parameters per round (the demo's print; and the test accuracy of sweeps that scored
+    it); for an online sweep, the test accuracy,
     parameters per step and mean reward per step."""
     table = _usable(read_results(sweep_dir))
     table = table[~table.diverged]
@@ -401,12 +510,16 @@ def headline(sweep_dir: Path) -> pd.DataFrame:
             }
         )
         return out.sort_values("test accuracy", ascending=False)
+    scored = {}
+    if scored_metric(table) == "test_accuracy":
+        scored = {"test accuracy": ("test_accuracy", "mean")}
     out = table.groupby("name").agg(
+        **scored,
         **{
             "final accuracy": ("final_accuracy", "mean"),
             "params / round": ("mean_payload_params", "mean"),
             "mean rank": ("mean_rank", "mean"),
             "episode return": ("episode_return", "mean"),
-        }
+        },
     )
     return out.sort_values("episode return", ascending=False)

@@ -289,12 +289,17 @@ class MethodSpec(ConfigBase):
 
 
 class TuningConfig(ConfigBase):
-    """The learning-rate grid every method of an online sweep gets (the same budget for all).
+    """The learning-rate grid every method of a sweep gets (the same budget for all).
 
     Before the evaluation runs, each (method, r_max) runs once per learning rate and tuning
-    seed; the rate with the best mean validation accuracy (best state of the run; ties go to
-    the earlier rate of the grid) is the one its evaluation runs use. The test split is not
-    scored in a tuning run, and tuning seeds must differ from the evaluation seeds.
+    seed; the rate with the best mean validation accuracy (ties go to the earlier rate of the
+    grid) is the one its evaluation runs use. The test split is not scored in a tuning run,
+    and tuning seeds must differ from the evaluation seeds.
+
+    - online sweeps: a tuning run is a whole online run, scored by its best state;
+    - round sweeps: a tuning run is one real episode at the sweep's median SNR (a trained
+      policy plays the policy of the first evaluation seed, trained on the surrogate), scored
+      by the edge's final model on the whole validation split.
 
     Parameters
     ----------
@@ -333,9 +338,8 @@ class SweepConfig(ConfigBase):
     formulation: ``round`` (the above) or ``online``: one cell per (entry, r_max, seed), a
         whole online run (:class:`OnlineSettings`; policies learn inside it; ``snr_db`` is
         not used: every step draws its SNR from ``online.snr_levels_db``).
-    tuning: online sweeps only: a learning-rate grid run for every method before the
-        evaluation runs (:class:`TuningConfig`); none by default (every method at
-        ``train.learning_rate``).
+    tuning: a learning-rate grid run for every method before the evaluation runs
+        (:class:`TuningConfig`); none by default (every method at ``train.learning_rate``).
     workers: parallel worker processes. Default 1.
     threads_per_worker: torch threads in each worker; 0 shares the cores evenly.
     """
@@ -402,8 +406,6 @@ class SweepConfig(ConfigBase):
         if self.formulation == "online" and self.link.scheme not in ONLINE_LINKS:
             raise ValueError(online_link_error(self.link.scheme))
         if self.tuning is not None:
-            if self.formulation != "online":
-                raise ValueError("tuning is implemented for online sweeps only")
             shared = sorted(set(self.tuning.seeds) & set(self.seeds))
             if shared:
                 raise ValueError(f"tuning seeds {shared} are also evaluation seeds")

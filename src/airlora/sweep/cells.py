@@ -8,6 +8,7 @@ failure crosses the process boundary as data and the driver raises
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -103,11 +104,11 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
         from airlora.driver import run_episode
 
         assert spec is not None
-        online = cell["kind"] in ("online", "tune")
         if cell["kind"] == "tune":
             train = at_learning_rate(train, cell["learning_rate"])
         elif "tuning" in cell:
             train = at_learning_rate(train, chosen_learning_rate(cells, cell))
+        online = config.formulation == "online"
         link = config.link
         if not online:
             link = merge_section(link, {"snr_process": "fixed", "snr_db": cell["snr_db"]})
@@ -126,16 +127,18 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
             rank=spec.rank,
             policy=policy,
             seed=cell["seed"],
-            final_test=online,  # the online run scores its best state on the test split
+            # Methods are compared on the test split: an online run scores its best state
+            # there, a round episode its edge's final model. A tuning run never scores it.
+            final_test=cell["kind"] != "tune",
             out_dir=cells,
         )
-        if cell["kind"] == "tune":  # validation only: the test split takes no part in a choice
+        if cell["kind"] == "tune" and online:
             from airlora.driver import EpisodeResult
             from airlora.online import run_online
 
             result = EpisodeResult(*run_online(run_config, out=tmp, score_test=False))
         else:
-            result = run_episode(run_config, out=tmp)
+            result = run_episode(run_config, out=tmp, score_validation=cell["kind"] == "tune")
         record = {
             "cell": cell["id"],
             "name": spec.name,
@@ -166,13 +169,20 @@ def at_learning_rate(train: TrainConfig, learning_rate: float) -> TrainConfig:
     )
 
 
+def tuning_score(record: dict) -> float:
+    """What a tuning run is judged by: the validation accuracy of an online run's best state,
+    or of a round episode's final edge model; a diverged run scores -inf (never chosen)."""
+    score = record.get("best_validation_accuracy", record.get("validation_accuracy"))
+    return -math.inf if score is None else float(score)
+
+
 def chosen_learning_rate(cells: Path, cell: dict) -> float:
     """The learning rate of the tuning grid with the best mean validation accuracy over the
     tuning seeds (ties: the earlier rate of the grid), read from the finished tuning cells."""
     scores: dict[float, list[float]] = {}
     for cell_id in cell["tuning"]:
         record = json.loads((cells / cell_id / RESULT_FILE).read_text(encoding="utf-8"))
-        scores.setdefault(record["learning_rate"], []).append(record["best_validation_accuracy"])
+        scores.setdefault(record["learning_rate"], []).append(tuning_score(record))
     means = {lr: sum(v) / len(v) for lr, v in scores.items()}
     return max(means, key=lambda lr: (means[lr], -list(means).index(lr)))
 

@@ -4,8 +4,8 @@
 - ``policy-{name}-r{R}-s{seed}``: a policy trained on that surrogate (a train-policy folder);
 - ``eval-{name}-r{R}-snr{S}-s{seed}``: one real episode at a fixed SNR (a run folder);
 - ``online-{name}-r{R}-s{seed}``: one whole run of the online formulation (a run folder);
-- ``tune-{name}-r{R}-lr{LR}-s{seed}``: an online run at one learning rate of the tuning grid,
-  scored on the validation split only.
+- ``tune-{name}-r{R}-lr{LR}-s{seed}``: a run at one learning rate of the tuning grid, scored
+  on the validation split only (an online run, or a real episode at the median SNR).
 """
 
 from __future__ import annotations
@@ -61,12 +61,20 @@ def cell_model(config: SweepConfig, r_max: int, overrides: dict | None = None):
     return merge_section(config.model, {**(overrides or {}), "r_max": r_max})
 
 
+def tuning_snr_db(config: SweepConfig) -> float:
+    """The SNR of a round sweep's tuning episodes: the median of ``snr_db`` (the lower
+    middle one of an even count), one channel for every method."""
+    ordered = sorted(config.snr_db)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def plan(config: SweepConfig) -> list[list[dict]]:
-    """The cells of each stage, in order: rounds, policies, evaluations (an online sweep:
-    one stage of online runs)."""
+    """The cells of each stage, in order: rounds, policies, tuning episodes (when the sweep
+    tunes), evaluations; an online sweep: tuning runs (when it tunes), then online runs."""
     if config.formulation == "online":
         return _plan_online(config)
-    rounds, policies, evals = [], [], []
+    rounds, policies, tunes, evals = [], [], [], []
+    grids = _round_tuning(config, tunes)
     trained = [m for m in config.methods if m.method in TRAINED]
     # A given log (surrogate.rounds_file) replaces the per-(r_max, seed) logging.
     log_here = config.surrogate.rounds_file is None
@@ -104,8 +112,38 @@ def plan(config: SweepConfig) -> list[list[dict]]:
                     }
                     if m.method in TRAINED:
                         cell["policy"] = policy_id(m.name, r_max, seed)
+                    if (m.name, r_max) in grids:
+                        cell["tuning"] = grids[m.name, r_max]
                     evals.append(cell)
-    return [rounds, policies, evals]
+    return [rounds, policies, tunes, evals] if tunes else [rounds, policies, evals]
+
+
+def _round_tuning(config: SweepConfig, tunes: list[dict]) -> dict[tuple[str, int], list[str]]:
+    """Append a round sweep's tuning episodes to ``tunes``; returns each (entry, r_max)'s
+    tuning cell ids. A trained method plays the policy of the first evaluation seed (trained
+    on the surrogate, never on a scored split) at every rate of the grid."""
+    grids: dict[tuple[str, int], list[str]] = {}
+    if config.tuning is None:
+        return grids
+    snr = tuning_snr_db(config)
+    for r_max in config.r_max:
+        for m in config.methods:
+            for lr in config.tuning.learning_rates:
+                for seed in config.tuning.seeds:
+                    cell = {
+                        "kind": "tune",
+                        "id": tune_id(m.name, r_max, lr, seed),
+                        "name": m.name,
+                        "r_max": r_max,
+                        "seed": seed,
+                        "learning_rate": lr,
+                        "snr_db": snr,
+                    }
+                    if m.method in TRAINED:
+                        cell["policy"] = policy_id(m.name, r_max, config.seeds[0])
+                    grids.setdefault((m.name, r_max), []).append(cell["id"])
+                    tunes.append(cell)
+    return grids
 
 
 def _plan_online(config: SweepConfig) -> list[list[dict]]:
