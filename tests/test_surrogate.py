@@ -130,6 +130,11 @@ def test_leave_one_episode_out_scores_real_rounds_only_and_states_the_noise_floo
     same = leave_one_episode_out(lambda: ResponseModel(NAMES, 4), flat, 4, 128)
     assert same["noise_floor_r2"] is None
     json.dumps(same, allow_nan=False)
+    # Two logs joined: the same episode numbers under other seeds are other folds.
+    joined = [LoggedRound(**{**r.__dict__, "seed": 1}) for r in rows] + [
+        LoggedRound(**{**r.__dict__, "seed": 2}) for r in _rows(lambda r, s, t: 0.4, episodes=5)
+    ]
+    assert leave_one_episode_out(lambda: ResponseModel(NAMES, 4), joined, 4)["episodes"] == 10
 
 
 def test_expected_delivery_is_cached_per_snr_and_unchanged():
@@ -196,7 +201,11 @@ def test_configs_saved_before_the_check_still_load():
     assert old.real_episodes == 4 and old.min_r2 == 0.3
 
 
-def test_log_rounds_resumes_and_matches_an_uninterrupted_run(tiny_finetune_config, tmp_path):
+def test_log_rounds_resumes_and_matches_an_uninterrupted_run(
+    tiny_finetune_config, tmp_path, monkeypatch
+):
+    import airlora.surrogate_log
+    from airlora.runs import code_revision
     from airlora.surrogate_log import LogPlan, log_rounds
 
     cfg = tiny_finetune_config
@@ -219,14 +228,20 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(tiny_finetune_confi
         if done == 3:
             raise Stop
 
-    with pytest.raises(Stop):
+    old_code = {"commit": "0" * 40, "dirty": False}  # the cut run's code was other code
+    with monkeypatch.context() as patch, pytest.raises(Stop):
+        patch.setattr(airlora.surrogate_log, "code_revision", lambda: old_code)
         log_rounds(config, plan, tmp_path / "cut", on_episode=stop_after_three)
     assert len(list((tmp_path / "cut" / "episodes").glob("*.jsonl"))) == 3
     assert not (tmp_path / "cut" / "rounds.jsonl").exists()
     resumed = log_rounds(config, plan, tmp_path / "cut")
     for name in ("rounds.jsonl", "policies.jsonl"):
         assert (whole / name).read_text() == (resumed / name).read_text()
+    # The resume is recorded: both revisions that logged episodes are named.
+    revisions = json.loads((resumed / "manifest.json").read_text())["episode_code_revisions"]
+    assert revisions == [old_code, code_revision()]
     manifest = json.loads((whole / "manifest.json").read_text())
+    assert manifest["episode_code_revisions"] == [manifest["code_revision"]]
     # 10 fixed policies at r_max 4 (LoRA at 0, 1, 2, 4 and six others) x 2 rounds.
     assert manifest["counts"] == {"design": 4, "counterfactual": 8, "anchor": 4, "policy": 20}
     assert {"versions", "code_revision", "config", "plan"} <= set(manifest)

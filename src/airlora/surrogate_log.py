@@ -260,6 +260,13 @@ def log_rounds(
             f"{out_dir} holds episodes of another config or plan; choose another folder"
         )
     atomic_write_text(stamp, identity)
+    # The identity pins config and plan, not code: a resume under other code is recorded.
+    starts = episodes_dir / "revisions.json"
+    revisions = json.loads(starts.read_text(encoding="utf-8")) if starts.exists() else []
+    revision = code_revision()
+    if revision not in revisions:
+        revisions.append(revision)
+        atomic_write_text(starts, json.dumps(revisions))
 
     jobs: list[tuple[str, Callable[[], list[LoggedRound]]]] = []
     points = sobol_points(plan.design_episodes * rounds, len(group_names) + 1, plan.seed)
@@ -353,7 +360,9 @@ def log_rounds(
             for kind in ("design", "counterfactual", "anchor", "policy")
         },
         "versions": package_versions(),
-        "code_revision": code_revision(),
+        "code_revision": revision,
+        # Every code revision that logged some of these episodes (one unless resumed).
+        "episode_code_revisions": revisions,
     }
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(episodes_dir)

@@ -306,8 +306,14 @@ def leave_one_episode_out(
     perfect model of the expected accuracy would score)."""
     x = inputs_from_rows(rows, r_max)
     y = np.asarray([r.accuracy for r in rows], np.float64)
+    # A re-score belongs to the episode it re-scored; the seed keeps two logs' episodes of
+    # the same number apart when logs are concatenated.
     keys = np.asarray(
-        [f"{r.kind if r.kind != 'counterfactual' else 'design'}:{r.episode}" for r in rows]
+        [
+            f"{r.kind if r.kind != 'counterfactual' else 'design'}:{r.episode}:"
+            f"{getattr(r, 'seed', None)}"
+            for r in rows
+        ]
     )
     scored_kind = np.asarray([r.kind in ("design", "anchor") for r in rows])
     episodes = sorted(set(keys[scored_kind]))
