@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -137,6 +138,20 @@ def test_leave_one_episode_out_scores_real_rounds_only_and_states_the_noise_floo
     assert leave_one_episode_out(lambda: ResponseModel(NAMES, 4), joined, 4)["episodes"] == 10
 
 
+def test_replicate_variance_is_half_the_mean_squared_paired_difference():
+    from airlora.bench.surrogate import replicate_variance
+
+    rows = []
+    for seed, acc in ((1000, [0.5, 0.6]), (1001, [0.7, 0.5]), (1002, [0.1, 0.1])):
+        for t, a in enumerate(acc):
+            row = LoggedRound(0, t, 2, 10.0, COMPLEXITY, [1] * 8, 0.3, a, 10, 20, kind="policy")
+            rows.append(replace(row, seed=seed, policy="lora-r1", episode=seed))
+    # Seeds 1000 and 1001 pair up per round; a seed alone makes no pair.
+    var, pairs = replicate_variance(rows[:4])
+    assert pairs == 2 and var == pytest.approx(((0.2**2) + (0.1**2)) / 2 / 2)
+    assert replicate_variance(rows[4:]) == (pytest.approx(float("nan"), nan_ok=True), 0)
+
+
 def test_expected_delivery_is_cached_per_snr_and_unchanged():
     link = WirelessLink(LinkConfig(scheme="digital", modulation="adaptive", deadline_s=0.01))
     sizes = [5000, 5000, 5000]
@@ -161,6 +176,7 @@ def test_shipped_rounds_validate_the_surrogate(log):
     assert result["project"] >= 0.3
     assert details["spearman"] >= 0.8 and details["policies"] >= 10
     assert details["project_fit"]["held_out_rounds"] >= 40
+    assert details["seed_pairs"] >= 100 and 0 < details["seed_variance_share"] < 1
     with pytest.raises(FileNotFoundError, match="known"):
         shipped_log("nope")
 

@@ -13,6 +13,7 @@ accuracy, every round's prediction is the next round's previous accuracy, as in 
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -109,6 +110,21 @@ def _policy_rank_correlation(per_episode: dict, policy_rows: list[LoggedRound]) 
     }
 
 
+def replicate_variance(policy_rows: list[LoggedRound]) -> tuple[float, int]:
+    """How much a round's accuracy varies when only the seed changes: half the mean squared
+    difference between paired-seed policy rounds (same policy, SNR and round), and the number
+    of pairs. Against the variance of the held-out rounds it shows how much of it no model
+    blind to the seed (batch order, head draw, channel draws) could explain; the previous
+    accuracy reveals part of the seed, so a model that reads it can do somewhat better."""
+    by_cell: dict[tuple, dict[int | None, float]] = {}
+    for r in policy_rows:
+        by_cell.setdefault((r.policy, r.snr_db, r.round), {})[r.seed] = r.accuracy
+    diffs = [a - b for v in by_cell.values() if len(v) == 2 for a, b in [tuple(v.values())]]
+    if not diffs:
+        return math.nan, 0
+    return float(np.mean(np.square(diffs)) / 2), len(diffs)
+
+
 def bench_surrogate(name: str = DEFAULT_LOG) -> dict:
     """Held-out R^2 of the surrogate (project) and of the earlier ridge (peer); see the module
     docstring."""
@@ -135,6 +151,8 @@ def bench_surrogate(name: str = DEFAULT_LOG) -> dict:
             closed_loop_returns(fitted, policy_rows, r_max, a0, env), policy_rows
         )
     ours = spearman["project"]
+    seed_var, seed_pairs = replicate_variance(policy_rows)
+    held_out = np.var([r.accuracy for r in rows if r.kind in ("design", "anchor")])
     return {
         "name": "surrogate",
         "unit": "held-out R^2",
@@ -151,6 +169,9 @@ def bench_surrogate(name: str = DEFAULT_LOG) -> dict:
             "policies": ours["policies"],
             "policy_snr_pairs": ours["pairs"],
             "seeds_per_pair": ours["seeds_per_pair"],
+            # The share of the held-out rounds' variance that a change of seed alone shows.
+            "seed_variance_share": seed_var / float(held_out) if seed_pairs else None,
+            "seed_pairs": seed_pairs,
             "project_fit": project,
             "peer_fit": peer,
             "returns": ours["returns"],
