@@ -317,21 +317,16 @@ class RoundEngine:
             self.steps_done += 1
         return float(np.mean(losses))
 
-    @torch.no_grad()
     def evaluate(self, model: RankAdapter, split: EncodedSplit) -> tuple[float, float]:
         """Accuracy and mean cross-entropy of ``model`` on ``split``."""
-        net = model.peft_model
-        net.eval()
-        correct, loss_sum = 0, 0.0
-        for index in eval_batches(split, self.eval_batch_size):
-            batch = self.batch(split, index)
-            with autocast(self.device, self.amp_dtype):
-                logits = net(**batch).logits.float()
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            # From the logits, not out.loss: AdaLoRA adds its orthogonality penalty to out.loss.
-            loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
-            loss_sum += float(loss) * len(index)
-        return correct / len(split), loss_sum / len(split)
+        return evaluate_adapter(
+            model,
+            split,
+            self.pad_token_id,
+            self.eval_batch_size,
+            self.device,
+            self.amp_dtype,
+        )
 
     def deliver(self, ranks: Sequence[int], snr_db: float) -> LinkReport:
         """Send the server's active factors at ``ranks`` (and the head) over the link at
@@ -349,12 +344,12 @@ class RoundEngine:
         self.edge.load_active_tensors(received, ranks)
         return report
 
-    def run_round(self, rank_vector: Sequence[int] | None, snr_db: float) -> RoundMetrics:
-        """One full round with the given ranks at the given SNR (Es/N0, dB).
-
-        An adapter that allocates its own ranks (AdaLoRA) takes ``None``; the ranks it keeps
-        after the round's training are the ones sent and reported.
-        """
+    def train_round(
+        self, rank_vector: Sequence[int] | None
+    ) -> tuple[list[int], ComplexityFeatures, float, bool]:
+        """The server's half of a round: K steps on the round's batches at ``rank_vector``
+        (None: an adapter that allocates its own). Returns the ranks trained, the batches'
+        complexity, the mean training loss and whether training diverged."""
         if self.server.chooses_ranks:
             ranks = self.server.rank_vector
         else:
@@ -364,8 +359,6 @@ class RoundEngine:
         complexity = self.observe_round()
         batches, self._pending = self._pending, None
         assert batches is not None
-
-        start = time.perf_counter()
         self.server.set_rank_vector(ranks)
         # Dropout draws from a private stream: a round depends on (episode seed, round) only,
         # and the caller's global RNG (a policy sampling actions, say) is left untouched.
@@ -374,10 +367,21 @@ class RoundEngine:
             train_loss = self.train_steps(batches)
         if self.server.chooses_ranks:
             ranks = self.server.rank_vector
-        train_time = time.perf_counter() - start
         diverged = not math.isfinite(train_loss) or not _all_finite(
             self.server.lora_parameters() + self.server.head_parameters()
         )
+        return list(ranks), complexity, train_loss, diverged
+
+    def run_round(self, rank_vector: Sequence[int] | None, snr_db: float) -> RoundMetrics:
+        """One full round with the given ranks at the given SNR (Es/N0, dB).
+
+        An adapter that allocates its own ranks (AdaLoRA) takes ``None``; the ranks it keeps
+        after the round's training are the ones sent and reported.
+        """
+        self.observe_round()  # measured before the clock starts, as the decision saw it
+        start = time.perf_counter()
+        ranks, complexity, train_loss, diverged = self.train_round(rank_vector)
+        train_time = time.perf_counter() - start
 
         start = time.perf_counter()
         report = self.deliver(ranks, snr_db)
@@ -413,6 +417,33 @@ class RoundEngine:
             link=_link_dict(report),
             diverged=diverged,
         )
+
+
+@torch.no_grad()
+def evaluate_adapter(
+    model: RankAdapter,
+    split: EncodedSplit,
+    pad_token_id: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``split`` (the edge's scoring)."""
+    device = torch.device(device)
+    net = model.peft_model
+    net.eval()
+    correct, loss_sum = 0, 0.0
+    for index in eval_batches(split, batch_size):
+        batch = collate(split, index, pad_token_id)
+        if device.type != "cpu":
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, amp_dtype):
+            logits = net(**batch).logits.float()
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        # From the logits, not out.loss: AdaLoRA adds its orthogonality penalty to out.loss.
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+        loss_sum += float(loss) * len(index)
+    return correct / len(split), loss_sum / len(split)
 
 
 def build_adapter(base, model: ModelConfig, train: TrainConfig, dropout: float):

@@ -1,7 +1,8 @@
 """The ``airlora`` command line: a thin layer over the Python API.
 
 One module per command group: ``run`` (finetune, run, demo), ``policy`` (train-policy,
-evaluate-policy), ``sweep`` (sweep, report, presets), ``bench`` (bench ..., link ...).
+evaluate-policy), ``sweep`` (sweep, report, presets), ``bench`` (bench ..., link ...),
+``deploy`` (deploy).
 ``common`` holds what they share: options and the one table that maps them to config
 fields, the one error mapping (bad input -> ``error: ...``, exit 2), progress and tables.
 """
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 from airlora import __version__
-from airlora.cli import policy, run, sweep
+from airlora.cli import deploy, policy, run, sweep
 from airlora.cli.bench import bench_app, link_app
 from airlora.cli.common import typer_group
 
@@ -37,6 +38,7 @@ app.command("log-rounds")(policy.log_rounds)
 app.command("sweep")(sweep.sweep)
 app.command("report")(sweep.report)
 app.command("presets")(sweep.presets)
+app.command("deploy")(deploy.deploy)
 
 
 def _version(value: bool) -> None:

@@ -18,6 +18,8 @@ from airlora.config.link import LinkConfig
 from airlora.config.policy import AirLLMConfig, EnvConfig, PPOConfig, SurrogateConfig
 from airlora.config.run import (
     METHODS,
+    DeployConfig,
+    EdgeSpec,
     FinetuneConfig,
     MethodSpec,
     OnlineSettings,
@@ -36,6 +38,8 @@ __all__ = [
     "AirLLMConfig",
     "ConfigBase",
     "DataConfig",
+    "DeployConfig",
+    "EdgeSpec",
     "EnvConfig",
     "FinetuneConfig",
     "LinkConfig",

@@ -443,3 +443,97 @@ def surrogate_section(
     if rounds_file is not None:
         section["rounds_file"] = str(rounds_file)
     return section
+
+
+class EdgeSpec(ConfigBase):
+    """One edge device of a deployment (`airlora deploy`).
+
+    Parameters
+    ----------
+    name: how the run folder names it. Default ``edge<i>`` by position.
+    snr_db: its channel's SNR (Es/N0, dB) with ``link.snr_process: fixed`` (the deployment's
+        default), or the mean of ``gauss_markov``; ``uniform`` and ``trace`` ignore it.
+    seed: seeds its SNR process and its emulated channel's draws. Default: its position.
+    """
+
+    name: str | None = None
+    snr_db: float
+    seed: int | None = None
+
+
+class DeployConfig(ConfigBase):
+    """`airlora deploy`: the cloud trainer and N edges as real processes on Flower.
+
+    The cloud (a Flower ServerApp) trains one adapter at r_max and, each round, picks a rank
+    vector per edge with ``method`` from that edge's last reported SNR, sends each edge its
+    own truncation (quantised as ``link`` says), and records what every edge reports: its
+    accuracy on its own evaluation rows, the bytes it received and its next SNR. Each edge (a
+    ClientApp on a SuperNode) emulates its channel at the receiver with ``link``.
+
+    Parameters
+    ----------
+    method: the rank rule per edge: ``heuristic`` (default), ``lora`` (``rank``, default
+        r_max), ``random``, or a trained ``airllm`` / ``ppo`` policy (``policy``).
+    edges: the edges (:class:`EdgeSpec`); default three at 5, 15 and 25 dB.
+    round_timeout_s: how long a round waits for the edges' replies; a late edge misses the
+        round. Default 300 s.
+    edge_eval_rows: validation rows each edge scores (edge i the i-th block of them); default
+        ``data.edge_eval_size``.
+    data, model, train, link, env, rank, policy, seed, out_dir, run_name: as for
+        :class:`RunConfig` (``train.rounds`` rounds of ``train.steps_per_round`` steps).
+    """
+
+    method: Literal["heuristic", "lora", "random", "airllm", "ppo"] = "heuristic"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig(rounds=5, steps_per_round=8, warmup_steps=4)
+    # The policies' link, each edge at its own fixed SNR.
+    link: LinkConfig = PolicyTrainConfig.model_fields["link"].default.model_copy(
+        update={"snr_process": "fixed"}
+    )
+    env: EnvConfig = EnvConfig()
+    edges: list[EdgeSpec] = Field(
+        default=[EdgeSpec(snr_db=5.0), EdgeSpec(snr_db=15.0), EdgeSpec(snr_db=25.0)],
+        validate_default=True,
+    )
+    round_timeout_s: float = Field(default=300.0, gt=0)
+    edge_eval_rows: int | None = Field(default=None, ge=1)
+    rank: int | None = Field(default=None, ge=0)
+    policy: Path | None = None
+    seed: int = 0
+    out_dir: Path = Path("runs")
+    run_name: str | None = None
+
+    @field_validator("edges")
+    @classmethod
+    def _name_edges(cls, edges: list[EdgeSpec]) -> list[EdgeSpec]:
+        if not edges:
+            raise ValueError("a deployment needs at least one edge")
+        named = [
+            edge.model_copy(
+                update={
+                    "name": edge.name or f"edge{i}",
+                    "seed": i if edge.seed is None else edge.seed,
+                }
+            )
+            for i, edge in enumerate(edges)
+        ]
+        names = [e.name for e in named]
+        if len(set(names)) != len(names):
+            raise ValueError(f"edge names must be unique, got {names}")
+        return named
+
+    @model_validator(mode="after")
+    def _inputs(self) -> DeployConfig:
+        if self.method in ("airllm", "ppo") and self.policy is None:
+            raise ValueError(f"method {self.method} plays a saved policy: give policy")
+        if self.rank is not None and self.rank > self.model.r_max:
+            raise ValueError(f"rank {self.rank} exceeds model.r_max {self.model.r_max}")
+        if self.link.scheme in ("shannon", "coded"):
+            raise ValueError(
+                f"link scheme {self.link.scheme} is not emulated at the edge: use perfect, "
+                "analog or digital"
+            )
+        if self.model.adapter == "adalora":
+            raise ValueError("a deployment truncates one adapter per edge: adapter lora or svd")
+        return self

@@ -81,6 +81,20 @@ class WirelessLink:
         self._symbols_per_packet: dict[float, int] = {}
         self._delivery_at: dict[float, tuple[float, float]] = {}
 
+    # -------------------------------------------------------------- receiver memory
+
+    @property
+    def erasure_memory(self) -> dict[str, np.ndarray]:
+        """The receiver's copy of each tensor from the last transmission (flat float32); with
+        ``erasure_fill: previous`` an erased value is filled from it."""
+        return dict(self._previous)
+
+    def restore_erasure_memory(self, memory: dict[str, np.ndarray]) -> None:
+        """Set the receiver's memory (a receiver that keeps it across processes, say)."""
+        self._previous = {
+            k: np.asarray(v, np.float32).reshape(-1).copy() for k, v in memory.items()
+        }
+
     # -------------------------------------------------------------- helpers
 
     def modulation_at(self, snr_db: float) -> Modulation:

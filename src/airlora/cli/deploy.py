@@ -1,0 +1,109 @@
+"""`airlora deploy`: the cloud and N edges as Flower processes on this machine."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from airlora.cli.common import (
+    ConfigOption,
+    DataOption,
+    JsonOption,
+    LinkOption,
+    ModelOption,
+    OutOption,
+    RmaxOption,
+    RoundsOption,
+    RunNameOption,
+    SeedOption,
+    StepsOption,
+    config_mapping,
+    console,
+    key_value_table,
+    num,
+    print_json,
+    user_errors,
+)
+
+
+def deploy(
+    config_file: ConfigOption = None,
+    edges: Annotated[
+        int | None, typer.Option(help="Number of edges; SNRs spread over --snr-range. [3]")
+    ] = None,
+    edge_snr_db: Annotated[
+        str | None,
+        typer.Option(
+            "--snr-db", help="Comma-separated SNR (dB) of each edge, e.g. 5,15,25 (sets --edges)."
+        ),
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="heuristic, lora, random, airllm or ppo. [heuristic]")
+    ] = None,
+    rmax: RmaxOption = None,
+    rounds: RoundsOption = None,
+    steps_per_round: StepsOption = None,
+    link: LinkOption = None,
+    model: ModelOption = None,
+    data: DataOption = None,
+    seed: SeedOption = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds the whole deployment may take. [3600]")
+    ] = 3600.0,
+    in_process: Annotated[
+        bool,
+        typer.Option(
+            "--in-process", help="No Flower: every edge an object in this process (the peer)."
+        ),
+    ] = False,
+    out: OutOption = None,
+    run_name: RunNameOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the cloud trainer and N edges as real Flower processes on loopback.
+
+    A SuperLink and one SuperNode per edge start on free ports of 127.0.0.1; `flwr run`
+    runs the app (the cloud as ServerApp, each edge as ClientApp with its own channel and
+    evaluation rows); then everything stops. The run folder holds config.yaml, manifest.json
+    (per-edge summary) and metrics.jsonl (one row per round and edge: ranks, bytes sent and
+    received, accuracy, SNR, airtime); logs/ holds the processes' logs.
+    """
+    from airlora.config import DeployConfig
+
+    with user_errors():
+        params = dict(locals())
+        mapping = config_mapping(config_file, params)
+        if edge_snr_db is not None:
+            values = [float(v) for v in edge_snr_db.split(",") if v.strip()]
+            mapping["edges"] = [{"snr_db": v} for v in values]
+        elif edges is not None:
+            if edges < 1:
+                raise ValueError(f"--edges must be at least 1, got {edges}")
+            spread = [5.0 + 20.0 * i / max(1, edges - 1) for i in range(edges)]
+            mapping["edges"] = [{"snr_db": round(v, 2)} for v in spread]
+        config = DeployConfig.model_validate(mapping)
+        if in_process:
+            from airlora.deploy.cloud import run_in_process
+
+            run_dir, summary = run_in_process(config)
+        else:
+            import json
+
+            from airlora.deploy.launch import deploy_loopback
+            from airlora.runs import MANIFEST_FILE
+
+            run_dir = deploy_loopback(config, timeout_s=timeout)
+            summary = json.loads((run_dir / MANIFEST_FILE).read_text())["summary"]
+    if as_json:
+        print_json({**summary, "run_dir": str(run_dir)})
+        return
+    rows = [
+        (
+            f"{name} ({e['snr_db']:g} dB)",
+            f"acc {num(e['final_accuracy'], '.3f')}  rank {num(e['mean_rank'], '.2f')}  "
+            f"bytes {e['received_bytes']:,}/{e['sent_bytes']:,}  missed {e['rounds_missed']}",
+        )
+        for name, e in summary["edges"].items()
+    ]
+    console.print(key_value_table(f"deployment: {run_dir}", rows))

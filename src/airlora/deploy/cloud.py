@@ -1,0 +1,262 @@
+"""The cloud trainer: one adapter at r_max, a rank vector and a payload per edge each round.
+
+:func:`run_rounds` is the whole deployment loop, top to bottom, over any transport: Flower's
+grid (:mod:`airlora.deploy.flower_app`) or direct calls into :class:`EdgeDevice` objects in
+this process (:func:`in_process_transport`, the peer of ``airlora bench deploy``). Each round:
+
+1. measure the round's batches (complexity), and per edge build the state from that edge's
+   last reported SNR, accuracy and ranks; the policy picks that edge's rank vector;
+2. train K steps on the server at r_max (one adapter for all edges);
+3. per edge, truncate the adapter to its ranks and encode it as the link sends it
+   (:mod:`airlora.deploy.payload`); hand every payload to the transport;
+4. record each edge's reply (accuracy on its rows, bytes received, its next SNR) beside the
+   cloud's own accounting of what it sent; an edge that did not answer misses the round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from airlora.config import DeployConfig
+from airlora.deploy.edge import EdgeDevice, EdgeReport
+from airlora.deploy.payload import EncodedAdapter, encode_adapter
+from airlora.engine import RoundEngine
+from airlora.env.observation import build_observation
+from airlora.link import PerfectLink
+from airlora.policies import ActionLayout, FixedRankPolicy, RankPolicy, load_policy, make_policy
+from airlora.runs import RunFolder
+
+
+@dataclass
+class EdgeState:
+    """What the cloud knows of an edge: its last report (None before the first)."""
+
+    snr_db: float
+    accuracy: float
+    rank_vector: list[int] | None = None
+    rounds_missed: int = 0
+
+
+@dataclass
+class Outgoing:
+    """One edge's payload of one round and the cloud's accounting of it."""
+
+    edge: str
+    round: int
+    rank_vector: list[int]
+    payload: EncodedAdapter
+    payload_params: int
+    link_payload_bits: int = field(default=0)
+
+
+# A transport takes {edge name: Outgoing} and returns {edge name: report or None (missed)}.
+Transport = Callable[[dict[str, Outgoing], DeployConfig], dict[str, EdgeReport | None]]
+
+
+def deploy_policy(config: DeployConfig, layout: ActionLayout) -> RankPolicy:
+    """The cloud's rank rule (the same policy object serves every edge)."""
+    if config.method in ("airllm", "ppo"):
+        assert config.policy is not None
+        policy = load_policy(config.policy)
+        from airlora.driver import check_layout
+
+        check_layout(policy, layout, config.policy)
+        return policy
+    if config.method == "lora":
+        return FixedRankPolicy(layout, config.seed, config.rank)
+    return make_policy(config.method, layout, config.seed)
+
+
+class CloudTrainer:
+    """The server side of a deployment.
+
+    Parameters
+    ----------
+    config: the deployment (:class:`~airlora.config.DeployConfig`).
+    initial_snr_db: each edge's SNR before its first report (name -> dB).
+    """
+
+    def __init__(self, config: DeployConfig, initial_snr_db: Mapping[str, float]) -> None:
+        self.config = config
+        self.engine = RoundEngine.build(
+            config.data,
+            config.model,
+            config.train,
+            PerfectLink(),
+            config.seed,
+            protect_head=config.link.protect_head,
+        )
+        server = self.engine.server
+        self.projection_names = [p.name for p in server.projections]
+        self.layout = ActionLayout(tuple(self.projection_names), server.r_max, config.env)
+        self.policy = deploy_policy(config, self.layout)
+        self.full_ranks = [server.r_max] * len(self.projection_names)
+        initial = self.engine.initial_accuracy()
+        self.edges = {
+            e.name: EdgeState(float(initial_snr_db[e.name]), initial) for e in config.edges
+        }
+        self.quant_bits = config.link.quant_bits if config.link.scheme == "digital" else None
+
+    def plan_round(self) -> dict[str, list[int]]:
+        """Each edge's rank vector for the next round, from its own state."""
+        complexity = self.engine.observe_round()
+        plan = {}
+        for name, state in self.edges.items():
+            obs = build_observation(
+                state.snr_db,
+                complexity,
+                self.engine.round_index,
+                self.config.train.rounds,
+                state.accuracy,
+                state.rank_vector,
+                self.layout.r_max,
+                self.config.env,
+            )
+            ranks = np.asarray(self.policy.act(obs, deterministic=True)).reshape(-1)
+            plan[name] = [int(r) for r in ranks]
+        return plan
+
+    def train(self) -> tuple[float, bool]:
+        """K steps at r_max; returns the mean loss and whether training diverged."""
+        _ranks, _complexity, loss, diverged = self.engine.train_round(self.full_ranks)
+        self.engine.round_index += 1
+        return loss, diverged
+
+    def payload(self, name: str, ranks: list[int]) -> Outgoing:
+        """The adapter truncated to ``ranks`` (and the head), encoded as the link sends it."""
+        server = self.engine.server
+        server.set_rank_vector(ranks)
+        try:
+            tensors = server.active_tensors()
+            payload = server.payload(ranks)
+        finally:
+            server.set_rank_vector(self.full_ranks)
+        protected = server.head_tensor_names() if self.config.link.protect_head else []
+        encoded = encode_adapter(tensors, protected, self.quant_bits)
+        bits = sum(
+            (32 if k in protected or self.quant_bits is None else self.quant_bits) * t.numel()
+            for k, t in tensors.items()
+        )
+        return Outgoing(
+            name, self.engine.round_index - 1, ranks, encoded, payload.total_params, int(bits)
+        )
+
+    def record(self, name: str, report: EdgeReport | None) -> None:
+        state = self.edges[name]
+        if report is None:
+            state.rounds_missed += 1
+            return
+        state.snr_db = report.next_snr_db
+        state.accuracy = report.accuracy if np.isfinite(report.accuracy) else 0.0
+        state.rank_vector = report.rank_vector
+
+
+def run_rounds(
+    trainer: CloudTrainer,
+    transport: Transport,
+    run: RunFolder,
+    on_round: Callable[[int, dict[str, EdgeReport | None]], None] | None = None,
+) -> dict:
+    """The deployment loop (module docstring); one metrics row per (round, edge). Returns
+    the summary: per edge its final and mean accuracy, bytes and rounds missed."""
+    config = trainer.config
+    rows: list[dict] = []
+    started = time.perf_counter()
+    for t in range(config.train.rounds):
+        plan = trainer.plan_round()
+        round_start = time.perf_counter()
+        train_loss, diverged = trainer.train()
+        train_time = time.perf_counter() - round_start
+        outgoing = {name: trainer.payload(name, ranks) for name, ranks in plan.items()}
+        replies = transport(outgoing, config)
+        for name, out in outgoing.items():
+            report = replies.get(name)
+            trainer.record(name, report)
+            row = {
+                "round": t,
+                "edge": name,
+                "rank_vector": out.rank_vector,
+                "mean_rank": float(np.mean(out.rank_vector)),
+                "payload_params": out.payload_params,
+                "sent_bytes": out.payload.nbytes,
+                "link_payload_bits": out.link_payload_bits,
+                "train_loss": train_loss,
+                "train_time_s": train_time,
+                "diverged": diverged,
+                "missed": report is None,
+                **({} if report is None else {f"edge_{k}": v for k, v in report.as_dict().items()}),
+            }
+            rows.append(row)
+            run.append_metrics(_finite_row(row))
+        if on_round:
+            on_round(t, replies)
+    wall = time.perf_counter() - started
+    return summarize_edges(rows, config, wall)
+
+
+def summarize_edges(rows: list[dict], config: DeployConfig, wall_s: float) -> dict:
+    edges = {}
+    for spec in config.edges:
+        mine = [r for r in rows if r["edge"] == spec.name]
+        got = [r for r in mine if not r["missed"]]
+        edges[spec.name] = {
+            "snr_db": spec.snr_db,
+            "rounds_received": len(got),
+            "rounds_missed": len(mine) - len(got),
+            "final_accuracy": got[-1]["edge_accuracy"] if got else None,
+            "mean_accuracy": float(np.mean([r["edge_accuracy"] for r in got])) if got else None,
+            "mean_rank": float(np.mean([r["mean_rank"] for r in mine])) if mine else None,
+            "sent_bytes": int(sum(r["sent_bytes"] for r in mine)),
+            "received_bytes": int(sum(r.get("edge_received_bytes", 0) for r in got)),
+            "airtime_s": float(sum(r.get("edge_airtime_s", 0.0) for r in got)),
+        }
+    return {
+        "rounds": config.train.rounds,
+        "edges": edges,
+        "wall_time_s": wall_s,
+        "rounds_per_s": config.train.rounds / wall_s if wall_s > 0 else None,
+    }
+
+
+def _finite_row(row: dict) -> dict:
+    """JSON without NaN: a non-finite figure becomes None."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+
+
+def in_process_transport(devices: Mapping[str, EdgeDevice]) -> Transport:
+    """Hand payloads straight to edge objects in this process (no network): the peer of the
+    Flower deployment, with the same payloads, channels and scoring."""
+    memories: dict[str, dict[str, np.ndarray]] = {name: {} for name in devices}
+
+    def send(outgoing: dict[str, Outgoing], config: DeployConfig) -> dict[str, EdgeReport | None]:
+        replies: dict[str, EdgeReport | None] = {}
+        for name, out in outgoing.items():
+            report, memories[name] = devices[name].receive(
+                out.payload.arrays, out.payload.meta, out.round, memories[name]
+            )
+            replies[name] = report
+        return replies
+
+    return send
+
+
+def run_in_process(config: DeployConfig, out: Path | None = None) -> tuple[Path, dict]:
+    """The deployment with every edge in this process (no Flower): a run folder like
+    `airlora deploy`'s, for comparison and tests."""
+    devices = {e.name: EdgeDevice(config, e, i) for i, e in enumerate(config.edges)}
+    trainer = CloudTrainer(config, {n: d.snr_at(0) for n, d in devices.items()})
+    out = out or Path(config.out_dir) / (config.run_name or "deploy-in-process")
+    run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
+    started = time.perf_counter()
+    try:
+        summary = run_rounds(trainer, in_process_transport(devices), run)
+        run.finish(summary, started)
+    except BaseException as err:
+        run.fail(err)
+        raise
+    return run.path, summary

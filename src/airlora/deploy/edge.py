@@ -1,0 +1,164 @@
+"""An edge device: the frozen base model, its own evaluation rows, its own emulated channel.
+
+Flower starts a fresh ClientApp process for every message, so an edge keeps nothing in
+memory between rounds: what must last (the receiver's copy of each tensor, for erasure
+filling) travels in Flower's per-node state, and every random draw is seeded by (edge seed,
+round). :class:`EdgeDevice` is plain Python; :mod:`airlora.deploy.flower_app` wires it to
+Flower.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from airlora.config import DeployConfig, EdgeSpec
+from airlora.data import EncodedSplit, encode, load_task
+from airlora.deploy.payload import PayloadError, decode_adapter, ranks_of
+from airlora.engine import build_adapter, evaluate_adapter
+from airlora.link import build_link, build_snr_process
+from airlora.model import RankAdapter, load_model, resolve_model_source
+
+
+@dataclass(frozen=True)
+class EdgeReport:
+    """What an edge replies after a round.
+
+    accuracy, loss: of the rebuilt adapter on the edge's evaluation rows.
+    received_bytes: bytes of the payload's arrays as they arrived (framing aside).
+    rank_vector: the ranks the payload carried.
+    snr_db: the SNR this round's payload was received at; next_snr_db: the next round's.
+    airtime_s, erased_params, payload_bits: the emulated link's figures.
+    eval_time_s: seconds to rebuild and score.
+    """
+
+    round: int
+    accuracy: float
+    loss: float
+    received_bytes: int
+    rank_vector: list[int]
+    snr_db: float
+    next_snr_db: float
+    airtime_s: float
+    erased_params: int
+    payload_bits: int
+    eval_time_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def edge_snr_db(config: DeployConfig, edge: EdgeSpec, round_index: int) -> float:
+    """The SNR (dB) of ``edge``'s channel in round ``round_index`` (0-based): its own SNR
+    process, seeded by its own seed, replayed from the start (no state to keep)."""
+    link = config.link.model_copy(update={"snr_db": edge.snr_db})
+    process = build_snr_process(link, edge.seed or 0)
+    return float(process.take(round_index + 1)[-1])
+
+
+def find_edge(config: DeployConfig, name: str) -> tuple[EdgeSpec, int]:
+    """The edge called ``name`` and its position; a clear error for a name not configured."""
+    for i, edge in enumerate(config.edges):
+        if edge.name == name:
+            return edge, i
+    names = [e.name for e in config.edges]
+    raise ValueError(f"this node is edge '{name}', which the deployment does not list: {names}")
+
+
+def edge_round_seed(edge_seed: int, round_index: int) -> int:
+    """The seed of an edge's channel draws in one round: the same whatever process runs it."""
+    return int(np.random.SeedSequence([edge_seed, round_index]).generate_state(1)[0])
+
+
+class EdgeDevice:
+    """One edge of a deployment.
+
+    Parameters
+    ----------
+    config: the deployment (data, model, link and training settings the cloud uses).
+    edge: this edge's channel (:class:`~airlora.config.EdgeSpec`).
+    index: its position among the edges: it scores the ``index``-th block of
+        ``edge_eval_rows`` validation rows (wrapping around the split).
+    """
+
+    def __init__(self, config: DeployConfig, edge: EdgeSpec, index: int) -> None:
+        self.config = config
+        self.edge = edge
+        self.index = index
+        self.link_config = config.link.model_copy(update={"snr_db": edge.snr_db})
+        resolve_model_source(config.model.name_or_path)
+        # The cloud's seed cuts the splits: every edge and the cloud agree on them.
+        task = load_task(config.data, config.seed)
+        loaded = load_model(config.model.name_or_path, task.num_labels, config.seed)
+        self.tokenizer = loaded.tokenizer
+        self.adapter: RankAdapter = build_adapter(loaded.model, config.model, config.train, 0.0)
+        n_val = len(task.validation)
+        rows = config.edge_eval_rows or config.data.edge_eval_size
+        index_rows = (np.arange(rows) + index * rows) % n_val
+        self.split: EncodedSplit = encode(
+            self.tokenizer, task.validation.subset(index_rows), config.data.max_length
+        )
+        self.expected_shapes = _full_shapes(self.adapter)
+
+    def snr_at(self, round_index: int) -> float:
+        """The SNR (dB) of this edge's channel in round ``round_index`` (0-based)."""
+        return edge_snr_db(self.config, self.edge, round_index)
+
+    def receive(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        meta: Mapping[str, list[float]],
+        round_index: int,
+        memory: dict[str, np.ndarray],
+    ) -> tuple[EdgeReport, dict[str, np.ndarray]]:
+        """Pass one round's payload through this edge's emulated channel, rebuild the adapter,
+        score it. ``memory``: the receiver's copy from the last round (erasure filling);
+        returns the report and the memory to keep."""
+        start = time.perf_counter()
+        received_bytes = int(sum(np.asarray(a).nbytes for a in arrays.values()))
+        tensors = decode_adapter(arrays, meta, self.expected_shapes)
+        names = [p.name for p in self.adapter.projections]
+        ranks = ranks_of(tensors, names)
+        missing = [n for n in self.adapter.head_tensor_names() if n not in tensors]
+        if missing:
+            raise PayloadError(f"the payload lacks the head's {missing[0]}")
+        snr_db = self.snr_at(round_index)
+        link = build_link(self.link_config, edge_round_seed(self.edge.seed or 0, round_index))
+        if hasattr(link, "restore_erasure_memory"):
+            link.restore_erasure_memory(memory)
+        protected = self.adapter.head_tensor_names()
+        arrived, report = link.transmit(tensors, snr_db, protected)
+        self.adapter.load_active_tensors(arrived, ranks)
+        accuracy, loss = evaluate_adapter(
+            self.adapter, self.split, self.tokenizer.pad_token_id, self.config.data.eval_batch_size
+        )
+        kept = getattr(link, "erasure_memory", {})
+        return (
+            EdgeReport(
+                round=round_index,
+                accuracy=float(accuracy) if math.isfinite(loss) else float("nan"),
+                loss=float(loss),
+                received_bytes=received_bytes,
+                rank_vector=ranks,
+                snr_db=snr_db,
+                next_snr_db=self.snr_at(round_index + 1),
+                airtime_s=float(report.airtime_s),
+                erased_params=int(report.erased_params),
+                payload_bits=int(report.payload_bits),
+                eval_time_s=time.perf_counter() - start,
+            ),
+            kept,
+        )
+
+
+def _full_shapes(adapter: RankAdapter) -> dict[str, tuple[int, ...]]:
+    """Every tensor a payload may name, at r_max."""
+    saved = list(adapter.rank_vector)
+    adapter.set_rank_vector([adapter.r_max] * len(adapter.projections))
+    shapes = {k: tuple(v.shape) for k, v in adapter.active_tensors().items()}
+    adapter.set_rank_vector(saved)
+    return shapes

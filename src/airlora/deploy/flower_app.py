@@ -1,0 +1,214 @@
+"""The Flower app: the cloud trainer as a ServerApp, each edge as a ClientApp.
+
+Run config (``flwr run --run-config``): ``config`` (path of the deployment's YAML on the
+server machine) and ``out`` (the run folder to write). Node config of each SuperNode
+(``flower-supernode --node-config``): ``edge`` (its name in the deployment's ``edges``).
+
+Messages:
+
+- ``query.hello`` (cloud -> every node): the deployment's YAML; the reply names the edge
+  and its first SNR. The cloud waits until every configured edge has answered.
+- ``train`` (cloud -> one edge per round): ``adapter`` (ArrayRecord: the payload's arrays),
+  ``meta`` (ConfigRecord: per tensor its quantiser bits, minimum, maximum and shape),
+  ``round`` (ConfigRecord: the round and the YAML). The reply's ``report`` record is the
+  :class:`~airlora.deploy.edge.EdgeReport`; the edge keeps its receiver memory in the node's
+  Flower state between rounds.
+
+A reply that is an error, late, malformed or oversized costs that edge the round: the reason
+is logged, the cloud goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import yaml
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from airlora.config import DeployConfig
+from airlora.deploy.cloud import CloudTrainer, Outgoing, run_rounds
+from airlora.deploy.edge import EdgeDevice, EdgeReport, edge_snr_db, find_edge
+from airlora.deploy.payload import MAX_PAYLOAD_BYTES
+from airlora.runs import RunFolder
+
+log = logging.getLogger("airlora.deploy")
+
+HELLO = "query.hello"
+REPORT_FIELDS = tuple(EdgeReport.__dataclass_fields__)
+
+
+def _config(text: str) -> DeployConfig:
+    return DeployConfig.model_validate(yaml.safe_load(text))
+
+
+# ----------------------------------------------------------------------------- the cloud
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def cloud_main(grid: Grid, context: Context) -> None:
+    """Register the edges, then run the deployment loop (:func:`~airlora.deploy.cloud.
+    run_rounds`) over Flower messages; the run folder goes to ``run_config['out']``."""
+    config_path = Path(str(context.run_config["config"]))
+    out = Path(str(context.run_config["out"]))
+    text = config_path.read_text(encoding="utf-8")
+    config = _config(text)
+    started = time.perf_counter()
+    nodes, first_snr = register_edges(grid, config, text)
+    trainer = CloudTrainer(config, first_snr)
+    run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
+    try:
+        summary = run_rounds(trainer, flower_transport(grid, nodes, text), run)
+        summary["nodes"] = {name: str(node) for name, node in nodes.items()}
+        run.finish(summary, started)
+    except BaseException as err:
+        run.fail(err)
+        raise
+
+
+def register_edges(
+    grid: Grid, config: DeployConfig, text: str, timeout_s: float | None = None
+) -> tuple[dict[str, int], dict[str, float]]:
+    """Ask every connected node which edge it is, until every configured edge answered;
+    returns edge name -> node id and edge name -> first SNR."""
+    wanted = {e.name for e in config.edges}
+    deadline = time.monotonic() + (timeout_s or config.round_timeout_s)
+    nodes: dict[str, int] = {}
+    snr: dict[str, float] = {}
+    asked: set[int] = set()
+    while wanted - set(nodes):
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            hello = RecordDict({"deploy": ConfigRecord({"config": text})})
+            messages = [Message(hello, n, HELLO) for n in new]
+            for reply in grid.send_and_receive(messages, timeout=30.0):
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    log.warning("node %s did not register: %s", node, reply.error.reason)
+                    continue
+                name = str(reply.content["hello"]["edge"])
+                if name in nodes:
+                    log.warning("node %s claims edge %s, already node %s", node, name, nodes[name])
+                    continue
+                nodes[name] = node
+                snr[name] = float(reply.content["snr"]["snr_db"])
+                asked.add(node)
+        if time.monotonic() > deadline:
+            missing = sorted(wanted - set(nodes))
+            raise TimeoutError(f"edges {missing} did not register within the round timeout")
+        if wanted - set(nodes):
+            time.sleep(1.0)
+    return nodes, snr
+
+
+def flower_transport(grid: Grid, nodes: dict[str, int], text: str):
+    """The deployment's transport over Flower: one ``train`` message per edge and round."""
+
+    def send(outgoing: dict[str, Outgoing], config: DeployConfig) -> dict[str, EdgeReport | None]:
+        messages, names = [], {}
+        for name, out in outgoing.items():
+            content = RecordDict(
+                {
+                    "adapter": ArrayRecord({k: Array(v) for k, v in out.payload.arrays.items()}),
+                    "meta": ConfigRecord(dict(out.payload.meta)),
+                    "round": ConfigRecord({"round": out.round, "config": text}),
+                }
+            )
+            messages.append(Message(content, nodes[name], MessageType.TRAIN))
+            names[nodes[name]] = name
+        replies: dict[str, EdgeReport | None] = {name: None for name in outgoing}
+        for reply in grid.send_and_receive(messages, timeout=config.round_timeout_s):
+            name = names.get(reply.metadata.src_node_id)
+            if name is None:
+                log.warning("a reply from unknown node %s was dropped", reply.metadata.src_node_id)
+                continue
+            replies[name] = parse_report(reply, name)
+        for name, report in replies.items():
+            if report is None:
+                log.warning("edge %s missed round %d", name, next(iter(outgoing.values())).round)
+        return replies
+
+    return send
+
+
+def parse_report(reply: Message, name: str) -> EdgeReport | None:
+    """An edge's report, or None (logged) when the reply is an error or malformed."""
+    if reply.has_error():
+        log.warning("edge %s replied with error %s: %s", name, reply.error.code, reply.error.reason)
+        return None
+    try:
+        record = reply.content["report"]
+        values = {k: record[k] for k in REPORT_FIELDS}
+        values["rank_vector"] = [int(r) for r in values["rank_vector"]]
+        for key in ("round", "received_bytes", "erased_params", "payload_bits"):
+            values[key] = int(values[key])
+        for key in ("accuracy", "loss", "snr_db", "next_snr_db", "airtime_s", "eval_time_s"):
+            values[key] = float(values[key])
+        if not 0 <= values["received_bytes"] <= MAX_PAYLOAD_BYTES:
+            raise ValueError(f"received_bytes {values['received_bytes']} out of range")
+        if not np.isfinite(values["next_snr_db"]):
+            raise ValueError("next_snr_db is not finite")
+        return EdgeReport(**values)
+    except (KeyError, TypeError, ValueError) as err:
+        log.warning("edge %s sent a malformed report (%s): refused", name, err)
+        return None
+
+
+# ----------------------------------------------------------------------------- an edge
+
+client_app = ClientApp()
+
+
+@lru_cache(maxsize=2)
+def _device(text: str, name: str) -> EdgeDevice:
+    """The edge's model and rows, built once per process (Flower's subprocess isolation
+    starts a process per message; a long-lived ClientApp process reuses it)."""
+    config = _config(text)
+    edge, index = find_edge(config, name)
+    return EdgeDevice(config, edge, index)
+
+
+@client_app.query("hello")
+def edge_hello(msg: Message, context: Context) -> Message:
+    """Name this node's edge and its first SNR."""
+    config = _config(str(msg.content["deploy"]["config"]))
+    name = str(context.node_config["edge"])
+    edge, _index = find_edge(config, name)
+    content = RecordDict(
+        {
+            "hello": ConfigRecord({"edge": name}),
+            "snr": MetricRecord({"snr_db": edge_snr_db(config, edge, 0)}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@client_app.train()
+def edge_round(msg: Message, context: Context) -> Message:
+    """Receive one round's payload through the emulated channel, rebuild, score, report."""
+    head = msg.content["round"]
+    device = _device(str(head["config"]), str(context.node_config["edge"]))
+    memory: dict[str, np.ndarray] = {}
+    if "memory" in context.state:
+        memory = {k: a.numpy() for k, a in context.state["memory"].items()}
+    arrays = {k: a.numpy() for k, a in msg.content["adapter"].items()}
+    meta = {k: list(v) for k, v in msg.content["meta"].items()}
+    report, kept = device.receive(arrays, meta, int(head["round"]), memory)
+    context.state["memory"] = ArrayRecord({k: Array(v) for k, v in kept.items()})
+    return Message(RecordDict({"report": ConfigRecord(report.as_dict())}), reply_to=msg)

@@ -1,0 +1,214 @@
+"""`airlora deploy`: a SuperLink and one SuperNode per edge on loopback, the app, then stop.
+
+Everything runs as real Flower processes (``flower-superlink``, ``flower-supernode``, ``flwr
+run``) talking over TCP on 127.0.0.1, exactly as on several machines; only the addresses
+differ (README, "Deploying on real machines"). The run folder is the one the ServerApp
+writes; the processes' logs are copied into its ``logs/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
+from pathlib import Path
+
+from airlora.config import DeployConfig, dump_config
+from airlora.runs import MANIFEST_FILE
+
+APP_DIR = Path(str(files("airlora.deploy") / "app"))
+
+
+class DeployError(RuntimeError):
+    """The deployment did not finish; the message names the process and its log's tail."""
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tool(name: str) -> str:
+    """A Flower command of this interpreter's environment."""
+    path = Path(sys.executable).parent / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"{name} is not installed: pip install 'airlora[deploy]'")
+    return found
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeployError(f"the SuperLink exited ({proc.returncode}): {_tail(log)}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeployError(f"the SuperLink did not listen on port {port} in {timeout_s:.0f} s")
+
+
+def _tail(path: Path, n: int = 1500) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    return text[-n:]
+
+
+class LoopbackFederation:
+    """A SuperLink and SuperNodes on 127.0.0.1 (free ports), stopped on exit.
+
+    Parameters
+    ----------
+    edges: the SuperNodes' edge names (one node each).
+    workdir: where logs and Flower's home (``FLWR_HOME``) go.
+    """
+
+    def __init__(self, edges: list[str], workdir: Path) -> None:
+        self.edges = edges
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.home = self.workdir / "flwr-home"
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            # No network on an edge: the app's dependencies are the installed airlora.
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1",
+            # Flower starts its helpers (flower-superexec, flwr-serverapp, ...) by name.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
+
+    def _start(self, key: str, command: list[str]) -> subprocess.Popen:
+        log = self.workdir / f"{key}.log"
+        self.logs[key] = log
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(
+                command, stdout=fh, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
+        self.processes[key] = proc
+        return proc
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            '[superlink]\ndefault = "loopback"\n\n'
+            f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
+        link = self._start(
+            "superlink",
+            [
+                _tool("flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        _wait_for_port(self.port, link, self.logs["superlink"], timeout_s)
+        for name in self.edges:
+            self.start_edge(name)
+
+    def start_edge(self, name: str) -> subprocess.Popen:
+        """Start (or restart) the SuperNode of edge ``name``."""
+        return self._start(
+            f"supernode-{name}",
+            [
+                _tool("flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                f'edge="{name}"',
+            ],
+        )
+
+    def run_app(self, config_file: Path, out: Path, timeout_s: float) -> None:
+        """``flwr run`` the deployment app against this SuperLink; waits for it to end."""
+        log = self.workdir / "flwr-run.log"
+        self.logs["flwr-run"] = log
+        run_config = f'config="{config_file}" out="{out}"'
+        with open(log, "ab") as fh:
+            done = subprocess.run(
+                [_tool("flwr"), "run", str(APP_DIR), "loopback", "-c", run_config, "--stream"],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                timeout=timeout_s,
+                check=False,
+            )
+        if done.returncode != 0:
+            raise DeployError(f"flwr run exited with {done.returncode}: {_tail(log)}")
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def loopback(edges: list[str], workdir: Path) -> Iterator[LoopbackFederation]:
+    federation = LoopbackFederation(edges, workdir)
+    try:
+        federation.start()
+        yield federation
+    finally:
+        federation.stop()
+
+
+def deploy_loopback(config: DeployConfig, timeout_s: float = 3600.0) -> Path:
+    """Run a deployment with every edge a SuperNode on this machine; returns the run folder
+    (config, manifest, ``metrics.jsonl`` with one row per round and edge, ``logs/``)."""
+    name = config.run_name or f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-seed{config.seed}"
+    out = (Path(config.out_dir) / name).resolve()
+    if out.exists():
+        raise FileExistsError(f"run folder {out} already exists; choose another run name")
+    with tempfile.TemporaryDirectory(prefix="airlora-deploy-") as tmp:
+        workdir = Path(tmp)
+        config_file = workdir / "deploy.yaml"
+        config_file.write_text(dump_config(config), encoding="utf-8")
+        with loopback([e.name for e in config.edges], workdir) as federation:
+            federation.run_app(config_file, out, timeout_s)
+        if out.exists():
+            logs = out / "logs"
+            logs.mkdir(exist_ok=True)
+            for key, path in federation.logs.items():
+                if path.exists():
+                    shutil.copy(path, logs / f"{key}.log")
+        manifest = out / MANIFEST_FILE
+        if not manifest.is_file():
+            tail = _tail(federation.logs.get("flwr-run", workdir / "none"))
+            raise DeployError(f"the ServerApp wrote no run folder: {tail}")
+    import json
+
+    status = json.loads(manifest.read_text(encoding="utf-8")).get("status")
+    if status != "completed":
+        raise DeployError(f"the deployment ended {status}: see {out / 'logs'}")
+    return out

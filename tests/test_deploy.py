@@ -1,0 +1,158 @@
+"""The deployment (issue 14): payloads on the wire, edges, the cloud loop, and real Flower
+processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from airlora.cli import app
+from airlora.config import DeployConfig
+from airlora.deploy.payload import PayloadError, decode_adapter, encode_adapter
+from airlora.link.quantization import dequantize, quantize
+
+runner = CliRunner()
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "enc.q.lora_A": torch.randn(3, 10, generator=g),
+        "enc.q.lora_B": torch.randn(12, 3, generator=g),
+        "head.classifier.weight": torch.randn(4, 12, generator=g),
+    }
+
+
+@pytest.mark.parametrize("bits", [8, 5, 12])
+def test_payload_carries_the_link_quantisers_codes_and_the_head_exactly(bits):
+    tensors = _tensors()
+    encoded = encode_adapter(tensors, ["head.classifier.weight"], bits)
+    decoded = decode_adapter(encoded.arrays, encoded.meta)
+    for name in ("enc.q.lora_A", "enc.q.lora_B"):
+        q = quantize(tensors[name].numpy(), bits)
+        expected = dequantize(q.codes, q.lo, q.hi, bits).reshape(tensors[name].shape)
+        assert np.array_equal(decoded[name].numpy(), expected)
+        # What the link counts (n * b bits), up to the tensor's last partial byte.
+        assert encoded.arrays[name].nbytes == math.ceil(tensors[name].numel() * bits / 8)
+    assert torch.equal(decoded["head.classifier.weight"], tensors["head.classifier.weight"])
+    analog = encode_adapter(tensors, [], None)
+    assert all(
+        torch.equal(decode_adapter(analog.arrays, analog.meta)[k], v) for k, v in tensors.items()
+    )
+
+
+def test_a_malformed_payload_is_refused_with_its_reason():
+    tensors = _tensors()
+    encoded = encode_adapter(tensors, ["head.classifier.weight"], 8)
+    expected = {"enc.q.lora_A": (4, 10), "enc.q.lora_B": (12, 4), "head.classifier.weight": (4, 12)}
+    decode_adapter(encoded.arrays, encoded.meta, expected)  # well-formed: accepted
+    cases = [
+        (
+            {**encoded.arrays, "enc.q.lora_A": encoded.arrays["enc.q.lora_A"][:-1]},
+            encoded.meta,
+            "bytes",
+        ),
+        (encoded.arrays, {**encoded.meta, "enc.q.lora_A": [8, 0, 1, 3, -10]}, "negative"),
+        ({"x": np.zeros(3, np.float32)}, {"x": [0, 0, 0, 3]}, "unknown tensor"),
+        (encoded.arrays, {k: v for k, v in encoded.meta.items() if "head" not in k}, "different"),
+        (encoded.arrays, {**encoded.meta, "enc.q.lora_A": [8, 0, 1, 9, 10]}, "does not fit"),
+        (encoded.arrays, {**encoded.meta, "enc.q.lora_A": [8, 0, math.nan, 3, 10]}, "malformed"),
+    ]
+    for arrays, meta, message in cases:
+        with pytest.raises(PayloadError, match=message):
+            decode_adapter(arrays, meta, expected)
+
+
+def _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, **extra) -> DeployConfig:
+    from conftest import tiny_task_sections
+
+    return DeployConfig.model_validate(
+        {
+            **tiny_task_sections(tiny_model_dir, tiny_data_dir),
+            "train": {"rounds": 3, "steps_per_round": 2, "warmup_steps": 0},
+            "link": {"scheme": "digital", "modulation": "adaptive", "snr_process": "fixed"},
+            "edges": [{"snr_db": 5.0}, {"snr_db": 15.0}, {"snr_db": 25.0}],
+            "out_dir": str(tmp_path / "runs"),
+            "round_timeout_s": 120,
+            **extra,
+        }
+    )
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_deployment(run_dir) -> list[dict]:
+    """What every deployment must show: per (round, edge) a row; every edge received the
+    bytes the cloud accounted for it; the 25 dB edge gets at least the 5 dB edge's ranks."""
+    rows = _rows(run_dir)
+    assert len(rows) == 3 * 3 and not any(r["missed"] for r in rows)
+    for r in rows:
+        assert r["edge_received_bytes"] == r["sent_bytes"] > 0
+        assert r["edge_payload_bits"] == r["link_payload_bits"]  # the edge's link agrees
+        assert 0 <= r["edge_accuracy"] <= 1
+    for t in range(3):
+        ranks = {r["edge"]: r["rank_vector"] for r in rows if r["round"] == t}
+        assert all(a >= b for a, b in zip(ranks["edge2"], ranks["edge0"], strict=True))
+        assert sum(ranks["edge2"]) > sum(ranks["edge0"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and set(manifest["summary"]["edges"]) == {
+        "edge0",
+        "edge1",
+        "edge2",
+    }
+    return rows
+
+
+def test_in_process_deployment_sends_each_edge_its_own_truncation(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    from airlora.deploy import run_in_process
+
+    config = _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, run_name="local")
+    run_dir, summary = run_in_process(config)
+    _check_deployment(run_dir)
+    assert summary["edges"]["edge0"]["snr_db"] == 5.0
+
+
+def test_deploy_refuses_bad_input_before_any_folder(tiny_model_dir, tiny_data_dir, tmp_path):
+    config = _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, run_name="bad")
+    body = config.model_dump(mode="json")
+    path = tmp_path / "deploy.yaml"
+    for change, message in (
+        ({"link": {**body["link"], "scheme": "coded"}}, "not emulated"),
+        ({"edges": [{"snr_db": 5, "name": "a"}, {"snr_db": 9, "name": "a"}]}, "unique"),
+        ({"method": "airllm"}, "saved policy"),
+    ):
+        path.write_text(yaml.safe_dump({**body, **change}))
+        result = runner.invoke(app, ["deploy", "--config", str(path), "--in-process"])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_flower_loopback_deployment_matches_the_in_process_one(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """A SuperLink and 3 SuperNodes on loopback (free ports), 3 rounds at 5, 15 and 25 dB:
+    the run folder holds each edge's metrics, bytes match the cloud's accounting, and every
+    figure equals the in-process run's (the transport changes nothing)."""
+    pytest.importorskip("flwr")
+    from airlora.deploy import run_in_process
+    from airlora.deploy.launch import deploy_loopback
+
+    config = _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, run_name="flower")
+    run_dir = deploy_loopback(config, timeout_s=500)
+    rows = _check_deployment(run_dir)
+    assert (run_dir / "logs" / "superlink.log").is_file()
+    local, _ = run_in_process(config.model_copy(update={"run_name": "local"}))
+    same = ("edge", "round", "rank_vector", "sent_bytes", "edge_accuracy", "edge_erased_params")
+    assert [{k: r[k] for k in same} for r in rows] == [
+        {k: r[k] for k in same} for r in _rows(local)
+    ]
