@@ -156,3 +156,56 @@ def test_flower_loopback_deployment_matches_the_in_process_one(
     assert [{k: r[k] for k in same} for r in rows] == [
         {k: r[k] for k in same} for r in _rows(local)
     ]
+
+
+def test_an_edge_killed_mid_run_misses_rounds_then_rejoins(tiny_model_dir, tiny_data_dir, tmp_path):
+    """One SuperNode SIGKILLed in round 2 of 4: the round ends for the others within the
+    timeout, the run finishes, and the edge, restarted, rejoins on a new node and receives
+    the current adapter."""
+    pytest.importorskip("flwr")
+    import threading
+    import time
+
+    from airlora.deploy.launch import deploy_loopback
+
+    config = _deploy_config(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path,
+        run_name="kill",
+        train={"rounds": 4, "steps_per_round": 1, "warmup_steps": 0},
+        round_timeout_s=20,
+    )
+    events: list[str] = []
+
+    def chaos(federation, run_dir) -> None:
+        def act() -> None:
+            metrics = run_dir / "metrics.jsonl"
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline:  # round 1 recorded: round 2 is under way
+                if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                    break
+                time.sleep(0.2)
+            federation.kill_edge("edge1")
+            events.append("killed")
+            while time.monotonic() < deadline:  # back once round 2 has ended without it
+                if len(metrics.read_text().splitlines()) >= 6:
+                    break
+                time.sleep(0.2)
+            federation.start_edge("edge1")
+            events.append("restarted")
+
+        threading.Thread(target=act, daemon=True).start()
+
+    run_dir = deploy_loopback(config, timeout_s=500, on_start=chaos)
+    assert events == ["killed", "restarted"]
+    rows = _rows(run_dir)
+    assert len(rows) == 4 * 3
+    others = [r for r in rows if r["edge"] != "edge1"]
+    assert not any(r["missed"] for r in others)  # the others' rounds went on
+    mine = {r["round"]: r for r in rows if r["edge"] == "edge1"}
+    assert not mine[0]["missed"] and mine[1]["missed"]
+    assert not mine[3]["missed"]  # rejoined: the last round's adapter arrived
+    assert mine[3]["edge_received_bytes"] == mine[3]["sent_bytes"]
+    nodes = json.loads((run_dir / "manifest.json").read_text())["summary"]["nodes"]
+    assert len(set(nodes.values())) == 3

@@ -70,57 +70,78 @@ def cloud_main(grid: Grid, context: Context) -> None:
     text = config_path.read_text(encoding="utf-8")
     config = _config(text)
     started = time.perf_counter()
-    nodes, first_snr = register_edges(grid, config, text)
-    trainer = CloudTrainer(config, first_snr)
+    registry = register_edges(grid, config, text)
+    trainer = CloudTrainer(config, registry.first_snr)
     run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
     try:
-        summary = run_rounds(trainer, flower_transport(grid, nodes, text), run)
-        summary["nodes"] = {name: str(node) for name, node in nodes.items()}
+        summary = run_rounds(trainer, flower_transport(grid, registry, text), run)
+        summary["nodes"] = {name: str(node) for name, node in registry.nodes.items()}
         run.finish(summary, started)
     except BaseException as err:
         run.fail(err)
         raise
 
 
+class EdgeRegistry:
+    """Which node is which edge. A node that connects later, or an edge that comes back on a
+    new node after a crash, is asked who it is before the next round (``query.hello``)."""
+
+    def __init__(self, config: DeployConfig, text: str) -> None:
+        self.config = config
+        self.text = text
+        self.nodes: dict[str, int] = {}
+        self.first_snr: dict[str, float] = {}
+        self.asked: set[int] = set()
+
+    def refresh(self, grid: Grid) -> None:
+        """Ask every node not asked yet; an answer naming a known edge moves it there."""
+        new = [n for n in grid.get_node_ids() if n not in self.asked]
+        if not new:
+            return
+        hello = RecordDict({"deploy": ConfigRecord({"config": self.text})})
+        messages = [Message(hello, n, HELLO) for n in new]
+        for reply in grid.send_and_receive(messages, timeout=60.0):
+            node = reply.metadata.src_node_id
+            self.asked.add(node)
+            if reply.has_error():
+                log.warning("node %s did not register: %s", node, reply.error.reason)
+                continue
+            name = str(reply.content["hello"]["edge"])
+            if name in self.nodes and self.nodes[name] != node:
+                log.warning("edge %s rejoined as node %s (was %s)", name, node, self.nodes[name])
+            self.nodes[name] = node
+            self.first_snr.setdefault(name, float(reply.content["snr"]["snr_db"]))
+
+    def wait_for_all(self, grid: Grid, timeout_s: float) -> None:
+        """Refresh until every configured edge has answered, or raise naming the missing."""
+        wanted = {e.name for e in self.config.edges}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.refresh(grid)
+            missing = sorted(wanted - set(self.nodes))
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"edges {missing} did not register in {timeout_s:.0f} s")
+            time.sleep(1.0)
+
+
 def register_edges(
     grid: Grid, config: DeployConfig, text: str, timeout_s: float | None = None
-) -> tuple[dict[str, int], dict[str, float]]:
-    """Ask every connected node which edge it is, until every configured edge answered;
-    returns edge name -> node id and edge name -> first SNR."""
-    wanted = {e.name for e in config.edges}
-    deadline = time.monotonic() + (timeout_s or config.round_timeout_s)
-    nodes: dict[str, int] = {}
-    snr: dict[str, float] = {}
-    asked: set[int] = set()
-    while wanted - set(nodes):
-        new = [n for n in grid.get_node_ids() if n not in asked]
-        if new:
-            hello = RecordDict({"deploy": ConfigRecord({"config": text})})
-            messages = [Message(hello, n, HELLO) for n in new]
-            for reply in grid.send_and_receive(messages, timeout=30.0):
-                node = reply.metadata.src_node_id
-                if reply.has_error():
-                    log.warning("node %s did not register: %s", node, reply.error.reason)
-                    continue
-                name = str(reply.content["hello"]["edge"])
-                if name in nodes:
-                    log.warning("node %s claims edge %s, already node %s", node, name, nodes[name])
-                    continue
-                nodes[name] = node
-                snr[name] = float(reply.content["snr"]["snr_db"])
-                asked.add(node)
-        if time.monotonic() > deadline:
-            missing = sorted(wanted - set(nodes))
-            raise TimeoutError(f"edges {missing} did not register within the round timeout")
-        if wanted - set(nodes):
-            time.sleep(1.0)
-    return nodes, snr
+) -> EdgeRegistry:
+    """Wait until every configured edge's node has answered (within the round timeout)."""
+    registry = EdgeRegistry(config, text)
+    registry.wait_for_all(grid, timeout_s or config.round_timeout_s)
+    return registry
 
 
-def flower_transport(grid: Grid, nodes: dict[str, int], text: str):
-    """The deployment's transport over Flower: one ``train`` message per edge and round."""
+def flower_transport(grid: Grid, registry: EdgeRegistry, text: str):
+    """The deployment's transport over Flower: one ``train`` message per edge and round, to
+    the node each edge is on now."""
 
     def send(outgoing: dict[str, Outgoing], config: DeployConfig) -> dict[str, EdgeReport | None]:
+        registry.refresh(grid)
+        nodes = registry.nodes
         messages, names = [], {}
         for name, out in outgoing.items():
             content = RecordDict(

@@ -8,15 +8,16 @@ writes; the processes' logs are copied into its ``logs/``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
 
@@ -160,20 +161,29 @@ class LoopbackFederation:
         if done.returncode != 0:
             raise DeployError(f"flwr run exited with {done.returncode}: {_tail(log)}")
 
+    def kill_edge(self, name: str) -> None:
+        """SIGKILL the SuperNode of edge ``name`` and whatever it started (a crash)."""
+        proc = self.processes[f"supernode-{name}"]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
     def stop(self) -> None:
         for proc in self.processes.values():
             if proc.poll() is None:
-                proc.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.processes.values():
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 
-@contextmanager
+@contextlib.contextmanager
 def loopback(edges: list[str], workdir: Path) -> Iterator[LoopbackFederation]:
     federation = LoopbackFederation(edges, workdir)
     try:
@@ -183,9 +193,16 @@ def loopback(edges: list[str], workdir: Path) -> Iterator[LoopbackFederation]:
         federation.stop()
 
 
-def deploy_loopback(config: DeployConfig, timeout_s: float = 3600.0) -> Path:
+def deploy_loopback(
+    config: DeployConfig,
+    timeout_s: float = 3600.0,
+    on_start: Callable[[LoopbackFederation, Path], None] | None = None,
+) -> Path:
     """Run a deployment with every edge a SuperNode on this machine; returns the run folder
-    (config, manifest, ``metrics.jsonl`` with one row per round and edge, ``logs/``)."""
+    (config, manifest, ``metrics.jsonl`` with one row per round and edge, ``logs/``).
+
+    ``on_start(federation, run_dir)`` is called once the processes are up, before the app
+    runs (a fault-injection test starts a thread there that kills and restarts an edge)."""
     name = config.run_name or f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-seed{config.seed}"
     out = (Path(config.out_dir) / name).resolve()
     if out.exists():
@@ -195,6 +212,8 @@ def deploy_loopback(config: DeployConfig, timeout_s: float = 3600.0) -> Path:
         config_file = workdir / "deploy.yaml"
         config_file.write_text(dump_config(config), encoding="utf-8")
         with loopback([e.name for e in config.edges], workdir) as federation:
+            if on_start is not None:
+                on_start(federation, out)
             federation.run_app(config_file, out, timeout_s)
         if out.exists():
             logs = out / "logs"
