@@ -209,3 +209,37 @@ def test_an_edge_killed_mid_run_misses_rounds_then_rejoins(tiny_model_dir, tiny_
     assert mine[3]["edge_received_bytes"] == mine[3]["sent_bytes"]
     nodes = json.loads((run_dir / "manifest.json").read_text())["summary"]["nodes"]
     assert len(set(nodes.values())) == 3
+
+
+def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog, monkeypatch):
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from airlora.deploy.edge import EdgeReport
+    from airlora.deploy.flower_app import parse_report
+
+    # Messages outside a running app need an identity (Flower sets it inside one).
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    sent = Message(RecordDict({"x": ConfigRecord({"a": 1})}), 7, MessageType.TRAIN)
+    good = EdgeReport(2, 0.5, 1.2, 1040, [1, 2], 5.0, 5.0, 0.01, 0, 8320, 0.1)
+
+    def reply(**changes) -> Message:
+        record = {**good.as_dict(), **changes}
+        record = {k: v for k, v in record.items() if v is not None}
+        return Message(RecordDict({"report": ConfigRecord(record)}), reply_to=sent)
+
+    assert parse_report(reply(), "edge0") == good
+    cases = {
+        "error 2": Message(Error(2, "boom"), reply_to=sent),
+        "malformed": reply(accuracy=None),  # a field missing
+        "out of range": reply(received_bytes=2**40),  # oversized
+        "not finite": reply(next_snr_db=float("nan")),
+    }
+    for reason, message in cases.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="airlora.deploy"):
+            assert parse_report(message, "edge0") is None
+        assert reason in caplog.text and "edge0" in caplog.text
