@@ -243,3 +243,39 @@ def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog
         with caplog.at_level("WARNING", logger="airlora.deploy"):
             assert parse_report(message, "edge0") is None
         assert reason in caplog.text and "edge0" in caplog.text
+
+
+def test_flower_deployment_with_tls_and_supernode_authentication(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """The loopback deployment with every connection on TLS (a CA and a server certificate
+    made here) and only registered SuperNodes let in (an EC key per edge)."""
+    pytest.importorskip("flwr")
+    import http.client
+    import ssl
+
+    from airlora.deploy.launch import deploy_loopback
+
+    seen: dict[str, object] = {}
+
+    def probe(federation, run_dir) -> None:
+        # The SuperLink speaks TLS with the certificate made for 127.0.0.1 ...
+        context = ssl.create_default_context(cafile=str(federation.certificates.ca_cert))
+        secure = http.client.HTTPSConnection("127.0.0.1", federation.port, context=context)
+        secure.request("GET", "/")
+        seen["https_status"] = secure.getresponse().status
+        secure.close()
+        # ... and nothing else: a plain HTTP request gets no HTTP answer.
+        plain = http.client.HTTPConnection("127.0.0.1", federation.port, timeout=10)
+        try:
+            plain.request("GET", "/")
+            seen["plain_status"] = plain.getresponse().status
+        except (http.client.HTTPException, ConnectionError, OSError) as err:
+            seen["plain_error"] = type(err).__name__
+        seen["keys"] = sorted(federation.node_keys)
+
+    config = _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, run_name="tls")
+    run_dir = deploy_loopback(config, timeout_s=500, on_start=probe, tls=True, authenticate=True)
+    _check_deployment(run_dir)
+    assert isinstance(seen["https_status"], int) and "plain_error" in seen, seen
+    assert seen["keys"] == ["edge0", "edge1", "edge2"]  # every node registered its own key

@@ -51,6 +51,13 @@ def deploy(
     timeout: Annotated[
         float, typer.Option(help="Seconds the whole deployment may take. [3600]")
     ] = 3600.0,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="TLS on every connection (certificates made here).")
+    ] = False,
+    authenticate: Annotated[
+        bool,
+        typer.Option("--authenticate", help="Let in registered SuperNodes only (needs --tls)."),
+    ] = False,
     in_process: Annotated[
         bool,
         typer.Option(
@@ -93,7 +100,7 @@ def deploy(
             from airlora.deploy.launch import deploy_loopback
             from airlora.runs import MANIFEST_FILE
 
-            run_dir = deploy_loopback(config, timeout_s=timeout)
+            run_dir = deploy_loopback(config, timeout, tls=tls, authenticate=authenticate)
             summary = json.loads((run_dir / MANIFEST_FILE).read_text())["summary"]
     if as_json:
         print_json({**summary, "run_dir": str(run_dir)})

@@ -22,6 +22,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from airlora.config import DeployConfig, dump_config
+from airlora.deploy.security import Certificates, make_certificates, make_node_key
 from airlora.runs import MANIFEST_FILE
 
 APP_DIR = Path(str(files("airlora.deploy") / "app"))
@@ -72,16 +73,27 @@ class LoopbackFederation:
     Parameters
     ----------
     edges: the SuperNodes' edge names (one node each).
-    workdir: where logs and Flower's home (``FLWR_HOME``) go.
+    workdir: where logs, certificates, keys and Flower's home (``FLWR_HOME``) go.
+    tls: encrypt every connection (a CA and a server certificate for 127.0.0.1 are made).
+    authenticate: SuperNode authentication (needs ``tls``): each edge gets an EC key pair,
+        its public key is registered with the SuperLink before the node starts, and only
+        registered nodes are let in.
     """
 
-    def __init__(self, edges: list[str], workdir: Path) -> None:
+    def __init__(
+        self, edges: list[str], workdir: Path, tls: bool = False, authenticate: bool = False
+    ) -> None:
+        if authenticate and not tls:
+            raise ValueError("SuperNode authentication needs TLS")
         self.edges = edges
         self.workdir = Path(workdir)
         self.port = free_port()
         self.home = self.workdir / "flwr-home"
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.tls, self.authenticate = tls, authenticate
+        self.certificates: Certificates | None = None
+        self.node_keys: dict[str, Path] = {}
 
     @property
     def env(self) -> dict[str, str]:
@@ -107,16 +119,26 @@ class LoopbackFederation:
 
     def start(self, timeout_s: float = 60.0) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        connection = f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
+        security = ["--insecure"]
+        if self.tls:
+            self.certificates = make_certificates(self.workdir / "certificates")
+            c = self.certificates
+            connection += f'root-certificates = "{c.ca_cert}"\n'
+            security = ["--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile", str(c.server_cert)]
+            security += ["--ssl-keyfile", str(c.server_key)]
+            if self.authenticate:
+                security.append("--enable-supernode-auth")
+        else:
+            connection += "insecure = true\n"
         (self.home / "config.toml").write_text(
-            '[superlink]\ndefault = "loopback"\n\n'
-            f'[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n',
-            encoding="utf-8",
+            f'[superlink]\ndefault = "loopback"\n\n{connection}', encoding="utf-8"
         )
         link = self._start(
             "superlink",
             [
                 _tool("flower-superlink"),
-                "--insecure",
+                *security,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -128,13 +150,38 @@ class LoopbackFederation:
         for name in self.edges:
             self.start_edge(name)
 
+    def register(self, name: str) -> Path:
+        """Make edge ``name``'s key pair and register its public key with the SuperLink."""
+        private, public = make_node_key(self.workdir / "node-keys", name)
+        log = self.workdir / f"register-{name}.log"
+        with open(log, "ab") as fh:
+            done = subprocess.run(
+                [_tool("flwr"), "supernode", "register", str(public), "loopback"],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                timeout=120,
+                check=False,
+            )
+        if done.returncode != 0:
+            raise DeployError(f"registering edge {name} failed: {_tail(log)}")
+        self.node_keys[name] = private
+        return private
+
     def start_edge(self, name: str) -> subprocess.Popen:
-        """Start (or restart) the SuperNode of edge ``name``."""
+        """Start (or restart) the SuperNode of edge ``name`` (registered first, once, when
+        the federation authenticates its nodes)."""
+        security = ["--insecure"]
+        if self.certificates is not None:
+            security = ["--root-certificates", str(self.certificates.ca_cert)]
+            if self.authenticate:
+                key = self.node_keys.get(name) or self.register(name)
+                security += ["--auth-supernode-private-key", str(key)]
         return self._start(
             f"supernode-{name}",
             [
                 _tool("flower-supernode"),
-                "--insecure",
+                *security,
                 "--superlink",
                 f"127.0.0.1:{self.port}",
                 "--port",
@@ -184,8 +231,10 @@ class LoopbackFederation:
 
 
 @contextlib.contextmanager
-def loopback(edges: list[str], workdir: Path) -> Iterator[LoopbackFederation]:
-    federation = LoopbackFederation(edges, workdir)
+def loopback(
+    edges: list[str], workdir: Path, tls: bool = False, authenticate: bool = False
+) -> Iterator[LoopbackFederation]:
+    federation = LoopbackFederation(edges, workdir, tls, authenticate)
     try:
         federation.start()
         yield federation
@@ -197,12 +246,15 @@ def deploy_loopback(
     config: DeployConfig,
     timeout_s: float = 3600.0,
     on_start: Callable[[LoopbackFederation, Path], None] | None = None,
+    tls: bool = False,
+    authenticate: bool = False,
 ) -> Path:
     """Run a deployment with every edge a SuperNode on this machine; returns the run folder
     (config, manifest, ``metrics.jsonl`` with one row per round and edge, ``logs/``).
 
     ``on_start(federation, run_dir)`` is called once the processes are up, before the app
-    runs (a fault-injection test starts a thread there that kills and restarts an edge)."""
+    runs (a fault-injection test starts a thread there that kills and restarts an edge).
+    ``tls`` / ``authenticate``: see :class:`LoopbackFederation`."""
     name = config.run_name or f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-seed{config.seed}"
     out = (Path(config.out_dir) / name).resolve()
     if out.exists():
@@ -211,7 +263,8 @@ def deploy_loopback(
         workdir = Path(tmp)
         config_file = workdir / "deploy.yaml"
         config_file.write_text(dump_config(config), encoding="utf-8")
-        with loopback([e.name for e in config.edges], workdir) as federation:
+        edges = [e.name for e in config.edges]
+        with loopback(edges, workdir, tls, authenticate) as federation:
             if on_start is not None:
                 on_start(federation, out)
             federation.run_app(config_file, out, timeout_s)
