@@ -137,19 +137,44 @@ def test_deploy_refuses_bad_input_before_any_folder(tiny_model_dir, tiny_data_di
     assert not (tmp_path / "runs").exists()
 
 
-def test_flower_loopback_deployment_matches_the_in_process_one(
+def test_flower_loopback_deployment_with_tls_and_auth_matches_the_in_process_one(
     tiny_model_dir, tiny_data_dir, tmp_path
 ):
-    """A SuperLink and 3 SuperNodes on loopback (free ports), 3 rounds at 5, 15 and 25 dB:
-    the run folder holds each edge's metrics, bytes match the cloud's accounting, and every
-    figure equals the in-process run's (the transport changes nothing)."""
+    """A SuperLink and 3 SuperNodes on loopback (free ports), 3 rounds at 5, 15 and 25 dB,
+    every connection on TLS (a CA and a server certificate made here) and only registered
+    SuperNodes let in (an EC key per edge): the run folder holds each edge's metrics, bytes
+    match the cloud's accounting, and every figure equals the in-process run's (the transport
+    changes nothing). The kill test below runs without TLS."""
     pytest.importorskip("flwr")
+    import http.client
+    import ssl
+
     from airlora.deploy import run_in_process
     from airlora.deploy.launch import deploy_loopback
 
+    seen: dict[str, object] = {}
+
+    def probe(federation, run_dir) -> None:
+        # The SuperLink speaks TLS with the certificate made for 127.0.0.1 ...
+        context = ssl.create_default_context(cafile=str(federation.certificates.ca_cert))
+        secure = http.client.HTTPSConnection("127.0.0.1", federation.port, context=context)
+        secure.request("GET", "/")
+        seen["https_status"] = secure.getresponse().status
+        secure.close()
+        # ... and nothing else: a plain HTTP request gets no HTTP answer.
+        plain = http.client.HTTPConnection("127.0.0.1", federation.port, timeout=10)
+        try:
+            plain.request("GET", "/")
+            seen["plain_status"] = plain.getresponse().status
+        except (http.client.HTTPException, ConnectionError, OSError) as err:
+            seen["plain_error"] = type(err).__name__
+        seen["keys"] = sorted(federation.node_keys)
+
     config = _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, run_name="flower")
-    run_dir = deploy_loopback(config, timeout_s=500)
+    run_dir = deploy_loopback(config, timeout_s=500, on_start=probe, tls=True, authenticate=True)
     rows = _check_deployment(run_dir)
+    assert isinstance(seen["https_status"], int) and "plain_error" in seen, seen
+    assert seen["keys"] == ["edge0", "edge1", "edge2"]  # every node registered its own key
     assert (run_dir / "logs" / "superlink.log").is_file()
     local, _ = run_in_process(config.model_copy(update={"run_name": "local"}))
     same = ("edge", "round", "rank_vector", "sent_bytes", "edge_accuracy", "edge_erased_params")
@@ -174,7 +199,7 @@ def test_an_edge_killed_mid_run_misses_rounds_then_rejoins(tiny_model_dir, tiny_
         tmp_path,
         run_name="kill",
         train={"rounds": 4, "steps_per_round": 1, "warmup_steps": 0},
-        round_timeout_s=20,
+        round_timeout_s=30,
     )
     events: list[str] = []
 
@@ -243,39 +268,3 @@ def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog
         with caplog.at_level("WARNING", logger="airlora.deploy"):
             assert parse_report(message, "edge0") is None
         assert reason in caplog.text and "edge0" in caplog.text
-
-
-def test_flower_deployment_with_tls_and_supernode_authentication(
-    tiny_model_dir, tiny_data_dir, tmp_path
-):
-    """The loopback deployment with every connection on TLS (a CA and a server certificate
-    made here) and only registered SuperNodes let in (an EC key per edge)."""
-    pytest.importorskip("flwr")
-    import http.client
-    import ssl
-
-    from airlora.deploy.launch import deploy_loopback
-
-    seen: dict[str, object] = {}
-
-    def probe(federation, run_dir) -> None:
-        # The SuperLink speaks TLS with the certificate made for 127.0.0.1 ...
-        context = ssl.create_default_context(cafile=str(federation.certificates.ca_cert))
-        secure = http.client.HTTPSConnection("127.0.0.1", federation.port, context=context)
-        secure.request("GET", "/")
-        seen["https_status"] = secure.getresponse().status
-        secure.close()
-        # ... and nothing else: a plain HTTP request gets no HTTP answer.
-        plain = http.client.HTTPConnection("127.0.0.1", federation.port, timeout=10)
-        try:
-            plain.request("GET", "/")
-            seen["plain_status"] = plain.getresponse().status
-        except (http.client.HTTPException, ConnectionError, OSError) as err:
-            seen["plain_error"] = type(err).__name__
-        seen["keys"] = sorted(federation.node_keys)
-
-    config = _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, run_name="tls")
-    run_dir = deploy_loopback(config, timeout_s=500, on_start=probe, tls=True, authenticate=True)
-    _check_deployment(run_dir)
-    assert isinstance(seen["https_status"], int) and "plain_error" in seen, seen
-    assert seen["keys"] == ["edge0", "edge1", "edge2"]  # every node registered its own key
