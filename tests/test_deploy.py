@@ -268,3 +268,32 @@ def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog
         with caplog.at_level("WARNING", logger="airlora.deploy"):
             assert parse_report(message, "edge0") is None
         assert reason in caplog.text and "edge0" in caplog.text
+
+
+def test_layered_multicast_sends_shared_ranks_once_at_the_weakest_receivers_rate():
+    from airlora.config import LinkConfig
+    from airlora.deploy.multicast import first_airtime, layered_multicast_cost
+    from airlora.link.base import shannon_airtime
+
+    perfect = LinkConfig(scheme="perfect", bits_per_param=32)
+    per_rank = [lambda r: 10 * r]  # one projection, 10 parameters per rank
+    cost = layered_multicast_cost({"a": [2], "b": [4]}, {"a": 5.0, "b": 25.0}, per_rank, 6, perfect)
+
+    def air(params: float, snr: float) -> float:
+        return shannon_airtime(int(params * 32), snr, perfect.bandwidth_hz)
+
+    head = 6 * 32 / perfect.quant_bits
+    # Ranks 1-2 and the head once to both at a's rate; ranks 3-4 to b alone at b's rate.
+    assert cost.multicast_airtime_s == pytest.approx(air(20 + head, 5.0) + air(20, 25.0))
+    assert cost.unicast_airtime_s == pytest.approx(air(20 + head, 5.0) + air(40 + head, 25.0))
+    assert cost.layers == 2 and 0 < cost.saving < 1
+    # On a packet link each layer is its own transmission, in whole packets.
+    digital = LinkConfig(scheme="digital", modulation="adaptive")
+    three = {"a": [1], "b": [3], "c": [3]}
+    same = layered_multicast_cost(three, dict.fromkeys("abc", 12.0), per_rank, 0, digital)
+    assert same.multicast_airtime_s == pytest.approx(
+        first_airtime(digital, 10, 12.0) + first_airtime(digital, 20, 12.0)
+    )
+    assert same.unicast_airtime_s == pytest.approx(
+        first_airtime(digital, 10, 12.0) + 2 * first_airtime(digital, 30, 12.0)
+    )

@@ -10,7 +10,9 @@ this process (:func:`in_process_transport`, the peer of ``airlora bench deploy``
 3. per edge, truncate the adapter to its ranks and encode it as the link sends it
    (:mod:`airlora.deploy.payload`); hand every payload to the transport;
 4. record each edge's reply (accuracy on its rows, bytes received, its next SNR) beside the
-   cloud's own accounting of what it sent; an edge that did not answer misses the round.
+   cloud's own accounting of what it sent; an edge that did not answer misses the round;
+   and the round's downlink airtime, unicast against rank-layered multicast
+   (``multicast.jsonl``; :mod:`airlora.deploy.multicast`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from airlora.config import DeployConfig
 from airlora.deploy.edge import EdgeDevice, EdgeReport
+from airlora.deploy.multicast import MulticastCost, layered_multicast_cost
 from airlora.deploy.payload import EncodedAdapter, encode_adapter
 from airlora.engine import RoundEngine
 from airlora.env.observation import build_observation
@@ -53,6 +56,8 @@ class Outgoing:
     payload_params: int
     link_payload_bits: int = field(default=0)
 
+
+MULTICAST_FILE = "multicast.jsonl"
 
 # A transport takes {edge name: Outgoing} and returns {edge name: report or None (missed)}.
 Transport = Callable[[dict[str, Outgoing], DeployConfig], dict[str, EdgeReport | None]]
@@ -146,6 +151,28 @@ class CloudTrainer:
             name, self.engine.round_index - 1, ranks, encoded, payload.total_params, int(bits)
         )
 
+    def multicast_cost(self, plan: Mapping[str, list[int]]) -> MulticastCost:
+        """This round's downlink airtime, unicast and rank-layered multicast
+        (:mod:`airlora.deploy.multicast`), at the SNRs the edges last reported."""
+        server = self.engine.server
+        n = len(self.projection_names)
+
+        def params_at(p: int):
+            def at(rank: int) -> int:
+                ranks = [0] * n
+                ranks[p] = rank
+                return server.payload(ranks).per_projection[p]
+
+            return at
+
+        return layered_multicast_cost(
+            plan,
+            {name: state.snr_db for name, state in self.edges.items()},
+            [params_at(p) for p in range(n)],
+            server.payload(self.full_ranks).head_params,
+            self.config.link,
+        )
+
     def record(self, name: str, report: EdgeReport | None) -> None:
         state = self.edges[name]
         if report is None:
@@ -166,6 +193,7 @@ def run_rounds(
     the summary: per edge its final and mean accuracy, bytes and rounds missed."""
     config = trainer.config
     rows: list[dict] = []
+    costs: list[MulticastCost] = []
     started = time.perf_counter()
     for t in range(config.train.rounds):
         plan = trainer.plan_round()
@@ -173,6 +201,18 @@ def run_rounds(
         train_loss, diverged = trainer.train()
         train_time = time.perf_counter() - round_start
         outgoing = {name: trainer.payload(name, ranks) for name, ranks in plan.items()}
+        cost = trainer.multicast_cost(plan)
+        run.append_record(
+            MULTICAST_FILE,
+            {
+                "round": t,
+                "unicast_airtime_s": cost.unicast_airtime_s,
+                "multicast_airtime_s": cost.multicast_airtime_s,
+                "layers": cost.layers,
+                "saving": cost.saving,
+            },
+        )
+        costs.append(cost)
         replies = transport(outgoing, config)
         for name, out in outgoing.items():
             report = replies.get(name)
@@ -196,7 +236,15 @@ def run_rounds(
         if on_round:
             on_round(t, replies)
     wall = time.perf_counter() - started
-    return summarize_edges(rows, config, wall)
+    summary = summarize_edges(rows, config, wall)
+    unicast = sum(c.unicast_airtime_s for c in costs)
+    multicast = sum(c.multicast_airtime_s for c in costs)
+    summary["downlink"] = {
+        "unicast_airtime_s": unicast,
+        "multicast_airtime_s": multicast,
+        "multicast_saving": 1.0 - multicast / unicast if unicast > 0 else 0.0,
+    }
+    return summary
 
 
 def summarize_edges(rows: list[dict], config: DeployConfig, wall_s: float) -> dict:

@@ -1,0 +1,94 @@
+"""Rank-layered multicast: what the downlink costs when ranks several edges need go out once.
+
+Rank truncation nests: the first r ranks of a projection are the same tensors for every edge
+that gets at least r. So per projection, sort the ranks the edges get; layer j carries ranks
+r_(j-1)+1 .. r_(j) to every edge whose rank is at least r_(j), once, at the rate the weakest
+of them can decode (its SNR picks the modulation). Parameters bound for the same set of edges
+go out together; the head goes once to all. Unicast sends each edge its whole truncation at
+its own rate.
+
+Both are priced as first transmissions on the deployment's link (packets with their CRC, no
+retransmissions; the head's float32 values counted as ``32 / quant_bits`` parameters each),
+so the two figures compare like with like. This is the accounting; each edge's emulated
+channel still decodes its payload at its own SNR.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from airlora.config import LinkConfig
+from airlora.link import build_link
+from airlora.link.base import shannon_airtime
+
+
+@dataclass(frozen=True)
+class MulticastCost:
+    """Airtime (s) of one round's downlink to every edge, unicast and layered multicast."""
+
+    unicast_airtime_s: float
+    multicast_airtime_s: float
+    layers: int
+
+    @property
+    def saving(self) -> float:
+        """Share of the unicast airtime multicast saves (0 with nothing sent)."""
+        if self.unicast_airtime_s <= 0:
+            return 0.0
+        return 1.0 - self.multicast_airtime_s / self.unicast_airtime_s
+
+
+def first_airtime(link_config: LinkConfig, n_params: float, snr_db: float) -> float:
+    """Seconds of a first transmission of ``n_params`` parameters at ``snr_db``."""
+    if n_params <= 0:
+        return 0.0
+    if link_config.scheme == "perfect":
+        bits = n_params * link_config.bits_per_param
+        return shannon_airtime(int(bits), snr_db, link_config.bandwidth_hz)
+    link = build_link(link_config)
+    return float(link.airtime_s(round(n_params), snr_db))
+
+
+def layered_multicast_cost(
+    rank_vectors: Mapping[str, Sequence[int]],
+    snr_db: Mapping[str, float],
+    params_at: Sequence,
+    head_params: int,
+    link_config: LinkConfig,
+) -> MulticastCost:
+    """The round's downlink cost both ways.
+
+    Parameters
+    ----------
+    rank_vectors: edge -> its rank vector this round.
+    snr_db: edge -> the SNR (dB) the cloud sends at (its last report).
+    params_at: per projection, a function rank -> parameters sent at that rank.
+    head_params: parameters of the head (sent to every edge).
+    link_config: the deployment's link.
+    """
+    edges = list(rank_vectors)
+    head_equiv = head_params * (32 / link_config.quant_bits)
+    by_receivers: dict[frozenset[str], float] = defaultdict(float)
+    for p, params in enumerate(params_at):
+        previous = 0
+        for r in sorted({int(v[p]) for v in rank_vectors.values()} - {0}):
+            receivers = frozenset(e for e in edges if rank_vectors[e][p] >= r)
+            by_receivers[receivers] += params(r) - params(previous)
+            previous = r
+    by_receivers[frozenset(edges)] += head_equiv
+    multicast = sum(
+        first_airtime(link_config, n, min(snr_db[e] for e in receivers))
+        for receivers, n in by_receivers.items()
+    )
+    unicast = sum(
+        first_airtime(
+            link_config,
+            sum(params(int(r)) for params, r in zip(params_at, rank_vectors[e], strict=True))
+            + head_equiv,
+            snr_db[e],
+        )
+        for e in edges
+    )
+    return MulticastCost(float(unicast), float(multicast), len(by_receivers))
