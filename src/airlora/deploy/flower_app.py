@@ -82,6 +82,25 @@ def cloud_main(grid: Grid, context: Context) -> None:
         raise
 
 
+def exchange(
+    grid: Grid, messages: list[Message], timeout_s: float, poll_s: float = 0.2
+) -> list[Message]:
+    """Push ``messages`` and collect the replies until all are in or ``timeout_s`` passes.
+    Flower's ``send_and_receive`` polls every 3 s; a round here waits ``poll_s`` at most
+    past its last reply."""
+    waiting = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies.extend(got)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    return replies
+
+
 class EdgeRegistry:
     """Which node is which edge. A node that connects later, or an edge that comes back on a
     new node after a crash, is asked who it is before the next round (``query.hello``)."""
@@ -100,7 +119,7 @@ class EdgeRegistry:
             return
         hello = RecordDict({"deploy": ConfigRecord({"config": self.text})})
         messages = [Message(hello, n, HELLO) for n in new]
-        for reply in grid.send_and_receive(messages, timeout=60.0):
+        for reply in exchange(grid, messages, 60.0):
             node = reply.metadata.src_node_id
             self.asked.add(node)
             if reply.has_error():
@@ -154,7 +173,7 @@ def flower_transport(grid: Grid, registry: EdgeRegistry, text: str):
             messages.append(Message(content, nodes[name], MessageType.TRAIN))
             names[nodes[name]] = name
         replies: dict[str, EdgeReport | None] = {name: None for name in outgoing}
-        for reply in grid.send_and_receive(messages, timeout=config.round_timeout_s):
+        for reply in exchange(grid, messages, config.round_timeout_s):
             name = names.get(reply.metadata.src_node_id)
             if name is None:
                 log.warning("a reply from unknown node %s was dropped", reply.metadata.src_node_id)
