@@ -166,3 +166,20 @@ def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("AIRLORA_DATA_DIR", raising=False)
     with pytest.raises(DataError, match="could not be loaded"):
         load_task(cfg(source="no-such-user/no-such-dataset"), seed=0)
+
+
+def test_a_carved_test_split_is_the_same_rows_for_every_seed(tmp_path):
+    """Without a test file the test rows are fixed: no seed trains, tunes or selects on rows
+    another seed scores as test."""
+    from airlora.config import DataConfig
+    from airlora.data import load_task
+
+    path = write_csv(tmp_path / "all.csv", make_rows(300))
+    config = DataConfig(source=str(path), validation_size=40)
+    splits = [load_task(config, seed) for seed in (0, 1, 2000)]
+    tests = [s.test.texts for s in splits]
+    assert tests[0] == tests[1] == tests[2] and len(tests[0]) == 30
+    for s in splits:
+        seen = set(s.train.texts) | set(s.validation.texts)
+        assert not seen & set(tests[0])
+    assert splits[0].validation.texts != splits[1].validation.texts  # still seeded

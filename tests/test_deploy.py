@@ -97,6 +97,8 @@ def _check_deployment(run_dir) -> list[dict]:
     for r in rows:
         assert r["edge_received_bytes"] == r["sent_bytes"] > 0
         assert r["edge_payload_bits"] == r["link_payload_bits"]  # the edge's link agrees
+        if r["edge_wire_array_bytes"] is not None:  # over Flower: the framing is on top
+            assert r["sent_bytes"] < r["edge_wire_array_bytes"] < r["sent_bytes"] + 4096
         assert 0 <= r["edge_accuracy"] <= 1
     for t in range(3):
         ranks = {r["edge"]: r["rank_vector"] for r in rows if r["round"] == t}
@@ -272,7 +274,7 @@ def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog
 
 def test_layered_multicast_sends_shared_ranks_once_at_the_weakest_receivers_rate():
     from airlora.config import LinkConfig
-    from airlora.deploy.multicast import first_airtime, layered_multicast_cost
+    from airlora.deploy.multicast import first_airtime, head_weight, layered_multicast_cost
     from airlora.link.base import shannon_airtime
 
     perfect = LinkConfig(scheme="perfect", bits_per_param=32)
@@ -282,7 +284,7 @@ def test_layered_multicast_sends_shared_ranks_once_at_the_weakest_receivers_rate
     def air(params: float, snr: float) -> float:
         return shannon_airtime(int(params * 32), snr, perfect.bandwidth_hz)
 
-    head = 6 * 32 / perfect.quant_bits
+    head = 6  # a perfect link prices every parameter alike
     # Ranks 1-2 and the head once to both at a's rate; ranks 3-4 to b alone at b's rate.
     assert cost.multicast_airtime_s == pytest.approx(air(20 + head, 5.0) + air(20, 25.0))
     assert cost.unicast_airtime_s == pytest.approx(air(20 + head, 5.0) + air(40 + head, 25.0))
@@ -297,3 +299,10 @@ def test_layered_multicast_sends_shared_ranks_once_at_the_weakest_receivers_rate
     assert same.unicast_airtime_s == pytest.approx(
         first_airtime(digital, 10, 12.0) + 2 * first_airtime(digital, 30, 12.0)
     )
+    # A protected head is float32 control data: 4 parameters' worth at 8 bits, once.
+    headed = layered_multicast_cost(three, dict.fromkeys("abc", 12.0), per_rank, 100, digital)
+    assert head_weight(digital) == 32 / digital.quant_bits == 4
+    assert headed.multicast_airtime_s == pytest.approx(
+        first_airtime(digital, 10 + 400, 12.0) + first_airtime(digital, 20, 12.0)
+    )
+    assert head_weight(digital.model_copy(update={"protect_head": False})) == 1

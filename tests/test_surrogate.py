@@ -337,3 +337,10 @@ def test_a_sweep_refuses_to_evaluate_on_the_seeds_its_given_log_used():
     for used in (100, 145, 1001):  # a design episode's seed, the last one, a policy seed
         with pytest.raises(ValueError, match=rf"seeds \[{used}\] were used to log"):
             SweepConfig.model_validate({**base, "seeds": [0, used]})
+    # Tuning seeds too: the default tuning seed (1000) is one of the log's policy seeds.
+    with pytest.raises(ValueError, match=r"tuning seeds \[1000\] were used to log"):
+        SweepConfig.model_validate({**base, "seeds": [0], "tuning": {"learning_rates": [1e-3]}})
+    tuned = {"learning_rates": [1e-3], "seeds": [2000]}
+    assert SweepConfig.model_validate({**base, "seeds": [0], "tuning": tuned}).tuning.seeds == [
+        2000
+    ]

@@ -346,10 +346,11 @@ class RoundEngine:
 
     def train_round(
         self, rank_vector: Sequence[int] | None
-    ) -> tuple[list[int], ComplexityFeatures, float, bool]:
+    ) -> tuple[list[int], ComplexityFeatures, float, bool, float]:
         """The server's half of a round: K steps on the round's batches at ``rank_vector``
         (None: an adapter that allocates its own). Returns the ranks trained, the batches'
-        complexity, the mean training loss and whether training diverged."""
+        complexity, the mean training loss, whether training diverged, and the seconds the
+        training took (setting the ranks and the K steps)."""
         if self.server.chooses_ranks:
             ranks = self.server.rank_vector
         else:
@@ -359,18 +360,20 @@ class RoundEngine:
         complexity = self.observe_round()
         batches, self._pending = self._pending, None
         assert batches is not None
+        start = time.perf_counter()
         self.server.set_rank_vector(ranks)
         # Dropout draws from a private stream: a round depends on (episode seed, round) only,
         # and the caller's global RNG (a policy sampling actions, say) is left untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.episode_seed * 100_003 + self.round_index)
             train_loss = self.train_steps(batches)
+        train_time = time.perf_counter() - start
         if self.server.chooses_ranks:
             ranks = self.server.rank_vector
         diverged = not math.isfinite(train_loss) or not _all_finite(
             self.server.lora_parameters() + self.server.head_parameters()
         )
-        return list(ranks), complexity, train_loss, diverged
+        return list(ranks), complexity, train_loss, diverged, train_time
 
     def run_round(self, rank_vector: Sequence[int] | None, snr_db: float) -> RoundMetrics:
         """One full round with the given ranks at the given SNR (Es/N0, dB).
@@ -378,10 +381,7 @@ class RoundEngine:
         An adapter that allocates its own ranks (AdaLoRA) takes ``None``; the ranks it keeps
         after the round's training are the ones sent and reported.
         """
-        self.observe_round()  # measured before the clock starts, as the decision saw it
-        start = time.perf_counter()
-        ranks, complexity, train_loss, diverged = self.train_round(rank_vector)
-        train_time = time.perf_counter() - start
+        ranks, complexity, train_loss, diverged, train_time = self.train_round(rank_vector)
 
         start = time.perf_counter()
         report = self.deliver(ranks, snr_db)

@@ -149,7 +149,9 @@ def tuning_lines(tuning: pd.DataFrame, config: SweepConfig) -> list[str]:
             "method": tuning.name,
             "learning rate": tuning.learning_rate.map(lambda v: f"{v:g}"),
             "tuning runs": tuning.runs,
-            "validation accuracy": tuning.validation_accuracy.map(lambda v: f"{v:.4f}"),
+            "validation accuracy": tuning.validation_accuracy.map(
+                lambda v: f"{v:.4f}" if math.isfinite(v) else "diverged"
+            ),
             "chosen": tuning.chosen.map(lambda v: "yes" if v else ""),
         }
     )
@@ -451,7 +453,8 @@ def write_report(sweep_dir: Path) -> Path:
         if summary.diverged.any():
             show["diverged"] = sub.diverged.to_numpy()
         lines += [markdown_table(show), ""]
-    comparisons = compare_to_reference(table[~table.diverged], REFERENCE, metric)
+    usable = _usable(table)
+    comparisons = compare_to_reference(usable[~usable.diverged], REFERENCE, metric)
     comparisons.to_csv(folder / "comparisons.csv", index=False)
     lines += _comparison_lines(comparisons, metric)
     tuning = tuning_table(sweep_dir, table)

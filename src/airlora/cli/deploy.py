@@ -90,6 +90,8 @@ def deploy(
             spread = [5.0 + 20.0 * i / max(1, edges - 1) for i in range(edges)]
             mapping["edges"] = [{"snr_db": round(v, 2)} for v in spread]
         config = DeployConfig.model_validate(mapping)
+        if in_process and (tls or authenticate):
+            raise ValueError("--tls and --authenticate secure Flower's links: not --in-process")
         if in_process:
             from airlora.deploy.cloud import run_in_process
 

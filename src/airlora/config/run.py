@@ -401,6 +401,12 @@ class SweepConfig(ConfigBase):
                         f"seeds {sorted(logged & set(self.seeds))} were used to log {path}: "
                         "evaluate on other seeds"
                     )
+                tuning = set(self.tuning.seeds) if self.tuning else set()
+                if logged & tuning:
+                    raise ValueError(
+                        f"tuning seeds {sorted(logged & tuning)} were used to log {path}: "
+                        "tune on other seeds"
+                    )
         if self.formulation != "online" and any(m.method == "oracle" for m in self.methods):
             raise ValueError(ORACLE_ONLINE_ONLY)
         if self.formulation == "online" and self.link.scheme not in ONLINE_LINKS:
@@ -450,13 +456,14 @@ class EdgeSpec(ConfigBase):
 
     Parameters
     ----------
-    name: how the run folder names it. Default ``edge<i>`` by position.
+    name: how the run folder and its SuperNode name it (letters, digits, ``_.-``). Default
+        ``edge<i>`` by position.
     snr_db: its channel's SNR (Es/N0, dB) with ``link.snr_process: fixed`` (the deployment's
         default), or the mean of ``gauss_markov``; ``uniform`` and ``trace`` ignore it.
     seed: seeds its SNR process and its emulated channel's draws. Default: its position.
     """
 
-    name: str | None = None
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
     snr_db: float
     seed: int | None = None
 

@@ -321,10 +321,15 @@ def resolve_source(config: DataConfig) -> DataSource:
     return DataSource("hub", None)
 
 
-def load_task(config: DataConfig, seed: int) -> TaskData:
-    """Resolve ``config.source``, read it, and cut seeded train / validation / test splits.
+TEST_SPLIT_SEED = 0
 
-    Without a test file, the test split is carved out of the training rows too.
+
+def load_task(config: DataConfig, seed: int) -> TaskData:
+    """Resolve ``config.source``, read it, and cut seeded train / validation splits.
+
+    Without a test file, the test split is carved out of the training rows too, the same rows
+    whatever the seed (:data:`TEST_SPLIT_SEED`); validation and training rows are drawn from
+    the rest with ``seed``.
     """
     test: TextExamples | None
     where = resolve_source(config)
@@ -375,8 +380,6 @@ def load_task(config: DataConfig, seed: int) -> TaskData:
             f"a classification task needs at least 2 classes; the training labels hold only "
             f"{present.tolist()}",
         )
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(train))
     n_val = config.validation_size
     n_test = 0 if test is not None else min(max(len(train) // 10, 1), 1000)
     if len(train) <= n_val + n_test:
@@ -385,10 +388,15 @@ def load_task(config: DataConfig, seed: int) -> TaskData:
             f"{len(train)} training rows cannot give a {n_val}-row validation split "
             "and leave rows to train on; lower validation_size",
         )
-    validation = train.subset(order[:n_val])
+    pool = np.arange(len(train))
     if test is None:
-        test = train.subset(order[n_val : n_val + n_test])
-    rest = order[n_val + n_test :]
+        # One test split for every seed: a row scored as test under one seed is never
+        # trained, tuned or selected on under another (a tuning seed's validation, say).
+        fixed = np.random.default_rng(TEST_SPLIT_SEED).permutation(len(train))
+        test, pool = train.subset(fixed[:n_test]), fixed[n_test:]
+    order = pool[np.random.default_rng(seed).permutation(len(pool))]
+    validation = train.subset(order[:n_val])
+    rest = order[n_val:]
     if config.max_train_samples is not None:
         rest = rest[: config.max_train_samples]
     train_split = train.subset(rest)

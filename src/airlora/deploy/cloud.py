@@ -2,11 +2,12 @@
 
 :func:`run_rounds` is the whole deployment loop, top to bottom, over any transport: Flower's
 grid (:mod:`airlora.deploy.flower_app`) or direct calls into :class:`EdgeDevice` objects in
-this process (:func:`in_process_transport`, the peer of ``airlora bench deploy``). Each round:
+this process (:func:`in_process_transport`; ``airlora deploy --in-process``). Each round:
 
 1. measure the round's batches (complexity), and per edge build the state from that edge's
    last reported SNR, accuracy and ranks; the policy picks that edge's rank vector;
-2. train K steps on the server at r_max (one adapter for all edges);
+2. train K steps on the server at r_max (one adapter for all edges); a diverged step ends
+   the run (status ``diverged``), nothing non-finite is sent;
 3. per edge, truncate the adapter to its ranks and encode it as the link sends it
    (:mod:`airlora.deploy.payload`); hand every payload to the transport;
 4. record each edge's reply (accuracy on its rows, bytes received, its next SNR) beside the
@@ -128,7 +129,7 @@ class CloudTrainer:
 
     def train(self) -> tuple[float, bool]:
         """K steps at r_max; returns the mean loss and whether training diverged."""
-        _ranks, _complexity, loss, diverged = self.engine.train_round(self.full_ranks)
+        _ranks, _complexity, loss, diverged, _seconds = self.engine.train_round(self.full_ranks)
         self.engine.round_index += 1
         return loss, diverged
 
@@ -194,12 +195,16 @@ def run_rounds(
     config = trainer.config
     rows: list[dict] = []
     costs: list[MulticastCost] = []
+    diverged_round: int | None = None
     started = time.perf_counter()
     for t in range(config.train.rounds):
         plan = trainer.plan_round()
         round_start = time.perf_counter()
         train_loss, diverged = trainer.train()
         train_time = time.perf_counter() - round_start
+        if diverged:  # non-finite numbers are not sent: the run ends here, marked
+            diverged_round = t
+            break
         outgoing = {name: trainer.payload(name, ranks) for name, ranks in plan.items()}
         cost = trainer.multicast_cost(plan)
         run.append_record(
@@ -237,6 +242,7 @@ def run_rounds(
             on_round(t, replies)
     wall = time.perf_counter() - started
     summary = summarize_edges(rows, config, wall)
+    summary["diverged_round"] = diverged_round
     unicast = sum(c.unicast_airtime_s for c in costs)
     multicast = sum(c.multicast_airtime_s for c in costs)
     summary["downlink"] = {
@@ -245,6 +251,12 @@ def run_rounds(
         "multicast_saving": 1.0 - multicast / unicast if unicast > 0 else 0.0,
     }
     return summary
+
+
+def run_status(summary: dict) -> str:
+    """``diverged`` when the cloud's training produced non-finite numbers, else
+    ``completed``."""
+    return "completed" if summary.get("diverged_round") is None else "diverged"
 
 
 def summarize_edges(rows: list[dict], config: DeployConfig, wall_s: float) -> dict:
@@ -303,7 +315,7 @@ def run_in_process(config: DeployConfig, out: Path | None = None) -> tuple[Path,
     started = time.perf_counter()
     try:
         summary = run_rounds(trainer, in_process_transport(devices), run)
-        run.finish(summary, started)
+        run.finish(summary, started, run_status(summary))
     except BaseException as err:
         run.fail(err)
         raise

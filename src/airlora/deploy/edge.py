@@ -34,6 +34,7 @@ class EdgeReport:
     snr_db: the SNR this round's payload was received at; next_snr_db: the next round's.
     airtime_s, erased_params, payload_bits: the emulated link's figures.
     eval_time_s: seconds to rebuild and score.
+    wire_array_bytes, meta_values: what Flower carried besides the payload (framing).
     """
 
     round: int
@@ -47,6 +48,10 @@ class EdgeReport:
     erased_params: int
     payload_bits: int
     eval_time_s: float
+    # Over Flower: the payload arrays' serialised bytes and the metadata values that came
+    # with them (None in process).
+    wire_array_bytes: int | None = None
+    meta_values: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,9 +59,10 @@ class EdgeReport:
 
 def edge_snr_db(config: DeployConfig, edge: EdgeSpec, round_index: int) -> float:
     """The SNR (dB) of ``edge``'s channel in round ``round_index`` (0-based): its own SNR
-    process, seeded by its own seed, replayed from the start (no state to keep)."""
+    process, seeded by the run's and its own seed, replayed from the start (no state to
+    keep)."""
     link = config.link.model_copy(update={"snr_db": edge.snr_db})
-    process = build_snr_process(link, edge.seed or 0)
+    process = build_snr_process(link, _mix(config.seed, edge.seed or 0))
     return float(process.take(round_index + 1)[-1])
 
 
@@ -69,9 +75,14 @@ def find_edge(config: DeployConfig, name: str) -> tuple[EdgeSpec, int]:
     raise ValueError(f"this node is edge '{name}', which the deployment does not list: {names}")
 
 
-def edge_round_seed(edge_seed: int, round_index: int) -> int:
-    """The seed of an edge's channel draws in one round: the same whatever process runs it."""
-    return int(np.random.SeedSequence([edge_seed, round_index]).generate_state(1)[0])
+def _mix(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def edge_round_seed(run_seed: int, edge_seed: int, round_index: int) -> int:
+    """The seed of an edge's channel draws in one round, from the run's seed, the edge's and
+    the round: the same whatever process runs it."""
+    return _mix(run_seed, edge_seed, round_index)
 
 
 class EdgeDevice:
@@ -127,7 +138,8 @@ class EdgeDevice:
         if missing:
             raise PayloadError(f"the payload lacks the head's {missing[0]}")
         snr_db = self.snr_at(round_index)
-        link = build_link(self.link_config, edge_round_seed(self.edge.seed or 0, round_index))
+        seed = edge_round_seed(self.config.seed, self.edge.seed or 0, round_index)
+        link = build_link(self.link_config, seed)
         if hasattr(link, "restore_erasure_memory"):
             link.restore_erasure_memory(memory)
         protected = self.adapter.head_tensor_names()

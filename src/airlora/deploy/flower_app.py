@@ -6,13 +6,14 @@ server machine) and ``out`` (the run folder to write). Node config of each Super
 
 Messages:
 
-- ``query.hello`` (cloud -> every node): the deployment's YAML; the reply names the edge
-  and its first SNR. The cloud waits until every configured edge has answered.
+- ``query.hello`` (cloud -> every node): the deployment's YAML, kept in the node's Flower
+  state; the reply names the edge and its first SNR. The cloud waits until every configured
+  edge has answered, and asks any new node (an edge back after a crash) before each round.
 - ``train`` (cloud -> one edge per round): ``adapter`` (ArrayRecord: the payload's arrays),
   ``meta`` (ConfigRecord: per tensor its quantiser bits, minimum, maximum and shape),
-  ``round`` (ConfigRecord: the round and the YAML). The reply's ``report`` record is the
-  :class:`~airlora.deploy.edge.EdgeReport`; the edge keeps its receiver memory in the node's
-  Flower state between rounds.
+  ``round`` (ConfigRecord: the round). The reply's ``report`` record is the
+  :class:`~airlora.deploy.edge.EdgeReport` (``framing``: what the wire carried besides the
+  payload); the edge keeps its receiver memory in the node's Flower state between rounds.
 
 A reply that is an error, late, malformed or oversized costs that edge the round: the reason
 is logged, the cloud goes on.
@@ -21,6 +22,7 @@ is logged, the cloud goes on.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -41,7 +43,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from airlora.config import DeployConfig
-from airlora.deploy.cloud import CloudTrainer, Outgoing, run_rounds
+from airlora.deploy.cloud import CloudTrainer, Outgoing, run_rounds, run_status
 from airlora.deploy.edge import EdgeDevice, EdgeReport, edge_snr_db, find_edge
 from airlora.deploy.payload import MAX_PAYLOAD_BYTES
 from airlora.runs import RunFolder
@@ -49,7 +51,9 @@ from airlora.runs import RunFolder
 log = logging.getLogger("airlora.deploy")
 
 HELLO = "query.hello"
-REPORT_FIELDS = tuple(EdgeReport.__dataclass_fields__)
+REPORT_FIELDS = tuple(
+    f for f in EdgeReport.__dataclass_fields__ if f not in ("wire_array_bytes", "meta_values")
+)
 
 
 def _config(text: str) -> DeployConfig:
@@ -76,7 +80,7 @@ def cloud_main(grid: Grid, context: Context) -> None:
     try:
         summary = run_rounds(trainer, flower_transport(grid, registry, text), run)
         summary["nodes"] = {name: str(node) for name, node in registry.nodes.items()}
-        run.finish(summary, started)
+        run.finish(summary, started, run_status(summary))
     except BaseException as err:
         run.fail(err)
         raise
@@ -88,7 +92,12 @@ def exchange(
     """Push ``messages`` and collect the replies until all are in or ``timeout_s`` passes.
     Flower's ``send_and_receive`` polls every 3 s; a round here waits ``poll_s`` at most
     past its last reply."""
-    waiting = set(grid.push_messages(messages))
+    ids = list(grid.push_messages(messages))
+    if len(ids) < len(messages) or not all(ids):
+        # Flower returns no id for a message it could not take (payload too large, a node
+        # it does not know): those edges miss the round.
+        log.warning("the SuperLink took %d of %d messages", sum(map(bool, ids)), len(messages))
+    waiting = {i for i in ids if i}
     replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
     while waiting:
@@ -119,17 +128,25 @@ class EdgeRegistry:
             return
         hello = RecordDict({"deploy": ConfigRecord({"config": self.text})})
         messages = [Message(hello, n, HELLO) for n in new]
+        self.asked.update(new)  # a node that does not answer is not asked every round
+        wanted = {e.name for e in self.config.edges}
         for reply in exchange(grid, messages, 60.0):
             node = reply.metadata.src_node_id
-            self.asked.add(node)
             if reply.has_error():
                 log.warning("node %s did not register: %s", node, reply.error.reason)
                 continue
-            name = str(reply.content["hello"]["edge"])
+            try:
+                name = str(reply.content["hello"]["edge"])
+                snr = float(reply.content["snr"]["snr_db"])
+                if name not in wanted or not math.isfinite(snr):
+                    raise ValueError(f"edge {name!r} at {snr} dB is not one of {sorted(wanted)}")
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("node %s sent a malformed hello (%s): refused", node, err)
+                continue
             if name in self.nodes and self.nodes[name] != node:
                 log.warning("edge %s rejoined as node %s (was %s)", name, node, self.nodes[name])
             self.nodes[name] = node
-            self.first_snr.setdefault(name, float(reply.content["snr"]["snr_db"]))
+            self.first_snr.setdefault(name, snr)
 
     def wait_for_all(self, grid: Grid, timeout_s: float) -> None:
         """Refresh until every configured edge has answered, or raise naming the missing."""
@@ -167,7 +184,7 @@ def flower_transport(grid: Grid, registry: EdgeRegistry, text: str):
                 {
                     "adapter": ArrayRecord({k: Array(v) for k, v in out.payload.arrays.items()}),
                     "meta": ConfigRecord(dict(out.payload.meta)),
-                    "round": ConfigRecord({"round": out.round, "config": text}),
+                    "round": ConfigRecord({"round": out.round}),
                 }
             )
             messages.append(Message(content, nodes[name], MessageType.TRAIN))
@@ -178,7 +195,14 @@ def flower_transport(grid: Grid, registry: EdgeRegistry, text: str):
             if name is None:
                 log.warning("a reply from unknown node %s was dropped", reply.metadata.src_node_id)
                 continue
-            replies[name] = parse_report(reply, name)
+            report = parse_report(reply, name)
+            sent = outgoing[name]
+            if report is not None and (
+                report.round != sent.round or report.rank_vector != sent.rank_vector
+            ):
+                log.warning("edge %s reported another round or ranks than sent: refused", name)
+                report = None
+            replies[name] = report
         for name, report in replies.items():
             if report is None:
                 log.warning("edge %s missed round %d", name, next(iter(outgoing.values())).round)
@@ -204,6 +228,12 @@ def parse_report(reply: Message, name: str) -> EdgeReport | None:
             raise ValueError(f"received_bytes {values['received_bytes']} out of range")
         if not np.isfinite(values["next_snr_db"]):
             raise ValueError("next_snr_db is not finite")
+        if not (0.0 <= values["accuracy"] <= 1.0 or math.isnan(values["accuracy"])):
+            raise ValueError(f"accuracy {values['accuracy']} out of range")
+        if "framing" in reply.content:
+            framing = reply.content["framing"]
+            values["wire_array_bytes"] = int(framing["wire_array_bytes"])
+            values["meta_values"] = int(framing["meta_values"])
         return EdgeReport(**values)
     except (KeyError, TypeError, ValueError) as err:
         log.warning("edge %s sent a malformed report (%s): refused", name, err)
@@ -226,10 +256,13 @@ def _device(text: str, name: str) -> EdgeDevice:
 
 @client_app.query("hello")
 def edge_hello(msg: Message, context: Context) -> Message:
-    """Name this node's edge and its first SNR."""
-    config = _config(str(msg.content["deploy"]["config"]))
+    """Name this node's edge and its first SNR; keep the deployment's YAML in the node's
+    state for the rounds (it travels once, not with every round)."""
+    text = str(msg.content["deploy"]["config"])
+    config = _config(text)
     name = str(context.node_config["edge"])
     edge, _index = find_edge(config, name)
+    context.state["deploy"] = ConfigRecord({"config": text})
     content = RecordDict(
         {
             "hello": ConfigRecord({"edge": name}),
@@ -243,12 +276,21 @@ def edge_hello(msg: Message, context: Context) -> Message:
 def edge_round(msg: Message, context: Context) -> Message:
     """Receive one round's payload through the emulated channel, rebuild, score, report."""
     head = msg.content["round"]
-    device = _device(str(head["config"]), str(context.node_config["edge"]))
+    device = _device(str(context.state["deploy"]["config"]), str(context.node_config["edge"]))
     memory: dict[str, np.ndarray] = {}
     if "memory" in context.state:
         memory = {k: a.numpy() for k, a in context.state["memory"].items()}
-    arrays = {k: a.numpy() for k, a in msg.content["adapter"].items()}
+    received = msg.content["adapter"]
+    arrays = {k: a.numpy() for k, a in received.items()}
     meta = {k: list(v) for k, v in msg.content["meta"].items()}
     report, kept = device.receive(arrays, meta, int(head["round"]), memory)
     context.state["memory"] = ArrayRecord({k: Array(v) for k, v in kept.items()})
-    return Message(RecordDict({"report": ConfigRecord(report.as_dict())}), reply_to=msg)
+    # What arrived on the wire besides the payload: each array's serialised form (.npy
+    # header) and the per-tensor metadata record, as Flower carries them.
+    framing = {
+        "wire_array_bytes": int(sum(len(a.data) for a in received.values())),
+        "meta_values": int(sum(len(v) for v in msg.content["meta"].values())),
+    }
+    fields = {k: v for k, v in report.as_dict().items() if k in REPORT_FIELDS}
+    content = RecordDict({"report": ConfigRecord(fields), "framing": MetricRecord(framing)})
+    return Message(content, reply_to=msg)

@@ -94,6 +94,7 @@ class LoopbackFederation:
         self.tls, self.authenticate = tls, authenticate
         self.certificates: Certificates | None = None
         self.node_keys: dict[str, Path] = {}
+        self.stopped = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -171,6 +172,8 @@ class LoopbackFederation:
     def start_edge(self, name: str) -> subprocess.Popen:
         """Start (or restart) the SuperNode of edge ``name`` (registered first, once, when
         the federation authenticates its nodes)."""
+        if self.stopped:
+            raise DeployError("the federation has stopped")
         security = ["--insecure"]
         if self.certificates is not None:
             security = ["--root-certificates", str(self.certificates.ca_cert)]
@@ -197,14 +200,17 @@ class LoopbackFederation:
         self.logs["flwr-run"] = log
         run_config = f'config="{config_file}" out="{out}"'
         with open(log, "ab") as fh:
-            done = subprocess.run(
-                [_tool("flwr"), "run", str(APP_DIR), "loopback", "-c", run_config, "--stream"],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                timeout=timeout_s,
-                check=False,
-            )
+            try:
+                done = subprocess.run(
+                    [_tool("flwr"), "run", str(APP_DIR), "loopback", "-c", run_config, "--stream"],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    timeout=timeout_s,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired as err:
+                raise DeployError(f"the deployment took longer than {timeout_s:.0f} s") from err
         if done.returncode != 0:
             raise DeployError(f"flwr run exited with {done.returncode}: {_tail(log)}")
 
@@ -216,10 +222,12 @@ class LoopbackFederation:
         proc.wait()
 
     def stop(self) -> None:
+        """SIGTERM every process group, SIGKILL what is left after 10 s."""
+        self.stopped = True
         for proc in self.processes.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+            # The group, even when its leader has exited: its children may not have.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.processes.values():
             try:
@@ -228,6 +236,17 @@ class LoopbackFederation:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def _keep_logs(federation: LoopbackFederation, out: Path) -> None:
+    """The processes' logs into the run folder (one exists once the ServerApp started), or,
+    when the run never began, beside where it would have been, before the temporary folder
+    holding them goes."""
+    logs = out / "logs" if out.exists() else out.parent / f"{out.name}.logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for key, path in federation.logs.items():
+        if path.exists():
+            shutil.copy(path, logs / f"{key}.log")
 
 
 @contextlib.contextmanager
@@ -264,16 +283,15 @@ def deploy_loopback(
         config_file = workdir / "deploy.yaml"
         config_file.write_text(dump_config(config), encoding="utf-8")
         edges = [e.name for e in config.edges]
-        with loopback(edges, workdir, tls, authenticate) as federation:
+        federation = LoopbackFederation(edges, workdir, tls, authenticate)
+        try:
+            federation.start()
             if on_start is not None:
                 on_start(federation, out)
             federation.run_app(config_file, out, timeout_s)
-        if out.exists():
-            logs = out / "logs"
-            logs.mkdir(exist_ok=True)
-            for key, path in federation.logs.items():
-                if path.exists():
-                    shutil.copy(path, logs / f"{key}.log")
+        finally:
+            federation.stop()
+            _keep_logs(federation, out)
         manifest = out / MANIFEST_FILE
         if not manifest.is_file():
             tail = _tail(federation.logs.get("flwr-run", workdir / "none"))

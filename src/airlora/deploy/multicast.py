@@ -8,7 +8,7 @@ go out together; the head goes once to all. Unicast sends each edge its whole tr
 its own rate.
 
 Both are priced as first transmissions on the deployment's link (packets with their CRC, no
-retransmissions; the head's float32 values counted as ``32 / quant_bits`` parameters each),
+retransmissions; the head priced as the link sends it, :func:`head_weight`),
 so the two figures compare like with like. This is the accounting; each edge's emulated
 channel still decodes its payload at its own SNR.
 """
@@ -51,6 +51,18 @@ def first_airtime(link_config: LinkConfig, n_params: float, snr_db: float) -> fl
     return float(link.airtime_s(round(n_params), snr_db))
 
 
+def head_weight(link_config: LinkConfig) -> float:
+    """What one head parameter costs, in the link's parameters: a protected head travels as
+    float32 control data (32 bits: 32 / quant_bits parameters on a digital link, 16 symbols
+    = 32 parameters on an analog one); an unprotected one like any parameter; a perfect link
+    prices every parameter alike."""
+    if link_config.scheme == "perfect" or not link_config.protect_head:
+        return 1.0
+    if link_config.scheme == "analog":
+        return 32.0
+    return 32.0 / link_config.quant_bits
+
+
 def layered_multicast_cost(
     rank_vectors: Mapping[str, Sequence[int]],
     snr_db: Mapping[str, float],
@@ -69,7 +81,7 @@ def layered_multicast_cost(
     link_config: the deployment's link.
     """
     edges = list(rank_vectors)
-    head_equiv = head_params * (32 / link_config.quant_bits)
+    head_equiv = head_params * head_weight(link_config)
     by_receivers: dict[frozenset[str], float] = defaultdict(float)
     for p, params in enumerate(params_at):
         previous = 0

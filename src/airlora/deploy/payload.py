@@ -10,8 +10,9 @@ edge passes them through its own emulated channel (:mod:`airlora.deploy.edge`).
 - The head's tensors (the link's protected control data) travel as float32.
 
 So the bytes of a message's arrays are the link's payload bits / 8, up to each tensor's last
-partial byte; the minimum and maximum (64 bits per tensor, the link's control data) travel in
-the message's config record.
+partial byte. Each tensor's quantiser bits, minimum, maximum and shape travel in the
+message's config record (the link counts the minimum and maximum as 64 bits of control data;
+Flower sends the record as float64 values).
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def _check_shape(name: str, shape: list[int], expected: Mapping[str, tuple[int, 
         ok = shape[1] == full[1] and 0 < shape[0] <= full[0]
     elif name.endswith(".lora_B"):  # d_out x r
         ok = shape[0] == full[0] and 0 < shape[1] <= full[1]
+    elif name.endswith(".lora_E"):  # the SVD form's r singular values
+        ok = 0 < shape[0] <= full[0]
     else:
         ok = tuple(shape) == tuple(full)
     if not ok:
@@ -132,7 +135,10 @@ def ranks_of(tensors: Mapping[str, torch.Tensor], projection_names: Sequence[str
     ranks = []
     for name in projection_names:
         a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
+        e = tensors.get(f"{name}.lora_E")
         if (a is None) != (b is None) or (a is not None and a.shape[0] != b.shape[1]):
             raise PayloadError(f"{name}: factors A and B do not match")
+        if e is not None and (a is None or e.shape[0] != a.shape[0]):
+            raise PayloadError(f"{name}: singular values E do not match A and B")
         ranks.append(0 if a is None else int(a.shape[0]))
     return ranks

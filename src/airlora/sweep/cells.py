@@ -184,6 +184,11 @@ def chosen_learning_rate(cells: Path, cell: dict) -> float:
         record = json.loads((cells / cell_id / RESULT_FILE).read_text(encoding="utf-8"))
         scores.setdefault(record["learning_rate"], []).append(tuning_score(record))
     means = {lr: sum(v) / len(v) for lr, v in scores.items()}
+    if all(m == -math.inf for m in means.values()):
+        raise ValueError(
+            f"every learning rate of the tuning grid diverged for {cell['name']} at r_max "
+            f"{cell['r_max']} ({sorted(means)}): lower tuning.learning_rates"
+        )
     return max(means, key=lambda lr: (means[lr], -list(means).index(lr)))
 
 
