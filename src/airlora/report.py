@@ -421,7 +421,11 @@ def write_report(sweep_dir: Path) -> Path:
         f"per evaluation cell; reward lambda {config.env.cost_weight}.",
         f"- r_max {config.r_max}, SNR {config.snr_db} dB, seeds {config.seeds}; policies "
         f"trained {config.total_steps} steps on a surrogate fitted to "
-        f"{config.surrogate.real_episodes} logged real episodes per (r_max, seed).",
+        + (
+            f"the given log `{config.surrogate.rounds_file}` (the same for every seed)."
+            if config.surrogate.rounds_file is not None
+            else f"{config.surrogate.real_episodes} logged real episodes per (r_max, seed)."
+        ),
         f"- {_ACCURACY_TEXT[metric]} (mean ± 95 % CI over seeds); p: paired t-test against "
         "airllm on the seeds both ran (same data order, same channel draws), unadjusted; the "
         "paired comparisons below are Holm-adjusted and state the minimum detectable "
