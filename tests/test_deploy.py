@@ -201,7 +201,7 @@ def test_an_edge_killed_mid_run_misses_rounds_then_rejoins(tiny_model_dir, tiny_
         tmp_path,
         run_name="kill",
         train={"rounds": 4, "steps_per_round": 1, "warmup_steps": 0},
-        round_timeout_s=30,
+        round_timeout_s=15,
     )
     events: list[str] = []
 
