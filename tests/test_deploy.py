@@ -89,18 +89,26 @@ def _rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _check_deployment(run_dir) -> list[dict]:
+def _check_deployment(
+    run_dir, rounds: int = 3, missed: frozenset = frozenset(), may_miss: frozenset = frozenset()
+) -> list[dict]:
     """What every deployment must show: per (round, edge) a row; every edge received the
-    bytes the cloud accounted for it; the 25 dB edge gets at least the 5 dB edge's ranks."""
+    bytes the cloud accounted for it; the 25 dB edge gets at least the 5 dB edge's ranks.
+    ``missed``: the (round, edge) pairs that must have missed their round; ``may_miss``:
+    those that may have."""
     rows = _rows(run_dir)
-    assert len(rows) == 3 * 3 and not any(r["missed"] for r in rows)
+    assert len(rows) == rounds * 3
+    got = {(r["round"], r["edge"]) for r in rows if r["missed"]}
+    assert set(missed) <= got <= set(missed) | set(may_miss), got
     for r in rows:
+        if r["missed"]:
+            continue
         assert r["edge_received_bytes"] == r["sent_bytes"] > 0
         assert r["edge_payload_bits"] == r["link_payload_bits"]  # the edge's link agrees
         if r["edge_wire_array_bytes"] is not None:  # over Flower: the framing is on top
             assert r["sent_bytes"] < r["edge_wire_array_bytes"] < r["sent_bytes"] + 4096
         assert 0 <= r["edge_accuracy"] <= 1
-    for t in range(3):
+    for t in range(rounds):
         ranks = {r["edge"]: r["rank_vector"] for r in rows if r["round"] == t}
         assert all(a >= b for a, b in zip(ranks["edge2"], ranks["edge0"], strict=True))
         assert sum(ranks["edge2"]) > sum(ranks["edge0"])
@@ -139,24 +147,28 @@ def test_deploy_refuses_bad_input_before_any_folder(tiny_model_dir, tiny_data_di
     assert not (tmp_path / "runs").exists()
 
 
-def test_flower_loopback_deployment_with_tls_and_auth_matches_the_in_process_one(
-    tiny_model_dir, tiny_data_dir, tmp_path
-):
-    """A SuperLink and 3 SuperNodes on loopback (free ports), 3 rounds at 5, 15 and 25 dB,
-    every connection on TLS (a CA and a server certificate made here) and only registered
-    SuperNodes let in (an EC key per edge): the run folder holds each edge's metrics, bytes
-    match the cloud's accounting, and every figure equals the in-process run's (the transport
-    changes nothing). The kill test below runs without TLS."""
+def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_data_dir, tmp_path):
+    """A SuperLink and 3 SuperNodes on loopback (free ports), 4 rounds at 5, 15 and 25 dB,
+    every connection on TLS (a CA and a server certificate made here), only registered
+    SuperNodes let in (an EC key per edge), and edge1's SuperNode SIGKILLed in round 2:
+    - the run folder holds each edge's metrics; received bytes match the cloud's accounting;
+    - round 2 ends for the others within the timeout; edge1, restarted, rejoins on a new node
+      and receives the current adapter;
+    - every round an edge received equals the in-process run's (the transport changes
+      nothing). One Flower run for all of it: each costs a minute of the suite."""
     pytest.importorskip("flwr")
     import http.client
     import ssl
+    import threading
+    import time
 
     from airlora.deploy import run_in_process
     from airlora.deploy.launch import deploy_loopback
 
     seen: dict[str, object] = {}
+    events: list[str] = []
 
-    def probe(federation, run_dir) -> None:
+    def start(federation, run_dir) -> None:
         # The SuperLink speaks TLS with the certificate made for 127.0.0.1 ...
         context = ssl.create_default_context(cafile=str(federation.certificates.ca_cert))
         secure = http.client.HTTPSConnection("127.0.0.1", federation.port, context=context)
@@ -172,41 +184,7 @@ def test_flower_loopback_deployment_with_tls_and_auth_matches_the_in_process_one
             seen["plain_error"] = type(err).__name__
         seen["keys"] = sorted(federation.node_keys)
 
-    config = _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, run_name="flower")
-    run_dir = deploy_loopback(config, timeout_s=500, on_start=probe, tls=True, authenticate=True)
-    rows = _check_deployment(run_dir)
-    assert isinstance(seen["https_status"], int) and "plain_error" in seen, seen
-    assert seen["keys"] == ["edge0", "edge1", "edge2"]  # every node registered its own key
-    assert (run_dir / "logs" / "superlink.log").is_file()
-    local, _ = run_in_process(config.model_copy(update={"run_name": "local"}))
-    same = ("edge", "round", "rank_vector", "sent_bytes", "edge_accuracy", "edge_erased_params")
-    assert [{k: r[k] for k in same} for r in rows] == [
-        {k: r[k] for k in same} for r in _rows(local)
-    ]
-
-
-def test_an_edge_killed_mid_run_misses_rounds_then_rejoins(tiny_model_dir, tiny_data_dir, tmp_path):
-    """One SuperNode SIGKILLed in round 2 of 4: the round ends for the others within the
-    timeout, the run finishes, and the edge, restarted, rejoins on a new node and receives
-    the current adapter."""
-    pytest.importorskip("flwr")
-    import threading
-    import time
-
-    from airlora.deploy.launch import deploy_loopback
-
-    config = _deploy_config(
-        tiny_model_dir,
-        tiny_data_dir,
-        tmp_path,
-        run_name="kill",
-        train={"rounds": 4, "steps_per_round": 1, "warmup_steps": 0},
-        round_timeout_s=15,
-    )
-    events: list[str] = []
-
-    def chaos(federation, run_dir) -> None:
-        def act() -> None:
+        def chaos() -> None:
             metrics = run_dir / "metrics.jsonl"
             deadline = time.monotonic() + 400
             while time.monotonic() < deadline:  # round 1 recorded: round 2 is under way
@@ -219,23 +197,39 @@ def test_an_edge_killed_mid_run_misses_rounds_then_rejoins(tiny_model_dir, tiny_
                 if len(metrics.read_text().splitlines()) >= 6:
                     break
                 time.sleep(0.2)
-            federation.start_edge("edge1")
+            # With a new key, as a replaced device would come back. (With its old key the
+            # node was not let back in during the run when we tried: a gap, noted.)
+            federation.start_edge("edge1", new_identity=True)
             events.append("restarted")
 
-        threading.Thread(target=act, daemon=True).start()
+        threading.Thread(target=chaos, daemon=True).start()
 
-    run_dir = deploy_loopback(config, timeout_s=500, on_start=chaos)
+    config = _deploy_config(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path,
+        run_name="flower",
+        train={"rounds": 4, "steps_per_round": 1, "warmup_steps": 0},
+        round_timeout_s=15,
+    )
+    run_dir = deploy_loopback(config, timeout_s=500, on_start=start, tls=True, authenticate=True)
     assert events == ["killed", "restarted"]
-    rows = _rows(run_dir)
-    assert len(rows) == 4 * 3
-    others = [r for r in rows if r["edge"] != "edge1"]
-    assert not any(r["missed"] for r in others)  # the others' rounds went on
-    mine = {r["round"]: r for r in rows if r["edge"] == "edge1"}
-    assert not mine[0]["missed"] and mine[1]["missed"]
-    assert not mine[3]["missed"]  # rejoined: the last round's adapter arrived
-    assert mine[3]["edge_received_bytes"] == mine[3]["sent_bytes"]
+    # Round 2 (index 1) is lost to the kill; round 3 too when the new node registers late.
+    rows = _check_deployment(
+        run_dir, rounds=4, missed=frozenset({(1, "edge1")}), may_miss=frozenset({(2, "edge1")})
+    )
+    assert isinstance(seen["https_status"], int) and "plain_error" in seen, seen
+    assert seen["keys"] == ["edge0", "edge1", "edge2"]  # every node registered its own key
     nodes = json.loads((run_dir / "manifest.json").read_text())["summary"]["nodes"]
     assert len(set(nodes.values())) == 3
+    assert (run_dir / "logs" / "supernode-edge1.log").is_file()
+    local, _ = run_in_process(config.model_copy(update={"run_name": "local"}))
+    same = ("edge", "round", "rank_vector", "sent_bytes", "edge_accuracy", "edge_erased_params")
+    received = [{k: r[k] for k in same} for r in rows if not r["missed"]]
+    lost = {(r["round"], r["edge"]) for r in rows if r["missed"]}
+    expected = [r for r in _rows(local) if (r["round"], r["edge"]) not in lost]
+    assert received == [{k: r[k] for k in same} for r in expected]
+    assert not rows[-2]["missed"] and rows[-2]["edge"] == "edge1"  # rejoined by round 4
 
 
 def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog, monkeypatch):

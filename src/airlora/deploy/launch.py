@@ -153,7 +153,8 @@ class LoopbackFederation:
 
     def register(self, name: str) -> Path:
         """Make edge ``name``'s key pair and register its public key with the SuperLink."""
-        private, public = make_node_key(self.workdir / "node-keys", name)
+        key_name = f"{name}-{len(list((self.workdir / 'node-keys').glob(f'{name}*.pub')))}"
+        private, public = make_node_key(self.workdir / "node-keys", key_name)
         log = self.workdir / f"register-{name}.log"
         with open(log, "ab") as fh:
             done = subprocess.run(
@@ -169,16 +170,18 @@ class LoopbackFederation:
         self.node_keys[name] = private
         return private
 
-    def start_edge(self, name: str) -> subprocess.Popen:
+    def start_edge(self, name: str, new_identity: bool = False) -> subprocess.Popen:
         """Start (or restart) the SuperNode of edge ``name`` (registered first, once, when
-        the federation authenticates its nodes)."""
+        the federation authenticates its nodes; ``new_identity``: with a new key, as a
+        replaced device would come back)."""
         if self.stopped:
             raise DeployError("the federation has stopped")
         security = ["--insecure"]
         if self.certificates is not None:
             security = ["--root-certificates", str(self.certificates.ca_cert)]
             if self.authenticate:
-                key = self.node_keys.get(name) or self.register(name)
+                key = None if new_identity else self.node_keys.get(name)
+                key = key or self.register(name)
                 security += ["--auth-supernode-private-key", str(key)]
         return self._start(
             f"supernode-{name}",
