@@ -300,3 +300,19 @@ def test_layered_multicast_sends_shared_ranks_once_at_the_weakest_receivers_rate
         first_airtime(digital, 10 + 400, 12.0) + first_airtime(digital, 20, 12.0)
     )
     assert head_weight(digital.model_copy(update={"protect_head": False})) == 1
+
+
+def test_cli_deploy_in_process_prints_each_edge_and_writes_the_run(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    config = _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, run_name="cli")
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    result = runner.invoke(app, ["deploy", "--config", str(path), "--in-process"])
+    assert result.exit_code == 0, result.output
+    for name in ("edge0 (5 dB)", "edge1 (15 dB)", "edge2 (25 dB)"):
+        assert name in result.output
+    run_dir = tmp_path / "runs" / "cli"
+    assert len(_rows(run_dir)) == 9 and (run_dir / "multicast.jsonl").is_file()
+    result = runner.invoke(app, ["deploy", "--config", str(path), "--in-process", "--json"])
+    assert result.exit_code == 2 and "already exists" in result.output

@@ -13,6 +13,7 @@ from airlora.cli.common import (
     LinkOption,
     ModelOption,
     OutOption,
+    QuietOption,
     RmaxOption,
     RoundsOption,
     RunNameOption,
@@ -23,8 +24,28 @@ from airlora.cli.common import (
     key_value_table,
     num,
     print_json,
+    progress_bar,
     user_errors,
 )
+
+
+def _follow(show, edges: int):
+    """An ``on_start`` hook: a thread that counts the finished rounds in the run folder's
+    metrics (one row per edge and round) while Flower runs the app."""
+    import threading
+    import time
+
+    def start(federation, run_dir) -> None:
+        def watch() -> None:
+            metrics = run_dir / "metrics.jsonl"
+            while not federation.stopped:
+                if metrics.exists():
+                    show(len(metrics.read_text(encoding="utf-8").splitlines()) // edges)
+                time.sleep(1.0)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    return start
 
 
 def deploy(
@@ -67,6 +88,7 @@ def deploy(
     out: OutOption = None,
     run_name: RunNameOption = None,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Run the cloud trainer and N edges as real Flower processes on loopback.
 
@@ -92,18 +114,31 @@ def deploy(
         config = DeployConfig.model_validate(mapping)
         if in_process and (tls or authenticate):
             raise ValueError("--tls and --authenticate secure Flower's links: not --in-process")
-        if in_process:
-            from airlora.deploy.cloud import run_in_process
+        rounds = config.train.rounds
+        with progress_bar("deploy", "rounds", quiet or as_json, status=True) as progress:
+            task = progress.add_task("rounds", total=rounds, status="starting")
 
-            run_dir, summary = run_in_process(config)
-        else:
-            import json
+            def show(done: int) -> None:
+                progress.update(task, completed=done, status=f"{len(config.edges)} edges")
 
-            from airlora.deploy.launch import deploy_loopback
-            from airlora.runs import MANIFEST_FILE
+            if in_process:
+                from airlora.deploy.cloud import run_in_process
 
-            run_dir = deploy_loopback(config, timeout, tls=tls, authenticate=authenticate)
-            summary = json.loads((run_dir / MANIFEST_FILE).read_text())["summary"]
+                run_dir, summary = run_in_process(config, on_round=lambda t, _r: show(t + 1))
+            else:
+                import json
+
+                from airlora.deploy.launch import deploy_loopback
+                from airlora.runs import MANIFEST_FILE
+
+                run_dir = deploy_loopback(
+                    config,
+                    timeout,
+                    on_start=_follow(show, len(config.edges)),
+                    tls=tls,
+                    authenticate=authenticate,
+                )
+                summary = json.loads((run_dir / MANIFEST_FILE).read_text())["summary"]
     if as_json:
         print_json({**summary, "run_dir": str(run_dir)})
         return

@@ -305,16 +305,20 @@ def in_process_transport(devices: Mapping[str, EdgeDevice]) -> Transport:
     return send
 
 
-def run_in_process(config: DeployConfig, out: Path | None = None) -> tuple[Path, dict]:
+def run_in_process(
+    config: DeployConfig,
+    out: Path | None = None,
+    on_round: Callable[[int, dict[str, EdgeReport | None]], None] | None = None,
+) -> tuple[Path, dict]:
     """The deployment with every edge in this process (no Flower): a run folder like
-    `airlora deploy`'s, for comparison and tests."""
+    `airlora deploy`'s, for comparison and tests. ``on_round(t, replies)`` follows it."""
     devices = {e.name: EdgeDevice(config, e, i) for i, e in enumerate(config.edges)}
     trainer = CloudTrainer(config, {n: d.snr_at(0) for n, d in devices.items()})
     out = out or Path(config.out_dir) / (config.run_name or "deploy-in-process")
     run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
     started = time.perf_counter()
     try:
-        summary = run_rounds(trainer, in_process_transport(devices), run)
+        summary = run_rounds(trainer, in_process_transport(devices), run, on_round)
         run.finish(summary, started, run_status(summary))
     except BaseException as err:
         run.fail(err)
