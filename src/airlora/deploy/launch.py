@@ -9,6 +9,7 @@ writes; the processes' logs are copied into its ``logs/``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 
@@ -252,18 +253,6 @@ def _keep_logs(federation: LoopbackFederation, out: Path) -> None:
             shutil.copy(path, logs / f"{key}.log")
 
 
-@contextlib.contextmanager
-def loopback(
-    edges: list[str], workdir: Path, tls: bool = False, authenticate: bool = False
-) -> Iterator[LoopbackFederation]:
-    federation = LoopbackFederation(edges, workdir, tls, authenticate)
-    try:
-        federation.start()
-        yield federation
-    finally:
-        federation.stop()
-
-
 def deploy_loopback(
     config: DeployConfig,
     timeout_s: float = 3600.0,
@@ -299,8 +288,6 @@ def deploy_loopback(
         if not manifest.is_file():
             tail = _tail(federation.logs.get("flwr-run", workdir / "none"))
             raise DeployError(f"the ServerApp wrote no run folder: {tail}")
-    import json
-
     status = json.loads(manifest.read_text(encoding="utf-8")).get("status")
     if status != "completed":
         raise DeployError(f"the deployment ended {status}: see {out / 'logs'}")

@@ -42,13 +42,22 @@ class MulticastCost:
 
 def first_airtime(link_config: LinkConfig, n_params: float, snr_db: float) -> float:
     """Seconds of a first transmission of ``n_params`` parameters at ``snr_db``."""
-    if n_params <= 0:
-        return 0.0
-    if link_config.scheme == "perfect":
-        bits = n_params * link_config.bits_per_param
-        return shannon_airtime(int(bits), snr_db, link_config.bandwidth_hz)
-    link = build_link(link_config)
-    return float(link.airtime_s(round(n_params), snr_db))
+    return _airtimes(link_config)(n_params, snr_db)
+
+
+def _airtimes(link_config: LinkConfig):
+    """``(n_params, snr_db) -> seconds`` on one link (built once: it caches per SNR)."""
+    link = None if link_config.scheme == "perfect" else build_link(link_config)
+
+    def airtime(n_params: float, snr_db: float) -> float:
+        if n_params <= 0:
+            return 0.0
+        if link is None:
+            bits = n_params * link_config.bits_per_param
+            return shannon_airtime(int(bits), snr_db, link_config.bandwidth_hz)
+        return float(link.airtime_s(round(n_params), snr_db))
+
+    return airtime
 
 
 def head_weight(link_config: LinkConfig) -> float:
@@ -90,13 +99,12 @@ def layered_multicast_cost(
             by_receivers[receivers] += params(r) - params(previous)
             previous = r
     by_receivers[frozenset(edges)] += head_equiv
+    airtime = _airtimes(link_config)
     multicast = sum(
-        first_airtime(link_config, n, min(snr_db[e] for e in receivers))
-        for receivers, n in by_receivers.items()
+        airtime(n, min(snr_db[e] for e in receivers)) for receivers, n in by_receivers.items()
     )
     unicast = sum(
-        first_airtime(
-            link_config,
+        airtime(
             sum(params(int(r)) for params, r in zip(params_at, rank_vectors[e], strict=True))
             + head_equiv,
             snr_db[e],

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
-from airlora.config import SweepConfig
+from collections.abc import Callable
+
+from airlora.config import MethodSpec, SweepConfig
 from airlora.config.base import merge_section
 
 TRAINED = ("airllm", "ppo")
@@ -73,8 +75,8 @@ def plan(config: SweepConfig) -> list[list[dict]]:
     tunes), evaluations; an online sweep: tuning runs (when it tunes), then online runs."""
     if config.formulation == "online":
         return _plan_online(config)
-    rounds, policies, tunes, evals = [], [], [], []
-    grids = _round_tuning(config, tunes)
+    rounds, policies, evals = [], [], []
+    tunes, grids = _round_tuning(config)
     trained = [m for m in config.methods if m.method in TRAINED]
     # A given log (surrogate.rounds_file) replaces the per-(r_max, seed) logging.
     log_here = config.surrogate.rounds_file is None
@@ -118,14 +120,15 @@ def plan(config: SweepConfig) -> list[list[dict]]:
     return [rounds, policies, tunes, evals] if tunes else [rounds, policies, evals]
 
 
-def _round_tuning(config: SweepConfig, tunes: list[dict]) -> dict[tuple[str, int], list[str]]:
-    """Append a round sweep's tuning episodes to ``tunes``; returns each (entry, r_max)'s
-    tuning cell ids. A trained method plays the policy of the first evaluation seed (trained
-    on the surrogate, never on a scored split) at every rate of the grid."""
+def _tuning_cells(
+    config: SweepConfig, extra: Callable[[MethodSpec, int], dict]
+) -> tuple[list[dict], dict[tuple[str, int], list[str]]]:
+    """The tuning cells of a sweep (none without ``tuning``), each with ``extra(entry,
+    r_max)`` added, and each (entry, r_max)'s tuning cell ids."""
+    tunes: list[dict] = []
     grids: dict[tuple[str, int], list[str]] = {}
     if config.tuning is None:
-        return grids
-    snr = tuning_snr_db(config)
+        return tunes, grids
     for r_max in config.r_max:
         for m in config.methods:
             for lr in config.tuning.learning_rates:
@@ -137,36 +140,35 @@ def _round_tuning(config: SweepConfig, tunes: list[dict]) -> dict[tuple[str, int
                         "r_max": r_max,
                         "seed": seed,
                         "learning_rate": lr,
-                        "snr_db": snr,
+                        **extra(m, r_max),
                     }
-                    if m.method in TRAINED:
-                        cell["policy"] = policy_id(m.name, r_max, config.seeds[0])
                     grids.setdefault((m.name, r_max), []).append(cell["id"])
                     tunes.append(cell)
-    return grids
+    return tunes, grids
+
+
+def _round_tuning(config: SweepConfig) -> tuple[list[dict], dict[tuple[str, int], list[str]]]:
+    """A round sweep's tuning episodes, at the median SNR. A trained method plays the policy
+    of the first evaluation seed (trained on the surrogate, never on a scored split) at every
+    rate of the grid."""
+    snr = tuning_snr_db(config) if config.tuning is not None else None
+
+    def extra(m: MethodSpec, r_max: int) -> dict:
+        cell: dict = {"snr_db": snr}
+        if m.method in TRAINED:
+            cell["policy"] = policy_id(m.name, r_max, config.seeds[0])
+        return cell
+
+    return _tuning_cells(config, extra)
 
 
 def _plan_online(config: SweepConfig) -> list[list[dict]]:
     """Online runs, after the tuning runs of their (method, r_max) when the sweep tunes."""
-    tunes, runs = [], []
+    tunes, grids = _tuning_cells(config, lambda m, r_max: {})
+    runs = []
     for r_max in config.r_max:
         for m in config.methods:
-            grid = []
-            if config.tuning is not None:
-                for lr in config.tuning.learning_rates:
-                    for seed in config.tuning.seeds:
-                        cell_id = tune_id(m.name, r_max, lr, seed)
-                        grid.append(cell_id)
-                        tunes.append(
-                            {
-                                "kind": "tune",
-                                "id": cell_id,
-                                "name": m.name,
-                                "r_max": r_max,
-                                "seed": seed,
-                                "learning_rate": lr,
-                            }
-                        )
+            grid = grids.get((m.name, r_max), [])
             for seed in config.seeds:
                 cell = {
                     "kind": "online",
