@@ -316,3 +316,28 @@ def test_cli_deploy_in_process_prints_each_edge_and_writes_the_run(
     assert len(_rows(run_dir)) == 9 and (run_dir / "multicast.jsonl").is_file()
     result = runner.invoke(app, ["deploy", "--config", str(path), "--in-process", "--json"])
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_a_packed_payload_is_the_arrays_bytes_and_refuses_what_does_not_fit():
+    from airlora.deploy.payload import pack_arrays, unpack_arrays
+
+    encoded = encode_adapter(_tensors(), ["head.classifier.weight"], 5)
+    buffer, names = pack_arrays(encoded.arrays)
+    assert buffer.dtype == np.uint8 and buffer.nbytes == encoded.nbytes  # nothing added
+    unpacked = unpack_arrays(buffer, names, encoded.meta)
+    assert list(unpacked) == names
+    for name, array in encoded.arrays.items():
+        assert unpacked[name].dtype == array.dtype and np.array_equal(unpacked[name], array)
+    decoded = decode_adapter(unpacked, encoded.meta)
+    assert torch.equal(decoded["head.classifier.weight"], _tensors()["head.classifier.weight"])
+    cases = [
+        (buffer[:-1], names, encoded.meta, "short"),
+        (np.concatenate([buffer, np.zeros(2, np.uint8)]), names, encoded.meta, "past the last"),
+        (buffer.view(np.int8), names, encoded.meta, "uint8"),
+        (buffer, names[:-1], encoded.meta, "differ"),
+        (buffer, [*names[:-1], names[0]], encoded.meta, "differ"),
+        (buffer, names, {**encoded.meta, "enc.q.lora_A": [5, 0, 1, -3, 10]}, "malformed"),
+    ]
+    for packed, order, meta, message in cases:
+        with pytest.raises(PayloadError, match=message):
+            unpack_arrays(packed, order, meta)

@@ -18,6 +18,7 @@ from airlora.cli.common import (
     print_bench,
     print_json,
     typer_group,
+    user_errors,
 )
 
 bench_app = typer_group("Benchmarks: the project against its peer, in the same run.")
@@ -126,6 +127,45 @@ def bench_surrogate(
 
     with err_console.status("benchmarking the surrogate on the shipped logged rounds"):
         result = run(log)
+    print_bench(result, as_json)
+
+
+@bench_app.command("deploy")
+def bench_deploy(
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Deployment YAML (DeployConfig).", exists=True, dir_okay=False
+        ),
+    ] = None,
+    edges: Annotated[int | None, typer.Option(help="Number of edges (5-25 dB). [3]")] = None,
+    edge_snr_db: Annotated[
+        str | None, typer.Option("--snr-db", help="Comma-separated SNR (dB) per edge.")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds. [5]")] = None,
+    steps_per_round: Annotated[int | None, typer.Option(help="Cloud steps per round. [8]")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name or folder.")] = None,
+    cold: Annotated[
+        bool, typer.Option("--cold", help="Flower's own launcher (a process per message).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Rounds/s of `airlora deploy` on loopback (3 SuperNodes) against the same deployment
+    loop with the edges in this process."""
+    from airlora.bench.deploy import bench_deploy as run
+    from airlora.cli.deploy import edges_mapping
+    from airlora.config import DeployConfig
+
+    with user_errors():
+        given = {"rounds": rounds, "steps_per_round": steps_per_round, "model": model}
+        mapping = edges_mapping(config_mapping(config_file, given), edges, edge_snr_db)
+        config = DeployConfig.model_validate(mapping)
+        with err_console.status("benchmarking the deployment") as status:
+            result = run(
+                config,
+                warm=not cold,
+                progress=lambda m: status.update(f"benchmarking the deployment: {m}"),
+            )
     print_bench(result, as_json)
 
 

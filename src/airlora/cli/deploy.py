@@ -48,6 +48,30 @@ def _follow(show, edges: int):
     return start
 
 
+def edges_mapping(mapping: dict, edges: int | None, edge_snr_db: str | None) -> dict:
+    """``--snr-db 5,15,25`` or ``--edges N`` (SNRs spread over 5-25 dB) into a config
+    mapping's ``edges``."""
+    if edge_snr_db is not None:
+        values = [float(v) for v in edge_snr_db.split(",") if v.strip()]
+        mapping["edges"] = [{"snr_db": v} for v in values]
+    elif edges is not None:
+        if edges < 1:
+            raise ValueError(f"--edges must be at least 1, got {edges}")
+        spread = [5.0 + 20.0 * i / max(1, edges - 1) for i in range(edges)]
+        mapping["edges"] = [{"snr_db": round(v, 2)} for v in spread]
+    return mapping
+
+
+ColdOption = Annotated[
+    bool,
+    typer.Option(
+        "--cold",
+        help="Flower's own ClientApp launcher (a fresh process per message loads the model); "
+        "default: each edge's ClientApps forked from a process that holds its model.",
+    ),
+]
+
+
 def deploy(
     config_file: ConfigOption = None,
     edges: Annotated[
@@ -79,6 +103,7 @@ def deploy(
         bool,
         typer.Option("--authenticate", help="Let in registered SuperNodes only (needs --tls)."),
     ] = False,
+    cold: ColdOption = False,
     in_process: Annotated[
         bool,
         typer.Option(
@@ -102,15 +127,7 @@ def deploy(
 
     with user_errors():
         params = dict(locals())
-        mapping = config_mapping(config_file, params)
-        if edge_snr_db is not None:
-            values = [float(v) for v in edge_snr_db.split(",") if v.strip()]
-            mapping["edges"] = [{"snr_db": v} for v in values]
-        elif edges is not None:
-            if edges < 1:
-                raise ValueError(f"--edges must be at least 1, got {edges}")
-            spread = [5.0 + 20.0 * i / max(1, edges - 1) for i in range(edges)]
-            mapping["edges"] = [{"snr_db": round(v, 2)} for v in spread]
+        mapping = edges_mapping(config_mapping(config_file, params), edges, edge_snr_db)
         config = DeployConfig.model_validate(mapping)
         if in_process and (tls or authenticate):
             raise ValueError("--tls and --authenticate secure Flower's links: not --in-process")
@@ -137,6 +154,7 @@ def deploy(
                     on_start=_follow(show, len(config.edges)),
                     tls=tls,
                     authenticate=authenticate,
+                    warm=not cold,
                 )
                 summary = json.loads((run_dir / MANIFEST_FILE).read_text())["summary"]
     if as_json:

@@ -218,7 +218,9 @@ def run_rounds(
             },
         )
         costs.append(cost)
+        sent_at = time.perf_counter()
         replies = transport(outgoing, config)
+        transport_time = time.perf_counter() - sent_at
         for name, out in outgoing.items():
             report = replies.get(name)
             trainer.record(name, report)
@@ -232,6 +234,8 @@ def run_rounds(
                 "link_payload_bits": out.link_payload_bits,
                 "train_loss": train_loss,
                 "train_time_s": train_time,
+                # From handing the payloads over until the last reply (or the timeout).
+                "transport_time_s": transport_time,
                 "diverged": diverged,
                 "missed": report is None,
                 **({} if report is None else {f"edge_{k}": v for k, v in report.as_dict().items()}),

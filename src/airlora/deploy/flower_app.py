@@ -9,8 +9,10 @@ Messages:
 - ``query.hello`` (cloud -> every node): the deployment's YAML, kept in the node's Flower
   state; the reply names the edge and its first SNR. The cloud waits until every configured
   edge has answered, and asks any new node (an edge back after a crash) before each round.
-- ``train`` (cloud -> one edge per round): ``adapter`` (ArrayRecord: the payload's arrays),
-  ``meta`` (ConfigRecord: per tensor its quantiser bits, minimum, maximum and shape),
+- ``train`` (cloud -> one edge per round): ``adapter`` (ArrayRecord: the payload's arrays
+  packed into one, :func:`~airlora.deploy.payload.pack_arrays`, since Flower moves every
+  array as an object of its own), ``meta`` (ConfigRecord: per tensor its quantiser bits,
+  minimum, maximum and shape, and the tensors' order in the packed array),
   ``round`` (ConfigRecord: the round). The reply's ``report`` record is the
   :class:`~airlora.deploy.edge.EdgeReport` (``framing``: what the wire carried besides the
   payload); the edge keeps its receiver memory in the node's Flower state between rounds.
@@ -24,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +46,20 @@ from flwr.serverapp import Grid, ServerApp
 from airlora.config import DeployConfig
 from airlora.deploy.cloud import CloudTrainer, Outgoing, run_rounds, run_status
 from airlora.deploy.edge import EdgeDevice, EdgeReport, edge_snr_db, find_edge
-from airlora.deploy.payload import MAX_PAYLOAD_BYTES
+from airlora.deploy.payload import MAX_PAYLOAD_BYTES, pack_arrays, unpack_arrays
 from airlora.runs import RunFolder
 
 log = logging.getLogger("airlora.deploy")
 
 HELLO = "query.hello"
+# In a train message's ``meta`` record: the tensors' order in the packed payload.
+ORDER_KEY = "_order"
 REPORT_FIELDS = tuple(
     f for f in EdgeReport.__dataclass_fields__ if f not in ("wire_array_bytes", "meta_values")
 )
 
 
-def _config(text: str) -> DeployConfig:
+def config_from_text(text: str) -> DeployConfig:
     return DeployConfig.model_validate(yaml.safe_load(text))
 
 
@@ -71,8 +74,12 @@ def cloud_main(grid: Grid, context: Context) -> None:
     run_rounds`) over Flower messages; the run folder goes to ``run_config['out']``."""
     config_path = Path(str(context.run_config["config"]))
     out = Path(str(context.run_config["out"]))
-    text = config_path.read_text(encoding="utf-8")
-    config = _config(text)
+    run_cloud(grid, config_path.read_text(encoding="utf-8"), out)
+
+
+def run_cloud(grid: Grid, text: str, out: Path) -> None:
+    """The cloud's whole run for the deployment ``text`` (its YAML), writing ``out``."""
+    config = config_from_text(text)
     started = time.perf_counter()
     registry = register_edges(grid, config, text)
     trainer = CloudTrainer(config, registry.first_snr)
@@ -180,10 +187,11 @@ def flower_transport(grid: Grid, registry: EdgeRegistry, text: str):
         nodes = registry.nodes
         messages, names = [], {}
         for name, out in outgoing.items():
+            packed, order = pack_arrays(out.payload.arrays)
             content = RecordDict(
                 {
-                    "adapter": ArrayRecord({k: Array(v) for k, v in out.payload.arrays.items()}),
-                    "meta": ConfigRecord(dict(out.payload.meta)),
+                    "adapter": ArrayRecord({"payload": Array(packed)}),
+                    "meta": ConfigRecord({**out.payload.meta, ORDER_KEY: order}),
                     "round": ConfigRecord({"round": out.round}),
                 }
             )
@@ -245,13 +253,34 @@ def parse_report(reply: Message, name: str) -> EdgeReport | None:
 client_app = ClientApp()
 
 
-@lru_cache(maxsize=2)
-def _device(text: str, name: str) -> EdgeDevice:
-    """The edge's model and rows, built once per process (Flower's subprocess isolation
-    starts a process per message; a long-lived ClientApp process reuses it)."""
-    config = _config(text)
-    edge, index = find_edge(config, name)
-    return EdgeDevice(config, edge, index)
+def node_edge(config: DeployConfig, context: Context) -> str:
+    """This node's edge: its node config's ``edge``, or, on a virtual node of Flower's
+    simulation engine (which numbers its nodes ``partition-id``), the edge at that index."""
+    if "edge" in context.node_config:
+        return str(context.node_config["edge"])
+    if "partition-id" in context.node_config:
+        index = int(context.node_config["partition-id"])
+        if not 0 <= index < len(config.edges):
+            raise ValueError(f"virtual node {index} has no edge: {len(config.edges)} configured")
+        return config.edges[index].name
+    raise ValueError("this SuperNode has no edge name: start it with --node-config 'edge=\"...\"'")
+
+
+_DEVICES: dict[tuple[str, str], EdgeDevice] = {}
+
+
+def edge_device(config: DeployConfig, name: str) -> EdgeDevice:
+    """Edge ``name``'s model and rows, built once per process and deployment. Flower starts
+    a process per message; under the warm launcher (:mod:`airlora.deploy.warm`) each is a
+    fork of a process that built them already."""
+    key = (config.model_dump_json(), name)
+    if key not in _DEVICES:
+        edge, index = find_edge(config, name)
+        if any(k[0] != key[0] for k in _DEVICES):
+            _DEVICES.clear()  # one deployment at a time: do not keep an old model alive
+        # A simulation worker serves many virtual edges; each keeps its own model and rows.
+        _DEVICES[key] = EdgeDevice(config, edge, index)
+    return _DEVICES[key]
 
 
 @client_app.query("hello")
@@ -259,8 +288,8 @@ def edge_hello(msg: Message, context: Context) -> Message:
     """Name this node's edge and its first SNR; keep the deployment's YAML in the node's
     state for the rounds (it travels once, not with every round)."""
     text = str(msg.content["deploy"]["config"])
-    config = _config(text)
-    name = str(context.node_config["edge"])
+    config = config_from_text(text)
+    name = node_edge(config, context)
     edge, _index = find_edge(config, name)
     context.state["deploy"] = ConfigRecord({"config": text})
     content = RecordDict(
@@ -276,20 +305,22 @@ def edge_hello(msg: Message, context: Context) -> Message:
 def edge_round(msg: Message, context: Context) -> Message:
     """Receive one round's payload through the emulated channel, rebuild, score, report."""
     head = msg.content["round"]
-    device = _device(str(context.state["deploy"]["config"]), str(context.node_config["edge"]))
+    config = config_from_text(str(context.state["deploy"]["config"]))
+    device = edge_device(config, node_edge(config, context))
     memory: dict[str, np.ndarray] = {}
     if "memory" in context.state:
         memory = {k: a.numpy() for k, a in context.state["memory"].items()}
-    received = msg.content["adapter"]
-    arrays = {k: a.numpy() for k, a in received.items()}
+    received = msg.content["adapter"]["payload"]
     meta = {k: list(v) for k, v in msg.content["meta"].items()}
+    order = [str(n) for n in meta.pop(ORDER_KEY, [])]
+    arrays = unpack_arrays(received.numpy(), order, meta)
     report, kept = device.receive(arrays, meta, int(head["round"]), memory)
     context.state["memory"] = ArrayRecord({k: Array(v) for k, v in kept.items()})
     # What arrived on the wire besides the payload: each array's serialised form (.npy
     # header) and the per-tensor metadata record, as Flower carries them.
     framing = {
-        "wire_array_bytes": int(sum(len(a.data) for a in received.values())),
-        "meta_values": int(sum(len(v) for v in msg.content["meta"].values())),
+        "wire_array_bytes": len(received.data),
+        "meta_values": int(sum(len(v) for v in meta.values())),
     }
     fields = {k: v for k, v in report.as_dict().items() if k in REPORT_FIELDS}
     content = RecordDict({"report": ConfigRecord(fields), "framing": MetricRecord(framing)})

@@ -79,10 +79,18 @@ class LoopbackFederation:
     authenticate: SuperNode authentication (needs ``tls``): each edge gets an EC key pair,
         its public key is registered with the SuperLink before the node starts, and only
         registered nodes are let in.
+    warm_config: the deployment's YAML: each SuperNode runs its ClientApps through a warm
+        launcher (:mod:`airlora.deploy.warm`) that built the edge's model from it once.
+        None: Flower's own launcher, a cold process per message.
     """
 
     def __init__(
-        self, edges: list[str], workdir: Path, tls: bool = False, authenticate: bool = False
+        self,
+        edges: list[str],
+        workdir: Path,
+        tls: bool = False,
+        authenticate: bool = False,
+        warm_config: Path | None = None,
     ) -> None:
         if authenticate and not tls:
             raise ValueError("SuperNode authentication needs TLS")
@@ -95,6 +103,7 @@ class LoopbackFederation:
         self.tls, self.authenticate = tls, authenticate
         self.certificates: Certificates | None = None
         self.node_keys: dict[str, Path] = {}
+        self.warm_config = warm_config
         self.stopped = False
 
     @property
@@ -105,6 +114,11 @@ class LoopbackFederation:
             # No network on an edge: the app's dependencies are the installed airlora.
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PYTHONUNBUFFERED": "1",
+            # How often a SuperExec asks its node for a task (Flower's default: 1 s).
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25",
+            # Flower reports start and exit of every process to its telemetry server and
+            # waits up to 4 s for it at each exit; off on loopback unless the user set it.
+            "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
             # Flower starts its helpers (flower-superexec, flwr-serverapp, ...) by name.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
@@ -184,19 +198,41 @@ class LoopbackFederation:
                 key = None if new_identity else self.node_keys.get(name)
                 key = key or self.register(name)
                 security += ["--auth-supernode-private-key", str(key)]
-        return self._start(
+        runtime_port = free_port()
+        isolation = ["--isolation", "process"] if self.warm_config is not None else []
+        node = self._start(
             f"supernode-{name}",
             [
                 _tool("flower-supernode"),
                 *security,
+                *isolation,
                 "--superlink",
                 f"127.0.0.1:{self.port}",
                 "--port",
-                str(free_port()),
+                str(runtime_port),
                 "--node-config",
                 f'edge="{name}"',
             ],
         )
+        if self.warm_config is not None:
+            self._start(
+                f"warm-{name}",
+                [
+                    sys.executable,
+                    "-m",
+                    "airlora.deploy.warm",
+                    "--runtime-api-address",
+                    f"127.0.0.1:{runtime_port}",
+                    "--insecure",  # the SuperNode's Runtime API, on this machine only
+                    "--parent-pid",
+                    str(node.pid),
+                    "--config",
+                    str(self.warm_config),
+                    "--edge",
+                    name,
+                ],
+            )
+        return node
 
     def run_app(self, config_file: Path, out: Path, timeout_s: float) -> None:
         """``flwr run`` the deployment app against this SuperLink; waits for it to end."""
@@ -220,10 +256,13 @@ class LoopbackFederation:
 
     def kill_edge(self, name: str) -> None:
         """SIGKILL the SuperNode of edge ``name`` and whatever it started (a crash)."""
-        proc = self.processes[f"supernode-{name}"]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        for key in (f"supernode-{name}", f"warm-{name}"):
+            proc = self.processes.get(key)
+            if proc is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def stop(self) -> None:
         """SIGTERM every process group, SIGKILL what is left after 10 s."""
@@ -259,13 +298,16 @@ def deploy_loopback(
     on_start: Callable[[LoopbackFederation, Path], None] | None = None,
     tls: bool = False,
     authenticate: bool = False,
+    warm: bool = True,
 ) -> Path:
     """Run a deployment with every edge a SuperNode on this machine; returns the run folder
     (config, manifest, ``metrics.jsonl`` with one row per round and edge, ``logs/``).
 
     ``on_start(federation, run_dir)`` is called once the processes are up, before the app
     runs (a fault-injection test starts a thread there that kills and restarts an edge).
-    ``tls`` / ``authenticate``: see :class:`LoopbackFederation`."""
+    ``tls`` / ``authenticate``: see :class:`LoopbackFederation`; ``warm``: every edge's
+    ClientApps forked from a process holding its model (:mod:`airlora.deploy.warm`), else
+    Flower's cold process per message."""
     name = config.run_name or f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-seed{config.seed}"
     out = (Path(config.out_dir) / name).resolve()
     if out.exists():
@@ -275,7 +317,9 @@ def deploy_loopback(
         config_file = workdir / "deploy.yaml"
         config_file.write_text(dump_config(config), encoding="utf-8")
         edges = [e.name for e in config.edges]
-        federation = LoopbackFederation(edges, workdir, tls, authenticate)
+        federation = LoopbackFederation(
+            edges, workdir, tls, authenticate, config_file if warm else None
+        )
         try:
             federation.start()
             if on_start is not None:

@@ -112,6 +112,46 @@ def decode_adapter(
     return out
 
 
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    """A payload's arrays as one byte buffer (in the order of the returned names): a message
+    of one array instead of one per tensor (Flower moves each array as its own object, with
+    a request per object). The bytes are the arrays' bytes, nothing added."""
+    names = list(arrays)
+    parts = [np.ascontiguousarray(arrays[n]).view(np.uint8).reshape(-1) for n in names]
+    return (np.concatenate(parts) if parts else np.zeros(0, np.uint8)), names
+
+
+def unpack_arrays(
+    buffer: np.ndarray, names: Sequence[str], meta: Mapping[str, Sequence[float]]
+) -> dict[str, np.ndarray]:
+    """The arrays of a packed payload (:func:`pack_arrays`); each one's length follows from
+    its metadata (float32 values, or bit-packed codes). Raises :class:`PayloadError` when the
+    buffer and the metadata disagree."""
+    buffer = np.asarray(buffer)
+    if buffer.dtype != np.uint8 or buffer.ndim != 1:
+        raise PayloadError(f"a packed payload is a flat uint8 array, got {buffer.dtype}")
+    if len(set(names)) != len(names) or set(names) != set(meta):
+        raise PayloadError("the packed payload's names and its metadata differ")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for name in names:
+        entry = [float(v) for v in meta[name]]
+        if len(entry) < 4 or not all(math.isfinite(v) for v in entry) or min(entry[3:]) < 0:
+            raise PayloadError(f"{name}: malformed metadata {entry}")
+        kind, n = int(entry[0]), int(np.prod([int(s) for s in entry[3:]]))
+        size = 4 * n if kind == 0 else math.ceil(n * kind / 8)
+        if offset + size > buffer.size:
+            raise PayloadError(
+                f"{name}: the packed payload ends {offset + size - buffer.size} bytes short"
+            )
+        chunk = buffer[offset : offset + size]
+        arrays[name] = chunk.copy().view(np.float32) if kind == 0 else chunk
+        offset += size
+    if offset != buffer.size:
+        raise PayloadError(f"{buffer.size - offset} bytes past the last tensor")
+    return arrays
+
+
 def _check_shape(name: str, shape: list[int], expected: Mapping[str, tuple[int, ...]]) -> None:
     full = expected.get(name)
     if full is None:
