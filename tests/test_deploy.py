@@ -341,3 +341,51 @@ def test_a_packed_payload_is_the_arrays_bytes_and_refuses_what_does_not_fit():
     for packed, order, meta, message in cases:
         with pytest.raises(PayloadError, match=message):
             unpack_arrays(packed, order, meta)
+
+
+def test_a_restarted_cloud_resumes_from_its_last_finished_round(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """The cloud killed after round 1 of 3 (a partial row half-written after it): the resumed
+    run trains rounds 2 and 3 only, and every row equals an uninterrupted run's."""
+    from airlora.deploy import run_in_process
+    from airlora.deploy.cloud import CLOUD_STATE_FILE
+
+    # An analog link has no erasures, so the edges' receiver memory (not the cloud's to keep)
+    # plays no part and the rows must be equal to the bit.
+    config = _deploy_config(
+        tiny_model_dir, tiny_data_dir, tmp_path, link={"scheme": "analog"}, method="random"
+    )
+    whole, _ = run_in_process(config.model_copy(update={"run_name": "whole"}))
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(t, _replies) -> None:
+        if t == 0:
+            raise Crash("the cloud went down")
+
+    cut = tmp_path / "runs" / "cut"
+    with pytest.raises(Crash):
+        run_in_process(config.model_copy(update={"run_name": "cut"}), on_round=crash)
+    assert json.loads((cut / "manifest.json").read_text())["status"] == "failed"
+    assert (cut / CLOUD_STATE_FILE).is_file() and len(_rows(cut)) == 3
+    with open(cut / "metrics.jsonl", "a") as fh:  # killed while writing round 2's rows
+        fh.write('{"round": 1, "edge": "ed')
+    run_dir, summary = run_in_process(config, cut, resume=True)
+    assert summary["resumed_from_round"] == 1
+    assert summary["rounds_trained_by_this_process"] == 2  # rounds 2 and 3, not round 1
+    same = ("round", "edge", "rank_vector", "sent_bytes", "train_loss", "edge_accuracy")
+    assert [{k: r[k] for k in same} for r in _rows(run_dir)] == [
+        {k: r[k] for k in same} for r in _rows(whole)
+    ]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert [r["previous_status"] for r in manifest["resumed"]] == ["failed"]
+    assert len(json.loads((run_dir / "multicast.jsonl").read_text().splitlines()[-1])) > 0
+    assert len((run_dir / "multicast.jsonl").read_text().splitlines()) == 3
+    # Nothing to resume: a clear error, before any model is loaded.
+    with pytest.raises(FileNotFoundError, match="no finished round"):
+        run_in_process(config, tmp_path / "runs" / "whole-not", resume=True)
+    result = runner.invoke(app, ["deploy", "--resume", str(tmp_path / "nowhere"), "--in-process"])
+    assert result.exit_code == 2 and "not a deployment" in result.output, result.output

@@ -179,6 +179,35 @@ class RunFolder:
         run._write_manifest()
         return run
 
+    @classmethod
+    def reopen(cls, path: Path) -> RunFolder:
+        """An existing run folder, to resume: its manifest says ``running`` again and lists,
+        under ``resumed``, when and by which code revision it was taken up, and how it had
+        ended."""
+        path = Path(path)
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{path} is not a run folder (no {MANIFEST_FILE})")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest.setdefault("resumed", []).append(
+            {
+                "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "previous_status": manifest.get("status"),
+                "code_revision": code_revision(),
+            }
+        )
+        manifest["status"] = "running"
+        manifest.pop("error", None)
+        run = cls(path)
+        run._manifest = manifest
+        run._write_manifest()
+        return run
+
+    def rewrite_records(self, filename: str, records: list[dict]) -> None:
+        """Replace a log file of the run with ``records`` (atomically)."""
+        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+        atomic_write_text(self.path / filename, text)
+
     def _write_manifest(self) -> None:
         atomic_write_text(self.path / MANIFEST_FILE, json.dumps(self._manifest, indent=2) + "\n")
 

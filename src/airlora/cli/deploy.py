@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -104,12 +105,28 @@ def deploy(
         typer.Option("--authenticate", help="Let in registered SuperNodes only (needs --tls)."),
     ] = False,
     cold: ColdOption = False,
+    simulation: Annotated[
+        bool,
+        typer.Option(
+            "--simulation",
+            help="Flower's simulation engine: every edge a virtual SuperNode on Ray workers "
+            "(needs ray).",
+        ),
+    ] = False,
     in_process: Annotated[
         bool,
         typer.Option(
             "--in-process", help="No Flower: every edge an object in this process (the peer)."
         ),
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="A deployment's run folder whose cloud stopped: take it up from its last "
+            "finished round, with its own config (other config options are not read).",
+            file_okay=False,
+        ),
+    ] = None,
     out: OutOption = None,
     run_name: RunNameOption = None,
     as_json: JsonOption = False,
@@ -127,10 +144,21 @@ def deploy(
 
     with user_errors():
         params = dict(locals())
-        mapping = edges_mapping(config_mapping(config_file, params), edges, edge_snr_db)
-        config = DeployConfig.model_validate(mapping)
-        if in_process and (tls or authenticate):
-            raise ValueError("--tls and --authenticate secure Flower's links: not --in-process")
+        if resume is not None:
+            from airlora.deploy.cloud import load_cloud_state, resume_config
+
+            config = resume_config(resume)
+            load_cloud_state(resume)
+        else:
+            mapping = edges_mapping(config_mapping(config_file, params), edges, edge_snr_db)
+            config = DeployConfig.model_validate(mapping)
+        if (in_process or simulation) and (tls or authenticate):
+            raise ValueError(
+                "--tls and --authenticate secure Flower's network links: not with "
+                "--in-process or --simulation"
+            )
+        if in_process and simulation:
+            raise ValueError("choose one of --in-process and --simulation")
         rounds = config.train.rounds
         with progress_bar("deploy", "rounds", quiet or as_json, status=True) as progress:
             task = progress.add_task("rounds", total=rounds, status="starting")
@@ -141,7 +169,24 @@ def deploy(
             if in_process:
                 from airlora.deploy.cloud import run_in_process
 
-                run_dir, summary = run_in_process(config, on_round=lambda t, _r: show(t + 1))
+                run_dir, summary = run_in_process(
+                    config,
+                    resume,
+                    on_round=lambda t, _r: show(t + 1),
+                    resume=resume is not None,
+                )
+            elif simulation:
+                import json
+
+                from airlora.deploy.simulation import simulate
+                from airlora.runs import MANIFEST_FILE
+
+                if resume is not None:
+                    raise ValueError("--resume takes up a loopback or in-process deployment")
+                progress.update(task, status=f"{len(config.edges)} virtual edges")
+                run_dir = simulate(config)
+                summary = json.loads((run_dir / MANIFEST_FILE).read_text())["summary"]
+                show(rounds)
             else:
                 import json
 
@@ -155,6 +200,7 @@ def deploy(
                     tls=tls,
                     authenticate=authenticate,
                     warm=not cold,
+                    resume=resume,
                 )
                 summary = json.loads((run_dir / MANIFEST_FILE).read_text())["summary"]
     if as_json:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from airlora.config import DeployConfig
 from airlora.deploy.edge import EdgeDevice, EdgeReport
@@ -33,7 +34,7 @@ from airlora.engine import RoundEngine
 from airlora.env.observation import build_observation
 from airlora.link import PerfectLink
 from airlora.policies import ActionLayout, FixedRankPolicy, RankPolicy, load_policy, make_policy
-from airlora.runs import RunFolder
+from airlora.runs import CONFIG_FILE, METRICS_FILE, RunFolder, atomic_write
 
 
 @dataclass
@@ -59,6 +60,9 @@ class Outgoing:
 
 
 MULTICAST_FILE = "multicast.jsonl"
+# The cloud's state after its last finished round, with every row so far: a restarted cloud
+# takes up from here (``airlora deploy --resume RUN``).
+CLOUD_STATE_FILE = "cloud_state.pt"
 
 # A transport takes {edge name: Outgoing} and returns {edge name: report or None (missed)}.
 Transport = Callable[[dict[str, Outgoing], DeployConfig], dict[str, EdgeReport | None]]
@@ -174,6 +178,47 @@ class CloudTrainer:
             self.config.link,
         )
 
+    def state_dict(self) -> dict:
+        """Everything the next round depends on: the adapter, the optimiser and schedule,
+        the batch stream's position, the policy's random state and each edge's last
+        report. (Dropout is seeded by episode seed and round: nothing to keep.)"""
+        engine = self.engine
+        stream = engine.stream
+        rng = getattr(self.policy, "rng", None)
+        return {
+            "server": engine.server.snapshot(),
+            "optimizer": engine.optimizer.state_dict(),
+            "scheduler": engine.scheduler.state_dict(),
+            "stream": {
+                "rng": stream._rng.bit_generator.state,
+                "queue": list(stream._queue),
+                "epoch": stream.epoch,
+            },
+            "round_index": engine.round_index,
+            "steps_done": engine.steps_done,
+            "policy_rng": rng.bit_generator.state if isinstance(rng, np.random.Generator) else None,
+            "edges": {name: asdict(state) for name, state in self.edges.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s moment."""
+        engine = self.engine
+        if engine.server.chooses_ranks:
+            raise ValueError("resuming an adapter that allocates its own ranks is not supported")
+        engine.server.restore(state["server"])
+        engine.optimizer.load_state_dict(state["optimizer"])
+        engine.scheduler.load_state_dict(state["scheduler"])
+        engine.stream._rng.bit_generator.state = state["stream"]["rng"]
+        engine.stream._queue = list(state["stream"]["queue"])
+        engine.stream.epoch = state["stream"]["epoch"]
+        engine.round_index = state["round_index"]
+        engine.steps_done = state["steps_done"]
+        engine._pending = None
+        rng = getattr(self.policy, "rng", None)
+        if state["policy_rng"] is not None and isinstance(rng, np.random.Generator):
+            rng.bit_generator.state = state["policy_rng"]
+        self.edges = {name: EdgeState(**values) for name, values in state["edges"].items()}
+
     def record(self, name: str, report: EdgeReport | None) -> None:
         state = self.edges[name]
         if report is None:
@@ -189,72 +234,120 @@ def run_rounds(
     transport: Transport,
     run: RunFolder,
     on_round: Callable[[int, dict[str, EdgeReport | None]], None] | None = None,
+    resume: bool = False,
 ) -> dict:
     """The deployment loop (module docstring); one metrics row per (round, edge). Returns
-    the summary: per edge its final and mean accuracy, bytes and rounds missed."""
+    the summary: per edge its final and mean accuracy, bytes and rounds missed.
+
+    After every round the cloud's state and every row so far are saved atomically
+    (``cloud_state.pt``) before the rows are appended to ``metrics.jsonl``. ``resume``: take
+    up from that file: the logs are rewritten from it (a round cut short leaves nothing) and
+    the loop goes on from the round after the last one saved; no finished round is trained
+    again. An edge's receiver memory (erasure filling) lives on the edge and is not part of
+    the cloud's state."""
     config = trainer.config
     rows: list[dict] = []
-    costs: list[MulticastCost] = []
+    costs: list[dict] = []
+    first = 0
+    if resume:
+        state = load_cloud_state(run.path)
+        trainer.load_state_dict(state["trainer"])
+        rows, costs, first = state["rows"], state["multicast"], state["round"] + 1
+        run.rewrite_records(METRICS_FILE, [_finite_row(r) for r in rows])
+        run.rewrite_records(MULTICAST_FILE, costs)
     diverged_round: int | None = None
+    trained = 0
     started = time.perf_counter()
-    for t in range(config.train.rounds):
+    for t in range(first, config.train.rounds):
         plan = trainer.plan_round()
         round_start = time.perf_counter()
         train_loss, diverged = trainer.train()
+        trained += 1
         train_time = time.perf_counter() - round_start
         if diverged:  # non-finite numbers are not sent: the run ends here, marked
             diverged_round = t
             break
         outgoing = {name: trainer.payload(name, ranks) for name, ranks in plan.items()}
         cost = trainer.multicast_cost(plan)
-        run.append_record(
-            MULTICAST_FILE,
-            {
-                "round": t,
-                "unicast_airtime_s": cost.unicast_airtime_s,
-                "multicast_airtime_s": cost.multicast_airtime_s,
-                "layers": cost.layers,
-                "saving": cost.saving,
-            },
-        )
-        costs.append(cost)
+        cost_row = {
+            "round": t,
+            "unicast_airtime_s": cost.unicast_airtime_s,
+            "multicast_airtime_s": cost.multicast_airtime_s,
+            "layers": cost.layers,
+            "saving": cost.saving,
+        }
         sent_at = time.perf_counter()
         replies = transport(outgoing, config)
         transport_time = time.perf_counter() - sent_at
+        round_rows = []
         for name, out in outgoing.items():
             report = replies.get(name)
             trainer.record(name, report)
-            row = {
-                "round": t,
-                "edge": name,
-                "rank_vector": out.rank_vector,
-                "mean_rank": float(np.mean(out.rank_vector)),
-                "payload_params": out.payload_params,
-                "sent_bytes": out.payload.nbytes,
-                "link_payload_bits": out.link_payload_bits,
-                "train_loss": train_loss,
-                "train_time_s": train_time,
-                # From handing the payloads over until the last reply (or the timeout).
-                "transport_time_s": transport_time,
-                "diverged": diverged,
-                "missed": report is None,
-                **({} if report is None else {f"edge_{k}": v for k, v in report.as_dict().items()}),
-            }
-            rows.append(row)
+            round_rows.append(
+                {
+                    "round": t,
+                    "edge": name,
+                    "rank_vector": out.rank_vector,
+                    "mean_rank": float(np.mean(out.rank_vector)),
+                    "payload_params": out.payload_params,
+                    "sent_bytes": out.payload.nbytes,
+                    "link_payload_bits": out.link_payload_bits,
+                    "train_loss": train_loss,
+                    "train_time_s": train_time,
+                    # From handing the payloads over until the last reply (or the timeout).
+                    "transport_time_s": transport_time,
+                    "diverged": diverged,
+                    "missed": report is None,
+                    **(
+                        {}
+                        if report is None
+                        else {f"edge_{k}": v for k, v in report.as_dict().items()}
+                    ),
+                }
+            )
+        rows.extend(round_rows)
+        costs.append(cost_row)
+        save_cloud_state(run.path, trainer, t, rows, costs)
+        run.append_record(MULTICAST_FILE, cost_row)
+        for row in round_rows:
             run.append_metrics(_finite_row(row))
         if on_round:
             on_round(t, replies)
     wall = time.perf_counter() - started
     summary = summarize_edges(rows, config, wall)
     summary["diverged_round"] = diverged_round
-    unicast = sum(c.unicast_airtime_s for c in costs)
-    multicast = sum(c.multicast_airtime_s for c in costs)
+    summary["rounds_trained_by_this_process"] = trained
+    summary["resumed_from_round"] = first if resume else None
+    unicast = sum(c["unicast_airtime_s"] for c in costs)
+    multicast = sum(c["multicast_airtime_s"] for c in costs)
     summary["downlink"] = {
         "unicast_airtime_s": unicast,
         "multicast_airtime_s": multicast,
         "multicast_saving": 1.0 - multicast / unicast if unicast > 0 else 0.0,
     }
     return summary
+
+
+def save_cloud_state(
+    run_dir: Path, trainer: CloudTrainer, finished_round: int, rows: list[dict], costs: list[dict]
+) -> None:
+    """The cloud's state after ``finished_round``, with every row so far (atomically)."""
+    state = {
+        "round": finished_round,
+        "trainer": trainer.state_dict(),
+        "rows": rows,
+        "multicast": costs,
+    }
+    atomic_write(Path(run_dir) / CLOUD_STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def load_cloud_state(run_dir: Path) -> dict:
+    """What :func:`save_cloud_state` wrote; a clear error when there is nothing to resume."""
+    path = Path(run_dir) / CLOUD_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no finished round to resume from ({path.name})")
+    # Our own file (numpy RNG states and arrays inside): not loaded from anyone else.
+    return torch.load(path, weights_only=False)
 
 
 def run_status(summary: dict) -> str:
@@ -313,18 +406,36 @@ def run_in_process(
     config: DeployConfig,
     out: Path | None = None,
     on_round: Callable[[int, dict[str, EdgeReport | None]], None] | None = None,
+    resume: bool = False,
 ) -> tuple[Path, dict]:
     """The deployment with every edge in this process (no Flower): a run folder like
-    `airlora deploy`'s, for comparison and tests. ``on_round(t, replies)`` follows it."""
+    `airlora deploy`'s, for comparison and tests. ``on_round(t, replies)`` follows it.
+    ``resume``: take up the run folder ``out`` from its last finished round
+    (:func:`run_rounds`)."""
+    out = out or Path(config.out_dir) / (config.run_name or "deploy-in-process")
+    if resume:
+        load_cloud_state(out)  # nothing to resume: fail before any model is loaded
     devices = {e.name: EdgeDevice(config, e, i) for i, e in enumerate(config.edges)}
     trainer = CloudTrainer(config, {n: d.snr_at(0) for n, d in devices.items()})
-    out = out or Path(config.out_dir) / (config.run_name or "deploy-in-process")
-    run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
+    if resume:
+        run = RunFolder.reopen(out)
+    else:
+        run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
     started = time.perf_counter()
     try:
-        summary = run_rounds(trainer, in_process_transport(devices), run, on_round)
+        summary = run_rounds(trainer, in_process_transport(devices), run, on_round, resume)
         run.finish(summary, started, run_status(summary))
     except BaseException as err:
         run.fail(err)
         raise
     return run.path, summary
+
+
+def resume_config(run_dir: Path) -> DeployConfig:
+    """The deployment a run folder was started with (its ``config.yaml``)."""
+    from airlora.config.base import read_yaml_mapping
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a deployment's run folder (no {CONFIG_FILE})")
+    return DeployConfig.model_validate(read_yaml_mapping(path))

@@ -74,18 +74,23 @@ def cloud_main(grid: Grid, context: Context) -> None:
     run_rounds`) over Flower messages; the run folder goes to ``run_config['out']``."""
     config_path = Path(str(context.run_config["config"]))
     out = Path(str(context.run_config["out"]))
-    run_cloud(grid, config_path.read_text(encoding="utf-8"), out)
+    resume = bool(context.run_config.get("resume", False))
+    run_cloud(grid, config_path.read_text(encoding="utf-8"), out, resume)
 
 
-def run_cloud(grid: Grid, text: str, out: Path) -> None:
-    """The cloud's whole run for the deployment ``text`` (its YAML), writing ``out``."""
+def run_cloud(grid: Grid, text: str, out: Path, resume: bool = False) -> None:
+    """The cloud's whole run for the deployment ``text`` (its YAML), writing ``out``;
+    ``resume``: take ``out`` up from its last finished round."""
     config = config_from_text(text)
     started = time.perf_counter()
     registry = register_edges(grid, config, text)
     trainer = CloudTrainer(config, registry.first_snr)
-    run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
+    if resume:
+        run = RunFolder.reopen(out)
+    else:
+        run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
     try:
-        summary = run_rounds(trainer, flower_transport(grid, registry, text), run)
+        summary = run_rounds(trainer, flower_transport(grid, registry, text), run, None, resume)
         summary["nodes"] = {name: str(node) for name, node in registry.nodes.items()}
         run.finish(summary, started, run_status(summary))
     except BaseException as err:

@@ -234,11 +234,11 @@ class LoopbackFederation:
             )
         return node
 
-    def run_app(self, config_file: Path, out: Path, timeout_s: float) -> None:
+    def run_app(self, config_file: Path, out: Path, timeout_s: float, resume: bool = False) -> None:
         """``flwr run`` the deployment app against this SuperLink; waits for it to end."""
         log = self.workdir / "flwr-run.log"
         self.logs["flwr-run"] = log
-        run_config = f'config="{config_file}" out="{out}"'
+        run_config = f'config="{config_file}" out="{out}" resume={str(resume).lower()}'
         with open(log, "ab") as fh:
             try:
                 done = subprocess.run(
@@ -287,9 +287,13 @@ def _keep_logs(federation: LoopbackFederation, out: Path) -> None:
     holding them goes."""
     logs = out / "logs" if out.exists() else out.parent / f"{out.name}.logs"
     logs.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     for key, path in federation.logs.items():
         if path.exists():
-            shutil.copy(path, logs / f"{key}.log")
+            target = logs / f"{key}.log"
+            if target.exists():  # a resumed run keeps the logs of its first part
+                target = logs / f"{key}.resumed-{stamp}.log"
+            shutil.copy(path, target)
 
 
 def deploy_loopback(
@@ -299,6 +303,7 @@ def deploy_loopback(
     tls: bool = False,
     authenticate: bool = False,
     warm: bool = True,
+    resume: Path | None = None,
 ) -> Path:
     """Run a deployment with every edge a SuperNode on this machine; returns the run folder
     (config, manifest, ``metrics.jsonl`` with one row per round and edge, ``logs/``).
@@ -307,11 +312,19 @@ def deploy_loopback(
     runs (a fault-injection test starts a thread there that kills and restarts an edge).
     ``tls`` / ``authenticate``: see :class:`LoopbackFederation`; ``warm``: every edge's
     ClientApps forked from a process holding its model (:mod:`airlora.deploy.warm`), else
-    Flower's cold process per message."""
-    name = config.run_name or f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-seed{config.seed}"
-    out = (Path(config.out_dir) / name).resolve()
-    if out.exists():
-        raise FileExistsError(f"run folder {out} already exists; choose another run name")
+    Flower's cold process per message. ``resume``: a run folder whose cloud stopped (a crash,
+    a kill): the cloud takes it up from its last finished round, with ``config`` (its own;
+    :func:`~airlora.deploy.cloud.resume_config`)."""
+    if resume is not None:
+        from airlora.deploy.cloud import load_cloud_state
+
+        out = Path(resume).resolve()
+        load_cloud_state(out)  # nothing to resume: fail before any process starts
+    else:
+        name = config.run_name or f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-seed{config.seed}"
+        out = (Path(config.out_dir) / name).resolve()
+        if out.exists():
+            raise FileExistsError(f"run folder {out} already exists; choose another run name")
     with tempfile.TemporaryDirectory(prefix="airlora-deploy-") as tmp:
         workdir = Path(tmp)
         config_file = workdir / "deploy.yaml"
@@ -324,7 +337,7 @@ def deploy_loopback(
             federation.start()
             if on_start is not None:
                 on_start(federation, out)
-            federation.run_app(config_file, out, timeout_s)
+            federation.run_app(config_file, out, timeout_s, resume is not None)
         finally:
             federation.stop()
             _keep_logs(federation, out)
