@@ -389,3 +389,32 @@ def test_a_restarted_cloud_resumes_from_its_last_finished_round(
         run_in_process(config, tmp_path / "runs" / "whole-not", resume=True)
     result = runner.invoke(app, ["deploy", "--resume", str(tmp_path / "nowhere"), "--in-process"])
     assert result.exit_code == 2 and "not a deployment" in result.output, result.output
+
+
+def test_flowers_simulation_engine_runs_the_same_app_on_virtual_edges(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """The app on Flower's simulation engine (virtual SuperNodes on Ray workers; node i is
+    edge i): the same rows as the in-process loop."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("ray")
+    from airlora.deploy import run_in_process
+    from airlora.deploy.simulation import simulate
+
+    config = _deploy_config(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path,
+        run_name="simulated",
+        train={"rounds": 2, "steps_per_round": 1, "warmup_steps": 0},
+    )
+    run_dir = simulate(config)
+    rows = _check_deployment(run_dir, rounds=2)
+    assert all(r["edge_wire_array_bytes"] is not None for r in rows)  # it went through Flower
+    local, _ = run_in_process(config.model_copy(update={"run_name": "local"}))
+    same = ("edge", "round", "rank_vector", "sent_bytes", "edge_accuracy", "edge_erased_params")
+    assert [{k: r[k] for k in same} for r in rows] == [
+        {k: r[k] for k in same} for r in _rows(local)
+    ]
+    with pytest.raises(FileExistsError):
+        simulate(config)
