@@ -147,6 +147,29 @@ def test_deploy_refuses_bad_input_before_any_folder(tiny_model_dir, tiny_data_di
     assert not (tmp_path / "runs").exists()
 
 
+def kill_cloud(federation, run_dir) -> None:
+    """SIGKILL the ServerApp (a process that the SuperLink's SuperExec, its child, started)
+    and stop the `flwr run` that follows it: Flower would mark the run failed only after two
+    missed heartbeats (about a minute); an operator who saw the cloud die stops it."""
+    import os
+    import signal
+    import subprocess
+
+    table = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True)
+    procs = [line.split(None, 2) for line in table.stdout.decode().splitlines()]
+    link = federation.processes["superlink"].pid
+    superexec = {pid for pid, ppid, _ in procs if int(ppid) == link}
+    cloud = [
+        int(pid) for pid, ppid, args in procs if ppid in superexec and "flwr-serverapp" in args
+    ]
+    assert cloud, "no ServerApp process found"
+    for pid in cloud:
+        os.kill(pid, signal.SIGKILL)
+    for pid, _ppid, args in procs:
+        if " run " in args and str(run_dir) in args and "flwr" in args:
+            os.kill(int(pid), signal.SIGTERM)
+
+
 def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_data_dir, tmp_path):
     """A SuperLink and 3 SuperNodes on loopback (free ports), 4 rounds at 5, 15 and 25 dB,
     every connection on TLS (a CA and a server certificate made here), only registered
@@ -155,7 +178,11 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
     - round 2 ends for the others within the timeout; edge1, restarted, rejoins on a new node
       and receives the current adapter;
     - every round an edge received equals the in-process run's (the transport changes
-      nothing). One Flower run for all of it: each costs a minute of the suite."""
+      nothing);
+    - the cloud (the ServerApp process) SIGKILLed in round 4 of 5: the deployment fails with
+      its logs kept, and ``resume`` takes the run folder up from its last finished round on a
+      new federation, training only the rounds after it. One scenario for all of it: each
+      Flower federation costs most of a minute of the suite."""
     pytest.importorskip("flwr")
     import http.client
     import ssl
@@ -163,7 +190,7 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
     import time
 
     from airlora.deploy import run_in_process
-    from airlora.deploy.launch import deploy_loopback
+    from airlora.deploy.launch import DeployError, deploy_loopback
 
     seen: dict[str, object] = {}
     events: list[str] = []
@@ -201,6 +228,12 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
             # node was not let back in during the run when we tried: a gap, noted.)
             federation.start_edge("edge1", new_identity=True)
             events.append("restarted")
+            while time.monotonic() < deadline:  # round 3 recorded: round 4 is under way
+                if len(metrics.read_text().splitlines()) >= 9:
+                    break
+                time.sleep(0.1)
+            kill_cloud(federation, run_dir)
+            events.append("cloud killed")
 
         threading.Thread(target=chaos, daemon=True).start()
 
@@ -209,19 +242,25 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
         tiny_data_dir,
         tmp_path,
         run_name="flower",
-        train={"rounds": 4, "steps_per_round": 1, "warmup_steps": 0},
+        train={"rounds": 5, "steps_per_round": 1, "warmup_steps": 0},
         round_timeout_s=15,
     )
-    run_dir = deploy_loopback(config, timeout_s=500, on_start=start, tls=True, authenticate=True)
-    assert events == ["killed", "restarted"]
+    with pytest.raises(DeployError):
+        deploy_loopback(config, timeout_s=500, on_start=start, tls=True, authenticate=True)
+    assert events == ["killed", "restarted", "cloud killed"]
+    run_dir = tmp_path / "runs" / "flower"
+    assert (run_dir / "logs" / "supernode-edge1.log").is_file()
+    run_dir = deploy_loopback(config, timeout_s=500, tls=True, authenticate=True, resume=run_dir)
+    summary = json.loads((run_dir / "manifest.json").read_text())["summary"]
+    assert summary["resumed_from_round"] in (3, 4)  # the kill lands in round 4 (or 5)
+    assert summary["rounds_trained_by_this_process"] == 5 - summary["resumed_from_round"]
     # Round 2 (index 1) is lost to the kill; round 3 too when the new node registers late.
     rows = _check_deployment(
-        run_dir, rounds=4, missed=frozenset({(1, "edge1")}), may_miss=frozenset({(2, "edge1")})
+        run_dir, rounds=5, missed=frozenset({(1, "edge1")}), may_miss=frozenset({(2, "edge1")})
     )
     assert isinstance(seen["https_status"], int) and "plain_error" in seen, seen
     assert seen["keys"] == ["edge0", "edge1", "edge2"]  # every node registered its own key
-    nodes = json.loads((run_dir / "manifest.json").read_text())["summary"]["nodes"]
-    assert len(set(nodes.values())) == 3
+    assert len(set(summary["nodes"].values())) == 3
     assert (run_dir / "logs" / "supernode-edge1.log").is_file()
     local, _ = run_in_process(config.model_copy(update={"run_name": "local"}))
     same = ("edge", "round", "rank_vector", "sent_bytes", "edge_accuracy", "edge_erased_params")
@@ -229,7 +268,7 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
     lost = {(r["round"], r["edge"]) for r in rows if r["missed"]}
     expected = [r for r in _rows(local) if (r["round"], r["edge"]) not in lost]
     assert received == [{k: r[k] for k in same} for r in expected]
-    assert not rows[-2]["missed"] and rows[-2]["edge"] == "edge1"  # rejoined by round 4
+    assert not rows[-2]["missed"] and rows[-2]["edge"] == "edge1"  # rejoined by round 5
 
 
 def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog, monkeypatch):
