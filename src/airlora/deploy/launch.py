@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from importlib.resources import files
@@ -281,6 +282,10 @@ class LoopbackFederation:
                 proc.wait()
 
 
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _keep_logs(federation: LoopbackFederation, out: Path) -> None:
     """The processes' logs into the run folder (one exists once the ServerApp started), or,
     when the run never began, beside where it would have been, before the temporary folder
@@ -333,6 +338,11 @@ def deploy_loopback(
         federation = LoopbackFederation(
             edges, workdir, tls, authenticate, config_file if warm else None
         )
+        # The processes run in sessions of their own: a SIGTERM to this one must still stop
+        # them (the `finally` below), not leave a federation running without its launcher.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             federation.start()
             if on_start is not None:
@@ -341,6 +351,8 @@ def deploy_loopback(
         finally:
             federation.stop()
             _keep_logs(federation, out)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         manifest = out / MANIFEST_FILE
         if not manifest.is_file():
             tail = _tail(federation.logs.get("flwr-run", workdir / "none"))
