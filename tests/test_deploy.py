@@ -376,6 +376,8 @@ def test_a_packed_payload_is_the_arrays_bytes_and_refuses_what_does_not_fit():
         (buffer, names[:-1], encoded.meta, "differ"),
         (buffer, [*names[:-1], names[0]], encoded.meta, "differ"),
         (buffer, names, {**encoded.meta, "enc.q.lora_A": [5, 0, 1, -3, 10]}, "malformed"),
+        (buffer, names, {**encoded.meta, "enc.q.lora_A": [-5, 0, 1, 3, 10]}, "quantisation"),
+        (buffer, names, {**encoded.meta, "enc.q.lora_A": [5, 0, 1, 2.5, 10]}, "integral"),
     ]
     for packed, order, meta, message in cases:
         with pytest.raises(PayloadError, match=message):
@@ -423,6 +425,16 @@ def test_a_restarted_cloud_resumes_from_its_last_finished_round(
     assert [r["previous_status"] for r in manifest["resumed"]] == ["failed"]
     assert len(json.loads((run_dir / "multicast.jsonl").read_text().splitlines()[-1])) > 0
     assert len((run_dir / "multicast.jsonl").read_text().splitlines()) == 3
+    # A completed run, or another config: refused, the folder left as it was.
+    with pytest.raises(ValueError, match="nothing to resume"):
+        run_in_process(config, cut, resume=True)
+    cut_twice = tmp_path / "runs" / "cut2"
+    with pytest.raises(Crash):
+        run_in_process(config.model_copy(update={"run_name": "cut2"}), on_round=crash)
+    other = config.model_copy(update={"seed": 1})
+    with pytest.raises(ValueError, match="another config"):
+        run_in_process(other, cut_twice, resume=True)
+    assert json.loads((cut_twice / "manifest.json").read_text())["status"] == "failed"
     # Nothing to resume: a clear error, before any model is loaded.
     with pytest.raises(FileNotFoundError, match="no finished round"):
         run_in_process(config, tmp_path / "runs" / "whole-not", resume=True)

@@ -180,15 +180,20 @@ class RunFolder:
         return run
 
     @classmethod
-    def reopen(cls, path: Path) -> RunFolder:
+    def reopen(cls, path: Path, config: BaseModel | None = None) -> RunFolder:
         """An existing run folder, to resume: its manifest says ``running`` again and lists,
         under ``resumed``, when and by which code revision it was taken up, and how it had
-        ended."""
+        ended. Refused when the run completed, or when ``config`` is not the one the run
+        was started with (output location aside)."""
         path = Path(path)
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{path} is not a run folder (no {MANIFEST_FILE})")
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("status") == "completed":
+            raise ValueError(f"{path} completed: there is nothing to resume")
+        if config is not None and config_hash(config) != manifest.get("config_hash"):
+            raise ValueError(f"{path} was started with another config: resume it with its own")
         manifest.setdefault("resumed", []).append(
             {
                 "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

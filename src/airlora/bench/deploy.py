@@ -78,6 +78,11 @@ def bench_deploy(
         project_summary = manifest["summary"]
         project_rows, peer_rows = _rows(project_dir), _rows(peer_dir)
         rows_equal = _compared(project_rows) == _compared(peer_rows)
+    if not rows_equal:
+        raise RuntimeError(
+            "the Flower run's rows differ from the in-process run's: not a "
+            "speed comparison of the same work"
+        )
     rounds = config.train.rounds
     project = rounds / project_summary["wall_time_s"]
     peer = rounds / peer_summary["wall_time_s"]

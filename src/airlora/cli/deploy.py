@@ -147,6 +147,9 @@ def deploy(
         if resume is not None:
             from airlora.deploy.cloud import load_cloud_state, resume_config
 
+            if config_file is not None or run_name is not None or out is not None:
+                raise ValueError("--resume takes the run folder's own config, name and place")
+
             config = resume_config(resume)
             load_cloud_state(resume)
         else:
@@ -159,6 +162,11 @@ def deploy(
             )
         if in_process and simulation:
             raise ValueError("choose one of --in-process and --simulation")
+        if cold and (in_process or simulation):
+            raise ValueError(
+                "--cold chooses the loopback SuperNodes' launcher: not with "
+                "--in-process or --simulation"
+            )
         rounds = config.train.rounds
         with progress_bar("deploy", "rounds", quiet or as_json, status=True) as progress:
             task = progress.add_task("rounds", total=rounds, status="starting")

@@ -18,6 +18,7 @@ this process (:func:`in_process_transport`; ``airlora deploy --in-process``). Ea
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -191,7 +192,7 @@ class CloudTrainer:
             "scheduler": engine.scheduler.state_dict(),
             "stream": {
                 "rng": stream._rng.bit_generator.state,
-                "queue": list(stream._queue),
+                "queue": [q.tolist() for q in stream._queue],
                 "epoch": stream.epoch,
             },
             "round_index": engine.round_index,
@@ -209,7 +210,7 @@ class CloudTrainer:
         engine.optimizer.load_state_dict(state["optimizer"])
         engine.scheduler.load_state_dict(state["scheduler"])
         engine.stream._rng.bit_generator.state = state["stream"]["rng"]
-        engine.stream._queue = list(state["stream"]["queue"])
+        engine.stream._queue = [np.asarray(q, dtype=np.int64) for q in state["stream"]["queue"]]
         engine.stream.epoch = state["stream"]["epoch"]
         engine.round_index = state["round_index"]
         engine.steps_done = state["steps_done"]
@@ -314,7 +315,7 @@ def run_rounds(
         if on_round:
             on_round(t, replies)
     wall = time.perf_counter() - started
-    summary = summarize_edges(rows, config, wall)
+    summary = summarize_edges(rows, config, wall, trained)
     summary["diverged_round"] = diverged_round
     summary["rounds_trained_by_this_process"] = trained
     summary["resumed_from_round"] = first if resume else None
@@ -338,7 +339,14 @@ def save_cloud_state(
         "rows": rows,
         "multicast": costs,
     }
-    atomic_write(Path(run_dir) / CLOUD_STATE_FILE, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(Path(run_dir) / CLOUD_STATE_FILE, write)
 
 
 def load_cloud_state(run_dir: Path) -> dict:
@@ -346,8 +354,8 @@ def load_cloud_state(run_dir: Path) -> dict:
     path = Path(run_dir) / CLOUD_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no finished round to resume from ({path.name})")
-    # Our own file (numpy RNG states and arrays inside): not loaded from anyone else.
-    return torch.load(path, weights_only=False)
+    # Tensors, numbers, strings and lists only: a foreign file cannot run code here.
+    return torch.load(path, weights_only=True)
 
 
 def run_status(summary: dict) -> str:
@@ -356,7 +364,11 @@ def run_status(summary: dict) -> str:
     return "completed" if summary.get("diverged_round") is None else "diverged"
 
 
-def summarize_edges(rows: list[dict], config: DeployConfig, wall_s: float) -> dict:
+def summarize_edges(
+    rows: list[dict], config: DeployConfig, wall_s: float, rounds_timed: int | None = None
+) -> dict:
+    """Per edge its figures over ``rows``; ``rounds_per_s``: the rounds this process ran
+    (``rounds_timed``, default all) over ``wall_s``."""
     edges = {}
     for spec in config.edges:
         mine = [r for r in rows if r["edge"] == spec.name]
@@ -376,7 +388,11 @@ def summarize_edges(rows: list[dict], config: DeployConfig, wall_s: float) -> di
         "rounds": config.train.rounds,
         "edges": edges,
         "wall_time_s": wall_s,
-        "rounds_per_s": config.train.rounds / wall_s if wall_s > 0 else None,
+        "rounds_per_s": (
+            (config.train.rounds if rounds_timed is None else rounds_timed) / wall_s
+            if wall_s > 0
+            else None
+        ),
     }
 
 
@@ -418,7 +434,7 @@ def run_in_process(
     devices = {e.name: EdgeDevice(config, e, i) for i, e in enumerate(config.edges)}
     trainer = CloudTrainer(config, {n: d.snr_at(0) for n, d in devices.items()})
     if resume:
-        run = RunFolder.reopen(out)
+        run = RunFolder.reopen(out, config)
     else:
         run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
     started = time.perf_counter()

@@ -1,10 +1,11 @@
 """An edge device: the frozen base model, its own evaluation rows, its own emulated channel.
 
-Flower starts a fresh ClientApp process for every message, so an edge keeps nothing in
-memory between rounds: what must last (the receiver's copy of each tensor, for erasure
-filling) travels in Flower's per-node state, and every random draw is seeded by (edge seed,
-round). :class:`EdgeDevice` is plain Python; :mod:`airlora.deploy.flower_app` wires it to
-Flower.
+Flower runs each message in a ClientApp process of its own (a fresh one, or a fork of the
+warm launcher that built the model, :mod:`airlora.deploy.warm`; on the simulation engine, a
+long-lived Ray worker), so an edge keeps no round-to-round state in memory: what must last
+(the receiver's copy of each tensor, for erasure filling) travels in Flower's per-node
+state, and every random draw is seeded by (edge seed, round). :class:`EdgeDevice` is plain
+Python; :mod:`airlora.deploy.flower_app` wires it to Flower.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from airlora.config import DeployConfig
 from airlora.deploy.cloud import CloudTrainer, Outgoing, run_rounds, run_status
 from airlora.deploy.edge import EdgeDevice, EdgeReport, edge_snr_db, find_edge
 from airlora.deploy.payload import MAX_PAYLOAD_BYTES, pack_arrays, unpack_arrays
-from airlora.runs import RunFolder
+from airlora.runs import RunFolder, config_hash
 
 log = logging.getLogger("airlora.deploy")
 
@@ -74,7 +74,8 @@ def cloud_main(grid: Grid, context: Context) -> None:
     run_rounds`) over Flower messages; the run folder goes to ``run_config['out']``."""
     config_path = Path(str(context.run_config["config"]))
     out = Path(str(context.run_config["out"]))
-    resume = bool(context.run_config.get("resume", False))
+    # Run config values arrive typed from the app's TOML, or as text from a command line.
+    resume = str(context.run_config.get("resume", False)).lower() == "true"
     run_cloud(grid, config_path.read_text(encoding="utf-8"), out, resume)
 
 
@@ -86,7 +87,7 @@ def run_cloud(grid: Grid, text: str, out: Path, resume: bool = False) -> None:
     registry = register_edges(grid, config, text)
     trainer = CloudTrainer(config, registry.first_snr)
     if resume:
-        run = RunFolder.reopen(out)
+        run = RunFolder.reopen(out, config)
     else:
         run = RunFolder.create(out.parent, out.name, config, config.seed, "deploy")
     try:
@@ -275,10 +276,11 @@ _DEVICES: dict[tuple[str, str], EdgeDevice] = {}
 
 
 def edge_device(config: DeployConfig, name: str) -> EdgeDevice:
-    """Edge ``name``'s model and rows, built once per process and deployment. Flower starts
-    a process per message; under the warm launcher (:mod:`airlora.deploy.warm`) each is a
-    fork of a process that built them already."""
-    key = (config.model_dump_json(), name)
+    """Edge ``name``'s model and rows, built once per process and deployment (the config
+    less its output location). Under the warm launcher (:mod:`airlora.deploy.warm`) each
+    message's process is a fork of one that built them already; a simulation worker keeps
+    those of every virtual edge it served."""
+    key = (config_hash(config), name)
     if key not in _DEVICES:
         edge, index = find_edge(config, name)
         if any(k[0] != key[0] for k in _DEVICES):
@@ -317,6 +319,7 @@ def edge_round(msg: Message, context: Context) -> Message:
         memory = {k: a.numpy() for k, a in context.state["memory"].items()}
     received = msg.content["adapter"]["payload"]
     meta = {k: list(v) for k, v in msg.content["meta"].items()}
+    meta_values = int(sum(len(v) for v in meta.values()))  # the order list travels too
     order = [str(n) for n in meta.pop(ORDER_KEY, [])]
     arrays = unpack_arrays(received.numpy(), order, meta)
     report, kept = device.receive(arrays, meta, int(head["round"]), memory)
@@ -325,7 +328,7 @@ def edge_round(msg: Message, context: Context) -> Message:
     # header) and the per-tensor metadata record, as Flower carries them.
     framing = {
         "wire_array_bytes": len(received.data),
-        "meta_values": int(sum(len(v) for v in meta.values())),
+        "meta_values": meta_values,
     }
     fields = {k: v for k, v in report.as_dict().items() if k in REPORT_FIELDS}
     content = RecordDict({"report": ConfigRecord(fields), "framing": MetricRecord(framing)})

@@ -138,7 +138,12 @@ def unpack_arrays(
         entry = [float(v) for v in meta[name]]
         if len(entry) < 4 or not all(math.isfinite(v) for v in entry) or min(entry[3:]) < 0:
             raise PayloadError(f"{name}: malformed metadata {entry}")
-        kind, n = int(entry[0]), int(np.prod([int(s) for s in entry[3:]]))
+        kind = int(entry[0])
+        if entry[0] != kind or not (kind == 0 or 2 <= kind <= 16):
+            raise PayloadError(f"{name}: {entry[0]} quantisation bits")
+        if any(s != int(s) for s in entry[3:]):
+            raise PayloadError(f"{name}: shape {entry[3:]} is not integral")
+        n = math.prod(int(s) for s in entry[3:])  # Python ints: no overflow
         size = 4 * n if kind == 0 else math.ceil(n * kind / 8)
         if offset + size > buffer.size:
             raise PayloadError(

@@ -56,7 +56,10 @@ class ForkExecutor:
         if spec.task_type != TaskType.CLIENT_APP:
             return self.fallback.launch(spec)
         self.reconcile()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:  # out of processes or memory: this task fails, the edge goes on
+            return LaunchResult.failed(f"could not fork a ClientApp: {err}")
         if pid == 0:  # the child: never returns into the SuperExec loop
             os._exit(_run_forked_clientapp(spec))
         self.children.add(pid)
@@ -102,6 +105,8 @@ def _run_forked_clientapp(spec) -> int:
         )
         return 0
     except SystemExit as done:  # run_clientapp ends with flwr_exit -> sys.exit(code)
+        if done.code is None:
+            return 0
         return done.code if isinstance(done.code, int) else 1
     except BaseException:  # a crash in the child must not run the parent's loop
         logging.getLogger("airlora.deploy").exception("forked ClientApp failed")
