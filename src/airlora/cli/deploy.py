@@ -145,13 +145,13 @@ def deploy(
     with user_errors():
         params = dict(locals())
         if resume is not None:
-            from airlora.deploy.cloud import load_cloud_state, resume_config
+            from airlora.deploy.cloud import require_cloud_state, resume_config
 
             if config_file is not None or run_name is not None or out is not None:
                 raise ValueError("--resume takes the run folder's own config, name and place")
 
             config = resume_config(resume)
-            load_cloud_state(resume)
+            require_cloud_state(resume)
         else:
             mapping = edges_mapping(config_mapping(config_file, params), edges, edge_snr_db)
             config = DeployConfig.model_validate(mapping)

@@ -90,6 +90,20 @@ class TrainStream:
     def take(self, n_batches: int) -> list[np.ndarray]:
         return [self.next_index() for _ in range(n_batches)]
 
+    def state_dict(self) -> dict:
+        """Where the stream is (its RNG, the epoch's remaining batches), as plain numbers."""
+        return {
+            "rng": self._rng.bit_generator.state,
+            "queue": [q.tolist() for q in self._queue],
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s position."""
+        self._rng.bit_generator.state = state["rng"]
+        self._queue = [np.asarray(q, dtype=np.int64) for q in state["queue"]]
+        self.epoch = state["epoch"]
+
 
 def eval_batches(split: EncodedSplit, batch_size: int) -> Iterator[np.ndarray]:
     """Batches sorted by length: evaluation order does not matter, padding does."""

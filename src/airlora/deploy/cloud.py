@@ -190,11 +190,7 @@ class CloudTrainer:
             "server": engine.server.snapshot(),
             "optimizer": engine.optimizer.state_dict(),
             "scheduler": engine.scheduler.state_dict(),
-            "stream": {
-                "rng": stream._rng.bit_generator.state,
-                "queue": [q.tolist() for q in stream._queue],
-                "epoch": stream.epoch,
-            },
+            "stream": stream.state_dict(),
             "round_index": engine.round_index,
             "steps_done": engine.steps_done,
             "policy_rng": rng.bit_generator.state if isinstance(rng, np.random.Generator) else None,
@@ -209,9 +205,7 @@ class CloudTrainer:
         engine.server.restore(state["server"])
         engine.optimizer.load_state_dict(state["optimizer"])
         engine.scheduler.load_state_dict(state["scheduler"])
-        engine.stream._rng.bit_generator.state = state["stream"]["rng"]
-        engine.stream._queue = [np.asarray(q, dtype=np.int64) for q in state["stream"]["queue"]]
-        engine.stream.epoch = state["stream"]["epoch"]
+        engine.stream.load_state_dict(state["stream"])
         engine.round_index = state["round_index"]
         engine.steps_done = state["steps_done"]
         engine._pending = None
@@ -349,11 +343,18 @@ def save_cloud_state(
     atomic_write(Path(run_dir) / CLOUD_STATE_FILE, write)
 
 
-def load_cloud_state(run_dir: Path) -> dict:
-    """What :func:`save_cloud_state` wrote; a clear error when there is nothing to resume."""
+def require_cloud_state(run_dir: Path) -> Path:
+    """The run folder's saved cloud state; a clear error when there is nothing to resume
+    (checked before anything is loaded or started, without reading the file)."""
     path = Path(run_dir) / CLOUD_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no finished round to resume from ({path.name})")
+    return path
+
+
+def load_cloud_state(run_dir: Path) -> dict:
+    """What :func:`save_cloud_state` wrote (:func:`require_cloud_state` when absent)."""
+    path = require_cloud_state(run_dir)
     # Tensors, numbers, strings and lists only: a foreign file cannot run code here.
     return torch.load(path, weights_only=True)
 
@@ -430,7 +431,7 @@ def run_in_process(
     (:func:`run_rounds`)."""
     out = out or Path(config.out_dir) / (config.run_name or "deploy-in-process")
     if resume:
-        load_cloud_state(out)  # nothing to resume: fail before any model is loaded
+        require_cloud_state(out)  # nothing to resume: fail before any model is loaded
     devices = {e.name: EdgeDevice(config, e, i) for i, e in enumerate(config.edges)}
     trainer = CloudTrainer(config, {n: d.snr_at(0) for n, d in devices.items()})
     if resume:

@@ -321,10 +321,10 @@ def deploy_loopback(
     a kill): the cloud takes it up from its last finished round, with ``config`` (its own;
     :func:`~airlora.deploy.cloud.resume_config`)."""
     if resume is not None:
-        from airlora.deploy.cloud import load_cloud_state
+        from airlora.deploy.cloud import require_cloud_state
 
         out = Path(resume).resolve()
-        load_cloud_state(out)  # nothing to resume: fail before any process starts
+        require_cloud_state(out)  # nothing to resume: fail before any process starts
     else:
         name = config.run_name or f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-seed{config.seed}"
         out = (Path(config.out_dir) / name).resolve()
