@@ -469,3 +469,31 @@ def test_flowers_simulation_engine_runs_the_same_app_on_virtual_edges(
     ]
     with pytest.raises(FileExistsError):
         simulate(config)
+
+
+def test_the_supernode_entry_point_caps_only_its_loops_sleeps(monkeypatch):
+    """``python -m airlora.deploy.supernode`` is flower-supernode whose 3 s idle poll and 0.5 s
+    reply checks are shortened; time.sleep elsewhere is untouched; a bad setting is refused."""
+    import time
+
+    from flwr.supernode import start_client_internal
+
+    from airlora.deploy import supernode
+
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    monkeypatch.setattr(start_client_internal, "time", time)
+    supernode.patch_supernode(0.5, 0.05)
+    start_client_internal.time.sleep(3)  # the idle poll
+    start_client_internal.time.sleep(0.5)  # waiting for the ClientApp's reply
+    start_client_internal.time.sleep(0.01)
+    time.sleep(3)
+    assert waits == [0.5, 0.05, 0.01, 3]
+    assert start_client_internal.time.time is time.time  # the rest of `time` is the same
+
+    monkeypatch.setenv("AIRLORA_SUPERNODE_POLL_S", "0.5")
+    assert supernode.poll_interval_s() == 0.5
+    for bad in ("0", "-1", "fast", "nan"):
+        monkeypatch.setenv("AIRLORA_SUPERNODE_POLL_S", bad)
+        with pytest.raises(SystemExit, match="AIRLORA_SUPERNODE_POLL_S"):
+            supernode.poll_interval_s()
