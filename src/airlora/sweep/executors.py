@@ -8,13 +8,17 @@ are not started) with a :class:`~airlora.errors.CellError`.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
 
 from airlora.errors import CellError
 from airlora.sweep.cells import outcome, run_cell_reporting
+
+T = TypeVar("T")
 
 # What every cell imports (torch, transformers, peft: ~10 s of CPU on a small machine).
 WORKER_PRELOAD = ["airlora.sweep.cells", "airlora.driver"]
@@ -30,6 +34,15 @@ def worker_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
     return context
+
+
+def with_environment(environment: dict[str, str], fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` with ``os.environ`` replaced by ``environment``. A forked worker has the
+    forkserver's environment, taken when the first pool of the process started; a cell must
+    see the driver's environment of now, as a spawned worker would."""
+    os.environ.clear()
+    os.environ.update(environment)
+    return fn(*args)
 
 
 class LocalExecutor:
@@ -55,7 +68,13 @@ class LocalExecutor:
                 yield outcome(run_cell_reporting(sweep_dir, c, self.threads))
             return
         pool = ProcessPoolExecutor(self.workers, mp_context=worker_context())
-        futures = {pool.submit(run_cell_reporting, sweep_dir, c, self.threads): c for c in todo}
+        environment = dict(os.environ)
+        futures = {
+            pool.submit(
+                with_environment, environment, run_cell_reporting, sweep_dir, c, self.threads
+            ): c
+            for c in todo
+        }
         pending = set(futures)
         try:
             while pending:
