@@ -491,6 +491,19 @@ def test_the_supernode_entry_point_caps_only_its_loops_sleeps(monkeypatch):
     assert waits == [0.5, 0.05, 0.01, 3]
     assert start_client_internal.time.time is time.time  # the rest of `time` is the same
 
+    # What the patch relies on in flwr (pinned <1.43): the loop sleeps through `time.sleep`.
+    import inspect
+
+    source = inspect.getsource(start_client_internal)
+    assert "time.sleep(3)" in source and "from time import" not in source
+    # A SuperNode process does not import the ML stack (torch, transformers, PEFT).
+    import subprocess
+    import sys
+
+    probe = "import sys, airlora.deploy.supernode; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
     monkeypatch.setenv("AIRLORA_SUPERNODE_POLL_S", "0.5")
     assert supernode.poll_interval_s() == 0.5
     for bad in ("0", "-1", "fast", "nan"):

@@ -357,36 +357,29 @@ def test_a_sweep_entry_whose_merged_section_is_invalid_fails_at_load():
     assert SweepConfig.model_validate(body).methods[1].name == "broken"
 
 
-def _imported(name: str) -> bool:
-    import sys
-
-    return name in sys.modules
-
-
-def _getenv(name: str) -> str | None:
-    import os
-
-    return os.environ.get(name)
-
-
 def test_sweep_workers_fork_preloaded_and_run_cells_with_the_drivers_environment_of_now(
     monkeypatch,
 ):
     """Workers come from Python's forkserver with what cells import already imported, and a
-    cell sees the driver's environment at submission, not the server's from its start."""
+    cell sees the driver's environment at submission, not the server's from its start.
+    (Only builtins are sent to the workers: a test function would import this module, and
+    with it PEFT, in the worker.)"""
     import os
     from concurrent.futures import ProcessPoolExecutor
 
     from airlora.sweep.executors import WORKER_PRELOAD, with_environment, worker_context
 
+    def imported(name: str) -> str:
+        return f"{name!r} in __import__('sys').modules"
+
+    mark = "__import__('os').environ.get('AIRLORA_TEST_MARK')"
     monkeypatch.setenv("AIRLORA_TEST_MARK", "before")
     with ProcessPoolExecutor(1, mp_context=worker_context()) as pool:
-        assert pool.submit(os.getpid).result() != os.getpid()
-        assert all(pool.submit(_imported, m).result() for m in WORKER_PRELOAD)
-        assert pool.submit(_imported, "peft").result()  # imported once, in the server
+        assert pool.submit(eval, "__import__('os').getppid()").result() != os.getpid()
+        assert all(pool.submit(eval, imported(m)).result() for m in WORKER_PRELOAD)
+        assert pool.submit(eval, imported("peft")).result()  # imported once, in the server
     monkeypatch.setenv("AIRLORA_TEST_MARK", "after")
     with ProcessPoolExecutor(1, mp_context=worker_context()) as pool:
-        assert pool.submit(_getenv, "AIRLORA_TEST_MARK").result() != "after"
-        now = dict(os.environ)
-        got = pool.submit(with_environment, now, _getenv, "AIRLORA_TEST_MARK").result()
+        assert pool.submit(eval, mark).result() != "after"
+        got = pool.submit(with_environment, dict(os.environ), eval, mark).result()
         assert got == "after"

@@ -8,9 +8,21 @@
 - :mod:`.launch`: ``airlora deploy``: a SuperLink and SuperNodes on loopback.
 """
 
-from airlora.deploy.cloud import CloudTrainer, run_in_process, run_rounds
-from airlora.deploy.edge import EdgeDevice, EdgeReport
-from airlora.deploy.payload import PayloadError, decode_adapter, encode_adapter
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# Loaded on first use: `python -m airlora.deploy.supernode` (a Flower process) imports this
+# package and must not pay for torch, transformers and PEFT.
+_WHERE = {
+    "CloudTrainer": "airlora.deploy.cloud",
+    "run_in_process": "airlora.deploy.cloud",
+    "run_rounds": "airlora.deploy.cloud",
+    "EdgeDevice": "airlora.deploy.edge",
+    "EdgeReport": "airlora.deploy.edge",
+    "PayloadError": "airlora.deploy.payload",
+    "decode_adapter": "airlora.deploy.payload",
+    "encode_adapter": "airlora.deploy.payload",
+}
 
 __all__ = [
     "CloudTrainer",
@@ -22,3 +34,17 @@ __all__ = [
     "run_in_process",
     "run_rounds",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'airlora.deploy' has no attribute '{name}'")
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from airlora.deploy.cloud import CloudTrainer, run_in_process, run_rounds
+    from airlora.deploy.edge import EdgeDevice, EdgeReport
+    from airlora.deploy.payload import PayloadError, decode_adapter, encode_adapter

@@ -46,7 +46,8 @@ def run_cell(sweep_dir: str, cell: dict, threads: int) -> str:
 
     import torch
 
-    # Workers are fresh interpreters: repeat the CLI's silencing of library deprecations.
+    # A worker is not the CLI (an in-process pool, a Ray task): repeat its silencing of
+    # library deprecations.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     if threads:

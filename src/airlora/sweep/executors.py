@@ -20,8 +20,9 @@ from airlora.sweep.cells import outcome, run_cell_reporting
 
 T = TypeVar("T")
 
-# What every cell imports (torch, transformers, peft: ~10 s of CPU on a small machine).
-WORKER_PRELOAD = ["airlora.sweep.cells", "airlora.driver"]
+# What every cell imports (torch, transformers, peft: ~10 s of CPU on a small machine), in
+# order: the first silences library deprecations before the others import (as the CLI does).
+WORKER_PRELOAD = ["airlora.sweep.quiet", "airlora.sweep.cells", "airlora.driver"]
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -39,7 +40,10 @@ def worker_context() -> multiprocessing.context.BaseContext:
 def with_environment(environment: dict[str, str], fn: Callable[..., T], *args: object) -> T:
     """``fn(*args)`` with ``os.environ`` replaced by ``environment``. A forked worker has the
     forkserver's environment, taken when the first pool of the process started; a cell must
-    see the driver's environment of now, as a spawned worker would."""
+    see the driver's environment of now. Only what is read at run time follows: settings
+    that libraries read when imported (``HF_HOME``, ``HF_HUB_OFFLINE``, ``OMP_NUM_THREADS``)
+    keep the values they had when the forkserver started, so set those before the first
+    sweep of a session (a notebook), or run sweeps from the command line."""
     os.environ.clear()
     os.environ.update(environment)
     return fn(*args)
