@@ -7,9 +7,10 @@ average ~2 s for the slowest of three idle nodes to notice a message. This entry
 ``flower-supernode`` itself (same arguments, same protocol) with the idle poll at
 ``AIRLORA_SUPERNODE_POLL_S`` seconds (default 0.5) and the local reply checks (the node's own
 memory, no network) at 0.05 s. Each poll is a request the SuperLink serves (~8 ms of CPU
-here): three nodes at 0.5 s cost it ~5 % of a core, at 0.25 s ~10 %, which on a 2-core
-loopback slows the cloud's training more than the shorter wait gains (``airlora bench
-deploy``: ratio 0.787 at 0.25 s, 0.799 at 0.5 s, 0.756 at Flower's 3 s).
+here): three idle nodes at 0.25 s cost it ~10 % of a core, which on a 2-core loopback slows
+the cloud's training about as much as the shorter wait gains; 0.5 s is the compromise
+(``airlora bench deploy`` on 2 cores: ratio 0.756 with Flower's 3 s, 0.787 at 0.25 s,
+0.75-0.80 over four runs at 0.5 s).
 
 Use it where ``flower-supernode`` would be used::
 
