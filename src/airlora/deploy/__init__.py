@@ -24,16 +24,7 @@ _WHERE = {
     "encode_adapter": "airlora.deploy.payload",
 }
 
-__all__ = [
-    "CloudTrainer",
-    "EdgeDevice",
-    "EdgeReport",
-    "PayloadError",
-    "decode_adapter",
-    "encode_adapter",
-    "run_in_process",
-    "run_rounds",
-]
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
@@ -45,6 +36,6 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from airlora.deploy.cloud import CloudTrainer, run_in_process, run_rounds
-    from airlora.deploy.edge import EdgeDevice, EdgeReport
-    from airlora.deploy.payload import PayloadError, decode_adapter, encode_adapter
+    from airlora.deploy.cloud import CloudTrainer, run_in_process, run_rounds  # noqa: F401
+    from airlora.deploy.edge import EdgeDevice, EdgeReport  # noqa: F401
+    from airlora.deploy.payload import PayloadError, decode_adapter, encode_adapter  # noqa: F401
