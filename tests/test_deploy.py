@@ -179,10 +179,10 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
       and receives the current adapter;
     - every round an edge received equals the in-process run's (the transport changes
       nothing);
-    - the cloud (the ServerApp process) SIGKILLed in round 4 of 5: the deployment fails with
-      its logs kept, and ``resume`` takes the run folder up from its last finished round on a
-      new federation, training only the rounds after it. One scenario for all of it: each
-      Flower federation costs most of a minute of the suite."""
+    - the cloud (the ServerApp process) SIGKILLed in round 4 of 5: the run fails, and
+      ``resume`` (a new ``flwr run`` on the same federation) takes the run folder up from its
+      last finished round, training only the rounds after it; the logs are kept. One
+      scenario for all of it: each Flower federation costs most of a minute of the suite."""
     pytest.importorskip("flwr")
     import http.client
     import ssl
@@ -190,7 +190,7 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
     import time
 
     from airlora.deploy import run_in_process
-    from airlora.deploy.launch import DeployError, deploy_loopback
+    from airlora.deploy.launch import DeployError, LoopbackDeployment
 
     seen: dict[str, object] = {}
     events: list[str] = []
@@ -245,12 +245,13 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
         train={"rounds": 5, "steps_per_round": 1, "warmup_steps": 0},
         round_timeout_s=15,
     )
-    with pytest.raises(DeployError):
-        deploy_loopback(config, timeout_s=500, on_start=start, tls=True, authenticate=True)
-    assert events == ["killed", "restarted", "cloud killed"]
     run_dir = tmp_path / "runs" / "flower"
-    assert (run_dir / "logs" / "supernode-edge1.log").is_file()
-    run_dir = deploy_loopback(config, timeout_s=500, tls=True, authenticate=True, resume=run_dir)
+    with LoopbackDeployment(config, tls=True, authenticate=True) as deployment:
+        start(deployment.federation, run_dir)
+        with pytest.raises(DeployError, match=r"ended failed|flwr run exited"):
+            deployment.run(run_dir, timeout_s=500)
+        assert events == ["killed", "restarted", "cloud killed"]
+        assert deployment.run(run_dir, timeout_s=500, resume=True) == run_dir
     summary = json.loads((run_dir / "manifest.json").read_text())["summary"]
     assert summary["resumed_from_round"] in (3, 4)  # the kill lands in round 4 (or 5)
     assert summary["rounds_trained_by_this_process"] == 5 - summary["resumed_from_round"]

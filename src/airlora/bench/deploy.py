@@ -5,7 +5,7 @@ ClientApps forked from its warm launcher, :mod:`airlora.deploy.warm`). Peer: the
 deployment with every edge an object in this process (:func:`~airlora.deploy.cloud.
 run_in_process`), the same config: the same cloud training, payloads, channels and scoring,
 no network. Both time the deployment loop only (``summary.wall_time_s``: from the first
-round's plan to the last round's replies), not the start of processes or the models' load;
+round's batches to the last round's replies), not the start of processes or the models' load;
 the wall time of the whole Flower run, start-up included, is in the details. The two runs
 must produce the same per-edge rows (``details.rows_equal``): a speed-up that changes the
 results is not one.

@@ -484,6 +484,8 @@ class DeployConfig(ConfigBase):
     edges: the edges (:class:`EdgeSpec`); default three at 5, 15 and 25 dB.
     round_timeout_s: how long a round waits for the edges' replies; a late edge misses the
         round. Default 300 s.
+    register_timeout_s: how long the cloud waits, before its first round, for every edge to
+        say who it is (their models load meanwhile); default 600 s.
     edge_eval_rows: validation rows each edge scores (edge i the i-th block of them); default
         ``data.edge_eval_size``.
     data, model, train, link, env, rank, policy, seed, out_dir, run_name: as for
@@ -504,6 +506,7 @@ class DeployConfig(ConfigBase):
         validate_default=True,
     )
     round_timeout_s: float = Field(default=300.0, gt=0)
+    register_timeout_s: float = Field(default=600.0, gt=0)
     edge_eval_rows: int | None = Field(default=None, ge=1)
     rank: int | None = Field(default=None, ge=0)
     policy: Path | None = None

@@ -4,20 +4,28 @@
 grid (:mod:`airlora.deploy.flower_app`) or direct calls into :class:`EdgeDevice` objects in
 this process (:func:`in_process_transport`; ``airlora deploy --in-process``). Each round:
 
-1. measure the round's batches (complexity), and per edge build the state from that edge's
-   last reported SNR, accuracy and ranks; the policy picks that edge's rank vector;
+1. measure the round's batches (complexity);
 2. train K steps on the server at r_max (one adapter for all edges); a diverged step ends
    the run (status ``diverged``), nothing non-finite is sent;
-3. per edge, truncate the adapter to its ranks and encode it as the link sends it
+3. per edge, build the state from that edge's last reported SNR, accuracy and ranks; the
+   policy picks that edge's rank vector;
+4. per edge, truncate the adapter to its ranks and encode it as the link sends it
    (:mod:`airlora.deploy.payload`); hand every payload to the transport;
-4. record each edge's reply (accuracy on its rows, bytes received, its next SNR) beside the
+5. record each edge's reply (accuracy on its rows, bytes received, its next SNR) beside the
    cloud's own accounting of what it sent; an edge that did not answer misses the round;
    and the round's downlink airtime, unicast against rank-layered multicast
    (``multicast.jsonl``; :mod:`airlora.deploy.multicast`).
+
+Training does not depend on the edges' replies (only the rank choice does, and it comes
+after training), so the cloud trains round t+1 while the edges score round t, and collects
+their replies before it picks round t+1's ranks: the same rows as one round after the
+other, without the cloud idling while the edges work. A transport that answers at once (the
+in-process one) runs the rounds one after the other.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +36,7 @@ import numpy as np
 import torch
 
 from airlora.config import DeployConfig
+from airlora.data import ComplexityFeatures
 from airlora.deploy.edge import EdgeDevice, EdgeReport
 from airlora.deploy.multicast import MulticastCost, layered_multicast_cost
 from airlora.deploy.payload import EncodedAdapter, encode_adapter
@@ -65,8 +74,10 @@ MULTICAST_FILE = "multicast.jsonl"
 # takes up from here (``airlora deploy --resume RUN``).
 CLOUD_STATE_FILE = "cloud_state.pt"
 
-# A transport takes {edge name: Outgoing} and returns {edge name: report or None (missed)}.
-Transport = Callable[[dict[str, Outgoing], DeployConfig], dict[str, EdgeReport | None]]
+# A transport takes {edge name: Outgoing} and hands the payloads over; the function it returns
+# waits for the replies: {edge name: report or None (missed)}.
+Replies = dict[str, EdgeReport | None]
+Transport = Callable[[dict[str, Outgoing], DeployConfig], Callable[[], Replies]]
 
 
 def deploy_policy(config: DeployConfig, layout: ActionLayout) -> RankPolicy:
@@ -113,15 +124,19 @@ class CloudTrainer:
         }
         self.quant_bits = config.link.quant_bits if config.link.scheme == "digital" else None
 
-    def plan_round(self) -> dict[str, list[int]]:
-        """Each edge's rank vector for the next round, from its own state."""
-        complexity = self.engine.observe_round()
+    def observe(self) -> tuple[ComplexityFeatures, int]:
+        """The next round's batches' complexity, and that round's index."""
+        return self.engine.observe_round(), self.engine.round_index
+
+    def plan_round(self, complexity: ComplexityFeatures, round_index: int) -> dict[str, list[int]]:
+        """Each edge's rank vector for round ``round_index`` (whose batches measured
+        ``complexity``), from that edge's own state."""
         plan = {}
         for name, state in self.edges.items():
             obs = build_observation(
                 state.snr_db,
                 complexity,
-                self.engine.round_index,
+                round_index,
                 self.config.train.rounds,
                 state.accuracy,
                 state.rank_vector,
@@ -182,20 +197,29 @@ class CloudTrainer:
     def state_dict(self) -> dict:
         """Everything the next round depends on: the adapter, the optimiser and schedule,
         the batch stream's position, the policy's random state and each edge's last
-        report. (Dropout is seeded by episode seed and round: nothing to keep.)"""
+        report (copies: training on does not change them). (Dropout is seeded by episode
+        seed and round: nothing to keep.)"""
         engine = self.engine
         stream = engine.stream
         rng = getattr(self.policy, "rng", None)
-        return {
-            "server": engine.server.snapshot(),
-            "optimizer": engine.optimizer.state_dict(),
-            "scheduler": engine.scheduler.state_dict(),
-            "stream": stream.state_dict(),
-            "round_index": engine.round_index,
-            "steps_done": engine.steps_done,
-            "policy_rng": rng.bit_generator.state if isinstance(rng, np.random.Generator) else None,
-            "edges": {name: asdict(state) for name, state in self.edges.items()},
-        }
+        return copy.deepcopy(
+            {
+                "server": engine.server.snapshot(),
+                "optimizer": engine.optimizer.state_dict(),
+                "scheduler": engine.scheduler.state_dict(),
+                "stream": stream.state_dict(),
+                "round_index": engine.round_index,
+                "steps_done": engine.steps_done,
+                "policy_rng": rng.bit_generator.state
+                if isinstance(rng, np.random.Generator)
+                else None,
+                "edges": self.edge_states(),
+            }
+        )
+
+    def edge_states(self) -> dict[str, dict]:
+        """What the cloud knows of each edge, as plain values."""
+        return {name: asdict(state) for name, state in self.edges.items()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`'s moment."""
@@ -228,18 +252,20 @@ def run_rounds(
     trainer: CloudTrainer,
     transport: Transport,
     run: RunFolder,
-    on_round: Callable[[int, dict[str, EdgeReport | None]], None] | None = None,
+    on_round: Callable[[int, Replies], None] | None = None,
     resume: bool = False,
 ) -> dict:
     """The deployment loop (module docstring); one metrics row per (round, edge). Returns
     the summary: per edge its final and mean accuracy, bytes and rounds missed.
 
-    After every round the cloud's state and every row so far are saved atomically
-    (``cloud_state.pt``) before the rows are appended to ``metrics.jsonl``. ``resume``: take
-    up from that file: the logs are rewritten from it (a round cut short leaves nothing) and
-    the loop goes on from the round after the last one saved; no finished round is trained
-    again. An edge's receiver memory (erasure filling) lives on the edge and is not part of
-    the cloud's state."""
+    When a round's replies are in, the cloud's state as it was when that round was sent,
+    with every row so far, is saved atomically (``cloud_state.pt``) before the rows are
+    appended to ``metrics.jsonl``. ``resume``: take up from that file: the logs are
+    rewritten from it (a round cut short leaves nothing) and the loop goes on from the
+    round after the last one saved; no finished round is trained again (a round trained
+    while the edges still scored the one before, and not finished, is trained again). An
+    edge's receiver memory (erasure filling) lives on the edge and is not part of the
+    cloud's state."""
     config = trainer.config
     rows: list[dict] = []
     costs: list[dict] = []
@@ -250,18 +276,69 @@ def run_rounds(
         rows, costs, first = state["rows"], state["multicast"], state["round"] + 1
         run.rewrite_records(METRICS_FILE, [_finite_row(r) for r in rows])
         run.rewrite_records(MULTICAST_FILE, costs)
+
+    def finish(sent: _SentRound, saved: dict) -> None:
+        """Collect ``sent``'s replies, record them, save ``saved`` (the trainer's state when
+        the round was sent) with what the edges reported, write the round's rows."""
+        replies = sent.collect()
+        transport_time = time.perf_counter() - sent.sent_at
+        round_rows = []
+        for name, out in sent.outgoing.items():
+            report = replies.get(name)
+            trainer.record(name, report)
+            round_rows.append(
+                {
+                    "round": sent.round,
+                    "edge": name,
+                    "rank_vector": out.rank_vector,
+                    "mean_rank": float(np.mean(out.rank_vector)),
+                    "payload_params": out.payload_params,
+                    "sent_bytes": out.payload.nbytes,
+                    "link_payload_bits": out.link_payload_bits,
+                    "train_loss": sent.train_loss,
+                    "train_time_s": sent.train_time_s,
+                    # From handing the payloads over until the last reply (or the timeout);
+                    # the cloud trains the next round meanwhile.
+                    "transport_time_s": transport_time,
+                    "diverged": False,
+                    "missed": report is None,
+                    **(
+                        {}
+                        if report is None
+                        else {f"edge_{k}": v for k, v in report.as_dict().items()}
+                    ),
+                }
+            )
+        rows.extend(round_rows)
+        costs.append(sent.cost_row)
+        saved["edges"] = trainer.edge_states()
+        save_cloud_state(run.path, saved, sent.round, rows, costs)
+        run.append_record(MULTICAST_FILE, sent.cost_row)
+        for row in round_rows:
+            run.append_metrics(_finite_row(row))
+        if on_round:
+            on_round(sent.round, replies)
+
     diverged_round: int | None = None
     trained = 0
+    in_flight: _SentRound | None = None
     started = time.perf_counter()
     for t in range(first, config.train.rounds):
-        plan = trainer.plan_round()
+        # The state to save with the round in flight: the trainer's before this round.
+        saved = trainer.state_dict() if in_flight else None
+        complexity, round_index = trainer.observe()
         round_start = time.perf_counter()
         train_loss, diverged = trainer.train()
         trained += 1
         train_time = time.perf_counter() - round_start
+        if in_flight:
+            assert saved is not None
+            finish(in_flight, saved)
+            in_flight = None
         if diverged:  # non-finite numbers are not sent: the run ends here, marked
             diverged_round = t
             break
+        plan = trainer.plan_round(complexity, round_index)
         outgoing = {name: trainer.payload(name, ranks) for name, ranks in plan.items()}
         cost = trainer.multicast_cost(plan)
         cost_row = {
@@ -272,42 +349,10 @@ def run_rounds(
             "saving": cost.saving,
         }
         sent_at = time.perf_counter()
-        replies = transport(outgoing, config)
-        transport_time = time.perf_counter() - sent_at
-        round_rows = []
-        for name, out in outgoing.items():
-            report = replies.get(name)
-            trainer.record(name, report)
-            round_rows.append(
-                {
-                    "round": t,
-                    "edge": name,
-                    "rank_vector": out.rank_vector,
-                    "mean_rank": float(np.mean(out.rank_vector)),
-                    "payload_params": out.payload_params,
-                    "sent_bytes": out.payload.nbytes,
-                    "link_payload_bits": out.link_payload_bits,
-                    "train_loss": train_loss,
-                    "train_time_s": train_time,
-                    # From handing the payloads over until the last reply (or the timeout).
-                    "transport_time_s": transport_time,
-                    "diverged": diverged,
-                    "missed": report is None,
-                    **(
-                        {}
-                        if report is None
-                        else {f"edge_{k}": v for k, v in report.as_dict().items()}
-                    ),
-                }
-            )
-        rows.extend(round_rows)
-        costs.append(cost_row)
-        save_cloud_state(run.path, trainer, t, rows, costs)
-        run.append_record(MULTICAST_FILE, cost_row)
-        for row in round_rows:
-            run.append_metrics(_finite_row(row))
-        if on_round:
-            on_round(t, replies)
+        collect = transport(outgoing, config)
+        in_flight = _SentRound(t, outgoing, cost_row, collect, sent_at, train_loss, train_time)
+    if in_flight:
+        finish(in_flight, trainer.state_dict())
     wall = time.perf_counter() - started
     summary = summarize_edges(rows, config, wall, trained)
     summary["diverged_round"] = diverged_round
@@ -323,13 +368,27 @@ def run_rounds(
     return summary
 
 
+@dataclass
+class _SentRound:
+    """A round handed to the transport whose replies are not collected yet."""
+
+    round: int
+    outgoing: dict[str, Outgoing]
+    cost_row: dict
+    collect: Callable[[], Replies]
+    sent_at: float
+    train_loss: float
+    train_time_s: float
+
+
 def save_cloud_state(
-    run_dir: Path, trainer: CloudTrainer, finished_round: int, rows: list[dict], costs: list[dict]
+    run_dir: Path, trainer_state: dict, finished_round: int, rows: list[dict], costs: list[dict]
 ) -> None:
-    """The cloud's state after ``finished_round``, with every row so far (atomically)."""
+    """The cloud's state after ``finished_round`` (``trainer_state``: the trainer's
+    :meth:`CloudTrainer.state_dict` of that moment), with every row so far (atomically)."""
     state = {
         "round": finished_round,
-        "trainer": trainer.state_dict(),
+        "trainer": trainer_state,
         "rows": rows,
         "multicast": costs,
     }
@@ -407,14 +466,14 @@ def in_process_transport(devices: Mapping[str, EdgeDevice]) -> Transport:
     Flower deployment, with the same payloads, channels and scoring."""
     memories: dict[str, dict[str, np.ndarray]] = {name: {} for name in devices}
 
-    def send(outgoing: dict[str, Outgoing], config: DeployConfig) -> dict[str, EdgeReport | None]:
-        replies: dict[str, EdgeReport | None] = {}
+    def send(outgoing: dict[str, Outgoing], config: DeployConfig) -> Callable[[], Replies]:
+        replies: Replies = {}
         for name, out in outgoing.items():
             report, memories[name] = devices[name].receive(
                 out.payload.arrays, out.payload.meta, out.round, memories[name]
             )
             replies[name] = report
-        return replies
+        return lambda: replies
 
     return send
 
@@ -422,7 +481,7 @@ def in_process_transport(devices: Mapping[str, EdgeDevice]) -> Transport:
 def run_in_process(
     config: DeployConfig,
     out: Path | None = None,
-    on_round: Callable[[int, dict[str, EdgeReport | None]], None] | None = None,
+    on_round: Callable[[int, Replies], None] | None = None,
     resume: bool = False,
 ) -> tuple[Path, dict]:
     """The deployment with every edge in this process (no Flower): a run folder like

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,14 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from airlora.config import DeployConfig
-from airlora.deploy.cloud import CloudTrainer, Outgoing, run_rounds, run_status
+from airlora.deploy.cloud import (
+    CloudTrainer,
+    Outgoing,
+    Replies,
+    Transport,
+    run_rounds,
+    run_status,
+)
 from airlora.deploy.edge import EdgeDevice, EdgeReport, edge_snr_db, find_edge
 from airlora.deploy.payload import MAX_PAYLOAD_BYTES, pack_arrays, unpack_arrays
 from airlora.runs import RunFolder, config_hash
@@ -52,6 +60,9 @@ from airlora.runs import RunFolder, config_hash
 log = logging.getLogger("airlora.deploy")
 
 HELLO = "query.hello"
+# How long a round waits for a node that has just appeared to say which edge it is: a node
+# still loading its model joins the round after it answers, and holds up nobody.
+HELLO_WAIT_S = 5.0
 # In a train message's ``meta`` record: the tensors' order in the packed payload.
 ORDER_KEY = "_order"
 REPORT_FIELDS = tuple(
@@ -99,33 +110,39 @@ def run_cloud(grid: Grid, text: str, out: Path, resume: bool = False) -> None:
         raise
 
 
-def exchange(
+def push(
     grid: Grid, messages: list[Message], timeout_s: float, poll_s: float = 0.2
-) -> list[Message]:
-    """Push ``messages`` and collect the replies until all are in or ``timeout_s`` passes.
-    Flower's ``send_and_receive`` polls every 3 s; a round here waits ``poll_s`` at most
-    past its last reply."""
+) -> Callable[[], list[Message]]:
+    """Push ``messages`` now; the function returned collects the replies until all are in or
+    ``timeout_s`` has passed since the push. Flower's ``send_and_receive`` polls every 3 s;
+    here a round waits ``poll_s`` at most past its last reply."""
     ids = list(grid.push_messages(messages))
     if len(ids) < len(messages) or not all(ids):
         # Flower returns no id for a message it could not take (payload too large, a node
         # it does not know): those edges miss the round.
         log.warning("the SuperLink took %d of %d messages", sum(map(bool, ids)), len(messages))
-    waiting = {i for i in ids if i}
-    replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
-    while waiting:
-        got = list(grid.pull_messages(waiting))
-        replies.extend(got)
-        waiting.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not waiting or time.monotonic() >= deadline:
-            break
-        time.sleep(poll_s)
-    return replies
+
+    def collect() -> list[Message]:
+        waiting = {i for i in ids if i}
+        replies: list[Message] = []
+        while waiting:
+            got = list(grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(poll_s)
+        return replies
+
+    return collect
 
 
 class EdgeRegistry:
     """Which node is which edge. A node that connects later, or an edge that comes back on a
-    new node after a crash, is asked who it is before the next round (``query.hello``)."""
+    new node after a crash, is asked who it is before the next round (``query.hello``).
+    Nothing waits on a node that never answers (one that died before it could: Flower
+    answers for it with an error once its heartbeat has lapsed)."""
 
     def __init__(self, config: DeployConfig, text: str) -> None:
         self.config = config
@@ -133,63 +150,80 @@ class EdgeRegistry:
         self.nodes: dict[str, int] = {}
         self.first_snr: dict[str, float] = {}
         self.asked: set[int] = set()
+        self.pending: dict[str, int] = {}  # hello message id -> node, not answered yet
 
-    def refresh(self, grid: Grid) -> None:
-        """Ask every node not asked yet; an answer naming a known edge moves it there."""
+    def refresh(self, grid: Grid, wait_s: float = 0.0) -> None:
+        """Ask every node not asked yet, and take in the answers that have come; wait up to
+        ``wait_s`` for the nodes asked now (not for those asked before)."""
         new = [n for n in grid.get_node_ids() if n not in self.asked]
-        if not new:
+        asked_now: set[str] = set()
+        if new:
+            hello = RecordDict({"deploy": ConfigRecord({"config": self.text})})
+            ids = list(grid.push_messages([Message(hello, n, HELLO) for n in new]))
+            self.asked.update(new)  # a node that does not answer is not asked every round
+            asked_now = {i for i in ids if i}
+            self.pending.update((i, n) for i, n in zip(ids, new, strict=False) if i)
+        deadline = time.monotonic() + wait_s
+        while self.pending:
+            for reply in grid.pull_messages(set(self.pending)):
+                self.pending.pop(reply.metadata.reply_to_message_id, None)
+                self._take(reply)
+            if not asked_now & set(self.pending) or time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
+
+    def _take(self, reply: Message) -> None:
+        """A node's answer to ``query.hello``: a known edge (moved there if it was on another
+        node), or refused with a logged reason."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %s did not register: %s", node, reply.error.reason)
             return
-        hello = RecordDict({"deploy": ConfigRecord({"config": self.text})})
-        messages = [Message(hello, n, HELLO) for n in new]
-        self.asked.update(new)  # a node that does not answer is not asked every round
         wanted = {e.name for e in self.config.edges}
-        for reply in exchange(grid, messages, 60.0):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %s did not register: %s", node, reply.error.reason)
-                continue
-            try:
-                name = str(reply.content["hello"]["edge"])
-                snr = float(reply.content["snr"]["snr_db"])
-                if name not in wanted or not math.isfinite(snr):
-                    raise ValueError(f"edge {name!r} at {snr} dB is not one of {sorted(wanted)}")
-            except (KeyError, TypeError, ValueError) as err:
-                log.warning("node %s sent a malformed hello (%s): refused", node, err)
-                continue
-            if name in self.nodes and self.nodes[name] != node:
-                log.warning("edge %s rejoined as node %s (was %s)", name, node, self.nodes[name])
-            self.nodes[name] = node
-            self.first_snr.setdefault(name, snr)
+        try:
+            name = str(reply.content["hello"]["edge"])
+            snr = float(reply.content["snr"]["snr_db"])
+            if name not in wanted or not math.isfinite(snr):
+                raise ValueError(f"edge {name!r} at {snr} dB is not one of {sorted(wanted)}")
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("node %s sent a malformed hello (%s): refused", node, err)
+            return
+        if name in self.nodes and self.nodes[name] != node:
+            log.warning("edge %s rejoined as node %s (was %s)", name, node, self.nodes[name])
+        self.nodes[name] = node
+        self.first_snr.setdefault(name, snr)
 
     def wait_for_all(self, grid: Grid, timeout_s: float) -> None:
         """Refresh until every configured edge has answered, or raise naming the missing."""
         wanted = {e.name for e in self.config.edges}
         deadline = time.monotonic() + timeout_s
         while True:
-            self.refresh(grid)
+            self.refresh(grid, wait_s=1.0)
             missing = sorted(wanted - set(self.nodes))
             if not missing:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"edges {missing} did not register in {timeout_s:.0f} s")
-            time.sleep(1.0)
+            time.sleep(0.2)
 
 
 def register_edges(
     grid: Grid, config: DeployConfig, text: str, timeout_s: float | None = None
 ) -> EdgeRegistry:
-    """Wait until every configured edge's node has answered (within the round timeout)."""
+    """Wait until every configured edge's node has answered (``timeout_s``, default the
+    config's ``register_timeout_s``)."""
     registry = EdgeRegistry(config, text)
-    registry.wait_for_all(grid, timeout_s or config.round_timeout_s)
+    registry.wait_for_all(grid, timeout_s or config.register_timeout_s)
     return registry
 
 
-def flower_transport(grid: Grid, registry: EdgeRegistry, text: str):
+def flower_transport(grid: Grid, registry: EdgeRegistry, text: str) -> Transport:
     """The deployment's transport over Flower: one ``train`` message per edge and round, to
-    the node each edge is on now."""
+    the node each edge is on now. The messages go out at once; the replies are collected
+    when the cloud asks (it trains the next round meanwhile)."""
 
-    def send(outgoing: dict[str, Outgoing], config: DeployConfig) -> dict[str, EdgeReport | None]:
-        registry.refresh(grid)
+    def send(outgoing: dict[str, Outgoing], config: DeployConfig) -> Callable[[], Replies]:
+        registry.refresh(grid, wait_s=min(HELLO_WAIT_S, config.round_timeout_s))
         nodes = registry.nodes
         messages, names = [], {}
         for name, out in outgoing.items():
@@ -203,24 +237,32 @@ def flower_transport(grid: Grid, registry: EdgeRegistry, text: str):
             )
             messages.append(Message(content, nodes[name], MessageType.TRAIN))
             names[nodes[name]] = name
-        replies: dict[str, EdgeReport | None] = {name: None for name in outgoing}
-        for reply in exchange(grid, messages, config.round_timeout_s):
-            name = names.get(reply.metadata.src_node_id)
-            if name is None:
-                log.warning("a reply from unknown node %s was dropped", reply.metadata.src_node_id)
-                continue
-            report = parse_report(reply, name)
-            sent = outgoing[name]
-            if report is not None and (
-                report.round != sent.round or report.rank_vector != sent.rank_vector
-            ):
-                log.warning("edge %s reported another round or ranks than sent: refused", name)
-                report = None
-            replies[name] = report
-        for name, report in replies.items():
-            if report is None:
-                log.warning("edge %s missed round %d", name, next(iter(outgoing.values())).round)
-        return replies
+        pending = push(grid, messages, config.round_timeout_s)
+
+        def collect() -> Replies:
+            replies: Replies = {name: None for name in outgoing}
+            for reply in pending():
+                name = names.get(reply.metadata.src_node_id)
+                if name is None:
+                    log.warning(
+                        "a reply from unknown node %s was dropped", reply.metadata.src_node_id
+                    )
+                    continue
+                report = parse_report(reply, name)
+                sent = outgoing[name]
+                if report is not None and (
+                    report.round != sent.round or report.rank_vector != sent.rank_vector
+                ):
+                    log.warning("edge %s reported another round or ranks than sent: refused", name)
+                    report = None
+                replies[name] = report
+            round_index = next(iter(outgoing.values())).round
+            for name, report in replies.items():
+                if report is None:
+                    log.warning("edge %s missed round %d", name, round_index)
+            return replies
+
+        return collect
 
     return send
 

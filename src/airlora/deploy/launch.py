@@ -308,6 +308,78 @@ def _keep_logs(federation: LoopbackFederation, out: Path) -> None:
             shutil.copy(path, target)
 
 
+class LoopbackDeployment:
+    """A federation on loopback for one deployment config, stopped on exit; :meth:`run` runs
+    the app on it (again, to resume a run whose cloud stopped, on the same federation).
+
+    Parameters
+    ----------
+    config: the deployment.
+    tls, authenticate: see :class:`LoopbackFederation`.
+    warm: every edge's ClientApps forked from a process holding its model
+        (:mod:`airlora.deploy.warm`), else Flower's cold process per message.
+    """
+
+    def __init__(
+        self,
+        config: DeployConfig,
+        tls: bool = False,
+        authenticate: bool = False,
+        warm: bool = True,
+    ) -> None:
+        self.config = config
+        self._tmp = tempfile.TemporaryDirectory(prefix="airlora-deploy-")
+        self.workdir = Path(self._tmp.name)
+        self.config_file = self.workdir / "deploy.yaml"
+        self.config_file.write_text(dump_config(config), encoding="utf-8")
+        edges = [e.name for e in config.edges]
+        self.federation = LoopbackFederation(
+            edges, self.workdir, tls, authenticate, self.config_file if warm else None
+        )
+        self._outs: list[Path] = []
+        self._previous_handler = None
+
+    def __enter__(self) -> LoopbackDeployment:
+        # The processes run in sessions of their own: a SIGTERM to this one must still stop
+        # them (``__exit__``), not leave a federation running without its launcher.
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            self.federation.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        try:
+            self.federation.stop()
+            for out in self._outs:
+                _keep_logs(self.federation, out)
+        finally:
+            if self._previous_handler is not None:
+                signal.signal(signal.SIGTERM, self._previous_handler)
+            self._tmp.cleanup()
+
+    def run(self, out: Path, timeout_s: float = 3600.0, resume: bool = False) -> Path:
+        """Run the app writing the run folder ``out`` (``resume``: take it up from its last
+        finished round); returns ``out`` once the run completed, else raises
+        :class:`DeployError` (the processes' logs go to ``out/logs`` when the federation
+        stops)."""
+        out = Path(out).resolve()
+        if out not in self._outs:
+            self._outs.append(out)
+        self.federation.run_app(self.config_file, out, timeout_s, resume)
+        manifest = out / MANIFEST_FILE
+        if not manifest.is_file():
+            tail = _tail(self.federation.logs.get("flwr-run", self.workdir / "none"))
+            raise DeployError(f"the ServerApp wrote no run folder: {tail}")
+        status = json.loads(manifest.read_text(encoding="utf-8")).get("status")
+        if status != "completed":
+            raise DeployError(f"the deployment ended {status}: see {out / 'logs'}")
+        return out
+
+
 def deploy_loopback(
     config: DeployConfig,
     timeout_s: float = 3600.0,
@@ -322,11 +394,9 @@ def deploy_loopback(
 
     ``on_start(federation, run_dir)`` is called once the processes are up, before the app
     runs (a fault-injection test starts a thread there that kills and restarts an edge).
-    ``tls`` / ``authenticate``: see :class:`LoopbackFederation`; ``warm``: every edge's
-    ClientApps forked from a process holding its model (:mod:`airlora.deploy.warm`), else
-    Flower's cold process per message. ``resume``: a run folder whose cloud stopped (a crash,
-    a kill): the cloud takes it up from its last finished round, with ``config`` (its own;
-    :func:`~airlora.deploy.cloud.resume_config`)."""
+    ``tls``, ``authenticate``, ``warm``: see :class:`LoopbackDeployment`. ``resume``: a run
+    folder whose cloud stopped (a crash, a kill): the cloud takes it up from its last
+    finished round, with ``config`` (its own; :func:`~airlora.deploy.cloud.resume_config`)."""
     if resume is not None:
         from airlora.deploy.cloud import require_cloud_state
 
@@ -337,34 +407,7 @@ def deploy_loopback(
         out = (Path(config.out_dir) / name).resolve()
         if out.exists():
             raise FileExistsError(f"run folder {out} already exists; choose another run name")
-    with tempfile.TemporaryDirectory(prefix="airlora-deploy-") as tmp:
-        workdir = Path(tmp)
-        config_file = workdir / "deploy.yaml"
-        config_file.write_text(dump_config(config), encoding="utf-8")
-        edges = [e.name for e in config.edges]
-        federation = LoopbackFederation(
-            edges, workdir, tls, authenticate, config_file if warm else None
-        )
-        # The processes run in sessions of their own: a SIGTERM to this one must still stop
-        # them (the `finally` below), not leave a federation running without its launcher.
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        try:
-            federation.start()
-            if on_start is not None:
-                on_start(federation, out)
-            federation.run_app(config_file, out, timeout_s, resume is not None)
-        finally:
-            federation.stop()
-            _keep_logs(federation, out)
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        manifest = out / MANIFEST_FILE
-        if not manifest.is_file():
-            tail = _tail(federation.logs.get("flwr-run", workdir / "none"))
-            raise DeployError(f"the ServerApp wrote no run folder: {tail}")
-    status = json.loads(manifest.read_text(encoding="utf-8")).get("status")
-    if status != "completed":
-        raise DeployError(f"the deployment ended {status}: see {out / 'logs'}")
-    return out
+    with LoopbackDeployment(config, tls, authenticate, warm) as deployment:
+        if on_start is not None:
+            on_start(deployment.federation, out)
+        return deployment.run(out, timeout_s, resume is not None)
