@@ -272,6 +272,108 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
     assert not rows[-2]["missed"] and rows[-2]["edge"] == "edge1"  # rejoined by round 5
 
 
+def test_the_registry_asks_again_a_node_that_left_or_lost_its_state(monkeypatch):
+    """An edge restarted with its old key comes back under the same node id once the
+    SuperLink has marked it offline, without the state its hello gave it: asked again when
+    it reappears, or when a round finds it unregistered. A node that never answers holds up
+    neither the registration nor a round."""
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from airlora.config import DeployConfig
+    from airlora.deploy.flower_app import NOT_REGISTERED, EdgeRegistry, NotRegistered, edge_round
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    config = DeployConfig.model_validate(
+        {"edges": [{"name": "a", "snr_db": 5}, {"name": "b", "snr_db": 9}]}
+    )
+
+    class Grid:
+        """Nodes 1 ('a') and 2 ('b') answer a hello at once; node 3 never does."""
+
+        def __init__(self) -> None:
+            self.listed = [1, 2, 3]
+            self.hellos: list[int] = []
+            self.replies: dict[str, Message] = {}
+
+        def get_node_ids(self):
+            return list(self.listed)
+
+        def push_messages(self, messages):
+            ids = []
+            for m in messages:
+                node = m.metadata.dst_node_id
+                self.hellos.append(node)
+                ids.append(f"m{len(self.hellos)}")
+                if node in (1, 2):
+                    content = RecordDict(
+                        {
+                            "hello": ConfigRecord({"edge": "ab"[node - 1]}),
+                            "snr": MetricRecord({"snr_db": 10.0}),
+                        }
+                    )
+                    reply = Message(content, reply_to=m)
+                    reply.metadata.__dict__["_src_node_id"] = node
+                    reply.metadata.__dict__["_reply_to_message_id"] = ids[-1]
+                    self.replies[ids[-1]] = reply
+            return ids
+
+        def pull_messages(self, ids):
+            return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+    grid = Grid()
+    registry = EdgeRegistry(config, "yaml")
+    registry.wait_for_all(grid, timeout_s=30)  # does not wait for node 3
+    assert registry.nodes == {"a": 1, "b": 2} and sorted(grid.hellos) == [1, 2, 3]
+    registry.refresh(grid, wait_s=5)
+    assert sorted(grid.hellos) == [1, 2, 3]  # nobody asked twice, node 3 not waited for
+    grid.listed = [2, 3]  # node 1's heartbeat lapsed ...
+    registry.refresh(grid)
+    grid.listed = [1, 2, 3]  # ... and it is back with its old key
+    registry.refresh(grid)
+    assert grid.hellos.count(1) == 2 and registry.nodes["a"] == 1
+    registry.forget(2)  # a round found node 2 unregistered (below)
+    registry.refresh(grid)
+    assert grid.hellos.count(2) == 2 and grid.hellos.count(3) == 1
+
+    # A restarted node's ClientApp has no deployment in its state: it says so, in words the
+    # transport recognises in Flower's error reason.
+    train = Message(RecordDict({"round": ConfigRecord({"round": 3})}), 1, MessageType.TRAIN)
+    with pytest.raises(NotRegistered, match=NOT_REGISTERED):
+        edge_round(train, Context(1, 1, {"edge": "a"}, RecordDict(), {}))
+
+
+def test_bench_deploy_times_flower_against_the_same_loop_in_process(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """`airlora bench deploy --json` in the bench format: rounds/s of the 3-edge loopback
+    deployment (warm SuperNodes, no TLS: `airlora deploy`'s defaults) against the same loop
+    in process, both from one config, with the same rows."""
+    pytest.importorskip("flwr")
+    from airlora.config import dump_config
+
+    config = _deploy_config(
+        tiny_model_dir, tiny_data_dir, tmp_path, train={"rounds": 2, "steps_per_round": 1}
+    )
+    path = tmp_path / "deploy.yaml"
+    path.write_text(dump_config(config))
+    result = runner.invoke(app, ["bench", "deploy", "--config", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)
+    assert (bench["name"], bench["unit"]) == ("deploy", "rounds/s")
+    assert bench["project"] > 0 and bench["peer"] > 0
+    assert bench["ratio"] == pytest.approx(bench["project"] / bench["peer"])
+    details = bench["details"]
+    assert details["rows_equal"] is True and details["rounds"] == 2
+    assert [e["snr_db"] for e in details["edges"]] == [5.0, 15.0, 25.0]
+    assert details["project_loop_s"] == pytest.approx(2 / bench["project"])
+    assert details["project_wall_with_startup_s"] > details["project_loop_s"]
+    assert not (tmp_path / "runs").exists()  # both runs went to a temporary folder
+
+
 def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog, monkeypatch):
     pytest.importorskip("flwr")
     from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict

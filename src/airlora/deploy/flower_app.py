@@ -63,6 +63,9 @@ HELLO = "query.hello"
 # How long a round waits for a node that has just appeared to say which edge it is: a node
 # still loading its model joins the round after it answers, and holds up nobody.
 HELLO_WAIT_S = 5.0
+# In the error reply of an edge that restarted since its hello (Flower puts the exception's
+# text in the reason, on SuperNodes and on the simulation engine alike).
+NOT_REGISTERED = "airlora: this node is not registered"
 # In a train message's ``meta`` record: the tensors' order in the packed payload.
 ORDER_KEY = "_order"
 REPORT_FIELDS = tuple(
@@ -155,7 +158,11 @@ class EdgeRegistry:
     def refresh(self, grid: Grid, wait_s: float = 0.0) -> None:
         """Ask every node not asked yet, and take in the answers that have come; wait up to
         ``wait_s`` for the nodes asked now (not for those asked before)."""
-        new = [n for n in grid.get_node_ids() if n not in self.asked]
+        listed = list(grid.get_node_ids())
+        # A node the SuperLink stopped listing (its heartbeat lapsed) may come back under the
+        # same id (an edge restarted with its old key) without the state its hello gave it.
+        self.asked.intersection_update(listed)
+        new = [n for n in listed if n not in self.asked]
         asked_now: set[str] = set()
         if new:
             hello = RecordDict({"deploy": ConfigRecord({"config": self.text})})
@@ -192,6 +199,10 @@ class EdgeRegistry:
             log.warning("edge %s rejoined as node %s (was %s)", name, node, self.nodes[name])
         self.nodes[name] = node
         self.first_snr.setdefault(name, snr)
+
+    def forget(self, node: int) -> None:
+        """Ask ``node`` who it is again before the next round (it lost its state)."""
+        self.asked.discard(node)
 
     def wait_for_all(self, grid: Grid, timeout_s: float) -> None:
         """Refresh until every configured edge has answered, or raise naming the missing."""
@@ -242,12 +253,13 @@ def flower_transport(grid: Grid, registry: EdgeRegistry, text: str) -> Transport
         def collect() -> Replies:
             replies: Replies = {name: None for name in outgoing}
             for reply in pending():
-                name = names.get(reply.metadata.src_node_id)
+                node = reply.metadata.src_node_id
+                name = names.get(node)
                 if name is None:
-                    log.warning(
-                        "a reply from unknown node %s was dropped", reply.metadata.src_node_id
-                    )
+                    log.warning("a reply from unknown node %s was dropped", node)
                     continue
+                if reply.has_error() and NOT_REGISTERED in reply.error.reason:
+                    registry.forget(node)
                 report = parse_report(reply, name)
                 sent = outgoing[name]
                 if report is not None and (
@@ -350,10 +362,17 @@ def edge_hello(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+class NotRegistered(RuntimeError):
+    """A round reached a node that has not been told its deployment (it restarted since its
+    hello); the cloud, finding :data:`NOT_REGISTERED` in the error reply, asks it again."""
+
+
 @client_app.train()
 def edge_round(msg: Message, context: Context) -> Message:
     """Receive one round's payload through the emulated channel, rebuild, score, report."""
     head = msg.content["round"]
+    if "deploy" not in context.state:
+        raise NotRegistered(f"{NOT_REGISTERED}: it has not been told its deployment")
     config = config_from_text(str(context.state["deploy"]["config"]))
     device = edge_device(config, node_edge(config, context))
     memory: dict[str, np.ndarray] = {}
