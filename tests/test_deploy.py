@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from airlora.cli import app
 from airlora.config import DeployConfig
 from airlora.deploy.payload import PayloadError, decode_adapter, encode_adapter
+from airlora.errors import LinkError
 from airlora.link.quantization import dequantize, quantize
 
 runner = CliRunner()
@@ -353,12 +354,18 @@ def test_bench_deploy_times_flower_against_the_same_loop_in_process(
 ):
     """`airlora bench deploy --json` in the bench format: rounds/s of the 3-edge loopback
     deployment (warm SuperNodes, no TLS: `airlora deploy`'s defaults) against the same loop
-    in process, both from one config, with the same rows."""
+    in process, both from one config, with the same rows (here with multicast delivery: its
+    rates travel in the Flower messages)."""
     pytest.importorskip("flwr")
     from airlora.config import dump_config
 
     config = _deploy_config(
-        tiny_model_dir, tiny_data_dir, tmp_path, train={"rounds": 2, "steps_per_round": 1}
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path,
+        train={"rounds": 2, "steps_per_round": 1},
+        link={"scheme": "digital", "snr_process": "fixed", "deadline_s": None},
+        downlink="multicast",
     )
     path = tmp_path / "deploy.yaml"
     path.write_text(dump_config(config))
@@ -444,6 +451,80 @@ def test_layered_multicast_sends_shared_ranks_once_at_the_weakest_receivers_rate
         first_airtime(digital, 10 + 400, 12.0) + first_airtime(digital, 20, 12.0)
     )
     assert head_weight(digital.model_copy(update={"protect_head": False})) == 1
+
+
+def test_multicast_rates_follow_the_weakest_receiver_of_each_layer():
+    from airlora.deploy.multicast import layer_snr_db
+
+    ranks = {"a": [2, 4], "b": [4, 4], "c": [6, 0]}
+    rates = layer_snr_db(ranks, {"a": 5.0, "b": 15.0, "c": 25.0}, ["p", "q"])
+    # p: ranks 1-2 go to a, b and c (at a's 5 dB), 3-4 to b and c (15 dB), 5-6 to c alone.
+    assert rates["a"].per_rank == {"p": [5.0] * 2, "q": [5.0] * 4}
+    assert rates["b"].per_rank == {"p": [5.0, 5.0, 15.0, 15.0], "q": [5.0] * 4}
+    assert rates["c"].per_rank == {"p": [5.0, 5.0, 15.0, 15.0, 25.0, 25.0], "q": []}
+    assert {r.head_snr_db for r in rates.values()} == {5.0}
+
+
+def test_a_link_sends_at_the_modulation_its_transmitter_picked():
+    """A multicast layer reaches a 25 dB edge at the modulation the 5 dB edge sets: more
+    symbols on air, and no more errors than at the 25 dB edge's own modulation."""
+    from airlora.config import LinkConfig
+    from airlora.link import build_link
+
+    config = LinkConfig(scheme="digital", modulation="adaptive", snr_process="fixed")
+    tensors = {"w": torch.randn(64, 64)}
+    _, own_report = build_link(config, 3).transmit(tensors, 25.0)
+    _, low_report = build_link(config, 3).transmit(tensors, 25.0, modulation_snr_db=5.0)
+    link = build_link(config)
+    assert low_report.extra["modulation"] == link.modulation_at(5.0).name
+    assert (
+        own_report.extra["modulation"]
+        == link.modulation_at(25.0).name
+        != (low_report.extra["modulation"])
+    )
+    assert low_report.airtime_s > own_report.airtime_s
+    assert low_report.erased_params <= own_report.erased_params
+    assert low_report.snr_db == own_report.snr_db == 25.0
+    with pytest.raises(LinkError, match="finite"):
+        link.transmit(tensors, 25.0, modulation_snr_db=float("nan"))
+
+
+def test_multicast_delivery_changes_only_what_the_stronger_edges_receive(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """Unicast and multicast runs of one deployment: the 5 dB edge, the weakest receiver of
+    everything it gets, receives exactly the same; the 25 dB edge receives its shared ranks
+    at a lower-order modulation (longer on air); the pricing is the same either way."""
+    from airlora.deploy import run_in_process
+
+    link = {
+        "scheme": "digital",
+        "quant_bits": 4,
+        "modulation": "adaptive",
+        "snr_process": "fixed",
+        "erasure_fill": "previous",
+        "deadline_s": None,
+    }
+    config = _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, link=link, run_name="uni")
+    uni_dir, _ = run_in_process(config)
+    multi = _deploy_config(
+        tiny_model_dir, tiny_data_dir, tmp_path, link=link, run_name="multi", downlink="multicast"
+    )
+    multi_dir, _ = run_in_process(multi)
+    uni, mc = _rows(uni_dir), _rows(multi_dir)
+    keys = ("edge_accuracy", "edge_erased_params", "edge_airtime_s", "edge_payload_bits")
+    stronger_longer = 0
+    for u, m in zip(uni, mc, strict=True):
+        assert u["rank_vector"] == m["rank_vector"] and u["sent_bytes"] == m["sent_bytes"]
+        if u["edge"] == "edge0":
+            assert [u[k] for k in keys] == [m[k] for k in keys]
+        if u["edge"] == "edge2":
+            assert m["edge_airtime_s"] > u["edge_airtime_s"]
+            stronger_longer += 1
+    assert stronger_longer == 3
+    assert (uni_dir / "multicast.jsonl").read_text() == (multi_dir / "multicast.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"multicast with link\.deadline_s"):
+        _deploy_config(tiny_model_dir, tiny_data_dir, tmp_path, downlink="multicast")
 
 
 def test_cli_deploy_in_process_prints_each_edge_and_writes_the_run(

@@ -488,6 +488,11 @@ class DeployConfig(ConfigBase):
         say who it is (their models load meanwhile); default 600 s.
     edge_eval_rows: validation rows each edge scores (edge i the i-th block of them); default
         ``data.edge_eval_size``.
+    downlink: ``unicast`` (default: each edge its truncation at the modulation its own SNR
+        picks) or ``multicast`` (rank-layered: each layer of ranks at the modulation the
+        weakest edge that receives it picks, :mod:`airlora.deploy.multicast`; every edge
+        still decodes at its own SNR). Both are priced in ``multicast.jsonl`` either way.
+        Multicast with a ``link.deadline_s`` is not modelled.
     data, model, train, link, env, rank, policy, seed, out_dir, run_name: as for
         :class:`RunConfig` (``train.rounds`` rounds of ``train.steps_per_round`` steps).
     """
@@ -508,6 +513,7 @@ class DeployConfig(ConfigBase):
     round_timeout_s: float = Field(default=300.0, gt=0)
     register_timeout_s: float = Field(default=600.0, gt=0)
     edge_eval_rows: int | None = Field(default=None, ge=1)
+    downlink: Literal["unicast", "multicast"] = "unicast"
     rank: int | None = Field(default=None, ge=0)
     policy: Path | None = None
     seed: int = 0
@@ -546,4 +552,9 @@ class DeployConfig(ConfigBase):
             )
         if self.model.adapter == "adalora":
             raise ValueError("a deployment truncates one adapter per edge: adapter lora or svd")
+        if self.downlink == "multicast" and self.link.deadline_s is not None:
+            raise ValueError(
+                "downlink multicast with link.deadline_s is not modelled (which layers fit "
+                "before each edge's deadline): drop one of them"
+            )
         return self

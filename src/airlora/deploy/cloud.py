@@ -38,7 +38,12 @@ import torch
 from airlora.config import DeployConfig
 from airlora.data import ComplexityFeatures
 from airlora.deploy.edge import EdgeDevice, EdgeReport
-from airlora.deploy.multicast import MulticastCost, layered_multicast_cost
+from airlora.deploy.multicast import (
+    LayerRates,
+    MulticastCost,
+    layer_snr_db,
+    layered_multicast_cost,
+)
 from airlora.deploy.payload import EncodedAdapter, encode_adapter
 from airlora.engine import RoundEngine
 from airlora.env.observation import build_observation
@@ -67,6 +72,8 @@ class Outgoing:
     payload: EncodedAdapter
     payload_params: int
     link_payload_bits: int = field(default=0)
+    # downlink multicast: the SNR each rank's modulation is picked for (None: unicast).
+    rates: LayerRates | None = None
 
 
 MULTICAST_FILE = "multicast.jsonl"
@@ -193,6 +200,12 @@ class CloudTrainer:
             server.payload(self.full_ranks).head_params,
             self.config.link,
         )
+
+    def layer_rates(self, plan: Mapping[str, list[int]]) -> dict[str, LayerRates]:
+        """Per edge, the SNR each rank it gets is multicast at (the edges' last reports;
+        :func:`~airlora.deploy.multicast.layer_snr_db`)."""
+        reported = {name: state.snr_db for name, state in self.edges.items()}
+        return layer_snr_db(plan, reported, self.projection_names)
 
     def state_dict(self) -> dict:
         """Everything the next round depends on: the adapter, the optimiser and schedule,
@@ -340,6 +353,9 @@ def run_rounds(
             break
         plan = trainer.plan_round(complexity, round_index)
         outgoing = {name: trainer.payload(name, ranks) for name, ranks in plan.items()}
+        if config.downlink == "multicast":
+            for name, rates in trainer.layer_rates(plan).items():
+                outgoing[name].rates = rates
         cost = trainer.multicast_cost(plan)
         cost_row = {
             "round": t,
@@ -470,7 +486,7 @@ def in_process_transport(devices: Mapping[str, EdgeDevice]) -> Transport:
         replies: Replies = {}
         for name, out in outgoing.items():
             report, memories[name] = devices[name].receive(
-                out.payload.arrays, out.payload.meta, out.round, memories[name]
+                out.payload.arrays, out.payload.meta, out.round, memories[name], out.rates
             )
             replies[name] = report
         return lambda: replies

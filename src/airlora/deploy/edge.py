@@ -10,18 +10,23 @@ Python; :mod:`airlora.deploy.flower_app` wires it to Flower.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from airlora.config import DeployConfig, EdgeSpec
 from airlora.data import EncodedSplit, encode, load_task
+from airlora.deploy.multicast import LayerRates
 from airlora.deploy.payload import PayloadError, decode_adapter, ranks_of
 from airlora.engine import build_adapter, evaluate_adapter
 from airlora.link import build_link, build_snr_process
+from airlora.link.wireless import WirelessLink
 from airlora.model import RankAdapter, load_model, resolve_model_source
 
 
@@ -126,9 +131,11 @@ class EdgeDevice:
         meta: Mapping[str, list[float]],
         round_index: int,
         memory: dict[str, np.ndarray],
+        rates: LayerRates | None = None,
     ) -> tuple[EdgeReport, dict[str, np.ndarray]]:
         """Pass one round's payload through this edge's emulated channel, rebuild the adapter,
         score it. ``memory``: the receiver's copy from the last round (erasure filling);
+        ``rates``: a multicast's modulation per rank (None: unicast, at this edge's SNR);
         returns the report and the memory to keep."""
         start = time.perf_counter()
         received_bytes = int(sum(np.asarray(a).nbytes for a in arrays.values()))
@@ -141,15 +148,18 @@ class EdgeDevice:
         snr_db = self.snr_at(round_index)
         seed = edge_round_seed(self.config.seed, self.edge.seed or 0, round_index)
         link = build_link(self.link_config, seed)
-        if hasattr(link, "restore_erasure_memory"):
-            link.restore_erasure_memory(memory)
         protected = self.adapter.head_tensor_names()
-        arrived, report = link.transmit(tensors, snr_db, protected)
+        if rates is not None and self.link_config.scheme == "digital":
+            arrived, report, kept = receive_layered(link, tensors, snr_db, protected, rates, memory)
+        else:  # unicast; or a link with no modulation to pick, where multicast is the same
+            if hasattr(link, "restore_erasure_memory"):
+                link.restore_erasure_memory(memory)
+            arrived, report = link.transmit(tensors, snr_db, protected)
+            kept = getattr(link, "erasure_memory", {})
         self.adapter.load_active_tensors(arrived, ranks)
         accuracy, loss = evaluate_adapter(
             self.adapter, self.split, self.tokenizer.pad_token_id, self.config.data.eval_batch_size
         )
-        kept = getattr(link, "erasure_memory", {})
         return (
             EdgeReport(
                 round=round_index,
@@ -166,6 +176,78 @@ class EdgeDevice:
             ),
             kept,
         )
+
+
+@dataclass(frozen=True)
+class _Received:
+    """What the emulated link reports of a multicast's layers together."""
+
+    airtime_s: float
+    erased_params: int
+    payload_bits: int
+
+
+def receive_layered(
+    link: WirelessLink,
+    tensors: Mapping[str, torch.Tensor],
+    snr_db: float,
+    protected: Sequence[str],
+    rates: LayerRates,
+    memory: Mapping[str, np.ndarray],
+) -> tuple[dict[str, torch.Tensor], _Received, dict[str, np.ndarray]]:
+    """A multicast's payload through this edge's channel at ``snr_db``: each block of ranks
+    that shares a modulation (``rates``) is its own transmission at that modulation, as are
+    the head's tensors; the blocks are put back together. Returns the tensors, the link's
+    figures summed over the transmissions, and the receiver memory to keep (whole tensors,
+    as unicast keeps them)."""
+    groups: dict[float, dict[str, torch.Tensor]] = defaultdict(dict)
+    blocks: dict[str, tuple[str, slice]] = {}  # block name -> (tensor, its ranks)
+    previous: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        if name in protected:
+            groups[float(rates.head_snr_db)][name] = tensor
+            continue
+        projection, _factor = name.rsplit(".", 1)
+        per_rank = rates.per_rank.get(projection)
+        rank = tensor.shape[1] if name.endswith(".lora_B") else tensor.shape[0]
+        if per_rank is None or len(per_rank) != rank:
+            raise PayloadError(f"{name}: the multicast's rates do not cover its {rank} ranks")
+        old = memory.get(name)
+        old = old.reshape(tensor.shape) if old is not None and old.size == tensor.numel() else None
+        start = 0
+        for snr, run in itertools.groupby(per_rank):
+            ranks = slice(start, start + len(list(run)))
+            start = ranks.stop
+            key = f"{name}[{ranks.start}:{ranks.stop}]"
+            part = tensor[:, ranks] if name.endswith(".lora_B") else tensor[ranks]
+            groups[float(snr)][key] = part
+            blocks[key] = (name, ranks)
+            if old is not None:
+                part_old = old[:, ranks] if name.endswith(".lora_B") else old[ranks]
+                previous[key] = np.ascontiguousarray(part_old).reshape(-1)
+    link.restore_erasure_memory(previous)
+    out = {name: tensor.detach().clone() for name, tensor in tensors.items()}
+    airtime, erased, bits = 0.0, 0, 0
+    for snr in sorted(groups, reverse=True):  # a fixed order: the link's draws follow it
+        arrived, report = link.transmit(groups[snr], snr_db, protected, modulation_snr_db=snr)
+        airtime += report.airtime_s
+        erased += report.erased_params
+        bits += report.payload_bits
+        for key, value in arrived.items():
+            if key in blocks:
+                name, ranks = blocks[key]
+                if name.endswith(".lora_B"):
+                    out[name][:, ranks] = value
+                else:
+                    out[name][ranks] = value
+            else:
+                out[key] = value
+    kept = {
+        name: out[name].float().numpy().reshape(-1).copy()
+        for name in tensors
+        if name not in protected
+    }
+    return out, _Received(airtime, erased, bits), kept
 
 
 def _full_shapes(adapter: RankAdapter) -> dict[str, tuple[int, ...]]:

@@ -13,7 +13,9 @@ Messages:
   packed into one, :func:`~airlora.deploy.payload.pack_arrays`, since Flower moves every
   array as an object of its own), ``meta`` (ConfigRecord: per tensor its quantiser bits,
   minimum, maximum and shape, and the tensors' order in the packed array),
-  ``round`` (ConfigRecord: the round). The reply's ``report`` record is the
+  ``round`` (ConfigRecord: the round), and with ``downlink: multicast`` ``rates``
+  (ConfigRecord: per projection the SNR each rank's modulation is picked for, and the
+  head's). The reply's ``report`` record is the
   :class:`~airlora.deploy.edge.EdgeReport` (``framing``: what the wire carried besides the
   payload); the edge keeps its receiver memory in the node's Flower state between rounds.
 
@@ -54,7 +56,8 @@ from airlora.deploy.cloud import (
     run_status,
 )
 from airlora.deploy.edge import EdgeDevice, EdgeReport, edge_snr_db, find_edge
-from airlora.deploy.payload import MAX_PAYLOAD_BYTES, pack_arrays, unpack_arrays
+from airlora.deploy.multicast import LayerRates
+from airlora.deploy.payload import MAX_PAYLOAD_BYTES, PayloadError, pack_arrays, unpack_arrays
 from airlora.runs import RunFolder, config_hash
 
 log = logging.getLogger("airlora.deploy")
@@ -68,6 +71,8 @@ HELLO_WAIT_S = 5.0
 NOT_REGISTERED = "airlora: this node is not registered"
 # In a train message's ``meta`` record: the tensors' order in the packed payload.
 ORDER_KEY = "_order"
+# In a train message's ``rates`` record (downlink multicast): the head's SNR.
+HEAD_RATE_KEY = "_head"
 REPORT_FIELDS = tuple(
     f for f in EdgeReport.__dataclass_fields__ if f not in ("wire_array_bytes", "meta_values")
 )
@@ -246,6 +251,8 @@ def flower_transport(grid: Grid, registry: EdgeRegistry, text: str) -> Transport
                     "round": ConfigRecord({"round": out.round}),
                 }
             )
+            if out.rates is not None:
+                content["rates"] = rates_record(out.rates)
             messages.append(Message(content, nodes[name], MessageType.TRAIN))
             names[nodes[name]] = name
         pending = push(grid, messages, config.round_timeout_s)
@@ -277,6 +284,24 @@ def flower_transport(grid: Grid, registry: EdgeRegistry, text: str) -> Transport
         return collect
 
     return send
+
+
+def rates_record(rates: LayerRates) -> ConfigRecord:
+    """A multicast's rates as a config record (projections with no ranks left out)."""
+    per_rank = {name: [float(x) for x in v] for name, v in rates.per_rank.items() if v}
+    return ConfigRecord({**per_rank, HEAD_RATE_KEY: float(rates.head_snr_db)})
+
+
+def rates_from_record(record: ConfigRecord) -> LayerRates:
+    """:func:`rates_record` back; a malformed record is a :class:`PayloadError`."""
+    try:
+        head = float(record[HEAD_RATE_KEY])
+        per_rank = {str(k): [float(x) for x in v] for k, v in record.items() if k != HEAD_RATE_KEY}
+    except (KeyError, TypeError, ValueError) as err:
+        raise PayloadError(f"the multicast's rates are malformed ({err})") from err
+    if not all(math.isfinite(x) for v in [*per_rank.values(), [head]] for x in v):
+        raise PayloadError("the multicast's rates are not finite")
+    return LayerRates(per_rank, head)
 
 
 def parse_report(reply: Message, name: str) -> EdgeReport | None:
@@ -383,7 +408,8 @@ def edge_round(msg: Message, context: Context) -> Message:
     meta_values = int(sum(len(v) for v in meta.values()))  # the order list travels too
     order = [str(n) for n in meta.pop(ORDER_KEY, [])]
     arrays = unpack_arrays(received.numpy(), order, meta)
-    report, kept = device.receive(arrays, meta, int(head["round"]), memory)
+    rates = rates_from_record(msg.content["rates"]) if "rates" in msg.content else None
+    report, kept = device.receive(arrays, meta, int(head["round"]), memory, rates)
     context.state["memory"] = ArrayRecord({k: Array(v) for k, v in kept.items()})
     # What arrived on the wire besides the payload: each array's serialised form (.npy
     # header) and the per-tensor metadata record, as Flower carries them.

@@ -9,8 +9,9 @@ its own rate.
 
 Both are priced as first transmissions on the deployment's link (packets with their CRC, no
 retransmissions; the head priced as the link sends it, :func:`head_weight`),
-so the two figures compare like with like. This is the accounting; each edge's emulated
-channel still decodes its payload at its own SNR.
+so the two figures compare like with like. With ``downlink: multicast`` the edges also
+receive that way (:func:`layer_snr_db`): each layer of ranks, and the head, at the modulation
+its weakest receiver's SNR picks, decoded by each edge at its own SNR.
 """
 
 from __future__ import annotations
@@ -112,3 +113,41 @@ def layered_multicast_cost(
         for e in edges
     )
     return MulticastCost(float(unicast), float(multicast), len(by_receivers))
+
+
+@dataclass(frozen=True)
+class LayerRates:
+    """At which SNR (dB) the transmitter picks the modulation for what one edge receives.
+
+    ``per_rank``: projection name -> one SNR per rank the edge gets (rank 1 first);
+    ``head_snr_db``: the head's (it goes to every edge).
+    """
+
+    per_rank: dict[str, list[float]]
+    head_snr_db: float
+
+
+def layer_snr_db(
+    rank_vectors: Mapping[str, Sequence[int]],
+    snr_db: Mapping[str, float],
+    projection_names: Sequence[str],
+) -> dict[str, LayerRates]:
+    """Per edge, the SNR each of its ranks is multicast at: rank k of projection p is in the
+    layer up to the smallest rank any edge gets at p that is >= k; that layer goes to every
+    edge whose rank at p reaches it, at the lowest of their SNRs (their last reports). The
+    head goes to all, at the lowest SNR of all. The layering of
+    :func:`layered_multicast_cost`."""
+    edges = list(rank_vectors)
+    head = min(snr_db[e] for e in edges)
+    out = {e: LayerRates({}, head) for e in edges}
+    for p, name in enumerate(projection_names):
+        levels = sorted({int(rank_vectors[e][p]) for e in edges} - {0})
+        layer_snr = {
+            level: min(snr_db[e] for e in edges if rank_vectors[e][p] >= level) for level in levels
+        }
+        for e in edges:
+            rank = int(rank_vectors[e][p])
+            out[e].per_rank[name] = [
+                layer_snr[next(level for level in levels if level >= k)] for k in range(1, rank + 1)
+            ]
+    return out

@@ -187,11 +187,21 @@ class WirelessLink:
     # -------------------------------------------------------------- transmit
 
     def transmit(
-        self, tensors: dict[str, torch.Tensor], snr_db: float, protected: Collection[str] = ()
+        self,
+        tensors: dict[str, torch.Tensor],
+        snr_db: float,
+        protected: Collection[str] = (),
+        modulation_snr_db: float | None = None,
     ) -> tuple[dict[str, torch.Tensor], LinkReport]:
+        """Send ``tensors`` over a channel at ``snr_db``; ``modulation_snr_db``: the SNR the
+        transmitter picked the modulation for (adaptive modulation; default ``snr_db``: it
+        knows this receiver's channel; a multicast sends at its weakest receiver's)."""
         snr_db = float(snr_db)
         if not math.isfinite(snr_db):
             raise LinkError(f"SNR must be a finite number of dB, got {snr_db}")
+        tx_snr_db = snr_db if modulation_snr_db is None else float(modulation_snr_db)
+        if not math.isfinite(tx_snr_db):
+            raise LinkError(f"the modulation's SNR must be finite, got {tx_snr_db} dB")
         protected = set(protected) if self.config.protect_head else set()
         noisy = {k: v for k, v in tensors.items() if k not in protected}
         control = {k: v for k, v in tensors.items() if k in protected}
@@ -199,10 +209,10 @@ class WirelessLink:
         if self.config.scheme == "analog":
             received, report = self._analog(flat, snr_db)
         else:
-            received, report = self._digital(flat, snr_db)
+            received, report = self._digital(flat, snr_db, tx_snr_db)
         # Control data: the protected tensors plus per-tensor side information.
         modulation_bits = (
-            2 if self.config.scheme == "analog" else self.modulation_at(snr_db).bits_per_symbol
+            2 if self.config.scheme == "analog" else self.modulation_at(tx_snr_db).bits_per_symbol
         )
         control_bits, control_symbols = control_cost(control, len(flat), modulation_bits)
         out: dict[str, torch.Tensor] = {}
@@ -299,9 +309,11 @@ class WirelessLink:
 
     # -------------------------------------------------------------- digital
 
-    def _digital(self, flat: dict[str, np.ndarray], snr_db: float) -> tuple[dict, dict]:
+    def _digital(
+        self, flat: dict[str, np.ndarray], snr_db: float, tx_snr_db: float
+    ) -> tuple[dict, dict]:
         cfg = self.config
-        modulation = self.modulation_at(snr_db)
+        modulation = self.modulation_at(tx_snr_db)
         bits = cfg.quant_bits
         names = list(flat)
         quantized = [quantize(flat[k], bits) for k in names]
