@@ -46,8 +46,9 @@ def _compared(rows: list[dict]) -> list[dict]:
 
 
 def _round_medians(rows: list[dict]) -> dict[str, float]:
-    """Per round (one row per edge carries it): the cloud's training and the wait for the
-    edges' replies, medians in seconds."""
+    """Per round (one row per edge carries it): the cloud's training and its time on the
+    transport (handing over, and waiting for replies it did not have once it had trained
+    the next round; in process, the edges' whole work), medians in seconds."""
     first = {r["round"]: r for r in rows}
     return {
         "train_s": statistics.median(r["train_time_s"] for r in first.values()),

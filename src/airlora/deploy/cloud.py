@@ -293,8 +293,9 @@ def run_rounds(
     def finish(sent: _SentRound, saved: dict) -> None:
         """Collect ``sent``'s replies, record them, save ``saved`` (the trainer's state when
         the round was sent) with what the edges reported, write the round's rows."""
+        waited = time.perf_counter()
         replies = sent.collect()
-        transport_time = time.perf_counter() - sent.sent_at
+        waited = time.perf_counter() - waited
         round_rows = []
         for name, out in sent.outgoing.items():
             report = replies.get(name)
@@ -310,9 +311,10 @@ def run_rounds(
                     "link_payload_bits": out.link_payload_bits,
                     "train_loss": sent.train_loss,
                     "train_time_s": sent.train_time_s,
-                    # From handing the payloads over until the last reply (or the timeout);
-                    # the cloud trains the next round meanwhile.
-                    "transport_time_s": transport_time,
+                    # The cloud's time on the transport: handing the payloads over (in
+                    # process: the edges' whole work), then waiting for the replies it did
+                    # not have yet once it had trained the next round (or the timeout).
+                    "transport_time_s": sent.handover_s + waited,
                     "diverged": False,
                     "missed": report is None,
                     **(
@@ -366,7 +368,8 @@ def run_rounds(
         }
         sent_at = time.perf_counter()
         collect = transport(outgoing, config)
-        in_flight = _SentRound(t, outgoing, cost_row, collect, sent_at, train_loss, train_time)
+        handover = time.perf_counter() - sent_at
+        in_flight = _SentRound(t, outgoing, cost_row, collect, handover, train_loss, train_time)
     if in_flight:
         finish(in_flight, trainer.state_dict())
     wall = time.perf_counter() - started
@@ -392,7 +395,7 @@ class _SentRound:
     outgoing: dict[str, Outgoing]
     cost_row: dict
     collect: Callable[[], Replies]
-    sent_at: float
+    handover_s: float
     train_loss: float
     train_time_s: float
 

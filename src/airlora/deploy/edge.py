@@ -150,6 +150,7 @@ class EdgeDevice:
         link = build_link(self.link_config, seed)
         protected = self.adapter.head_tensor_names()
         if rates is not None and self.link_config.scheme == "digital":
+            assert isinstance(link, WirelessLink)
             arrived, report, kept = receive_layered(link, tensors, snr_db, protected, rates, memory)
         else:  # unicast; or a link with no modulation to pick, where multicast is the same
             if hasattr(link, "restore_erasure_memory"):
@@ -191,61 +192,81 @@ def receive_layered(
     link: WirelessLink,
     tensors: Mapping[str, torch.Tensor],
     snr_db: float,
-    protected: Sequence[str],
+    head_names: Sequence[str],
     rates: LayerRates,
     memory: Mapping[str, np.ndarray],
 ) -> tuple[dict[str, torch.Tensor], _Received, dict[str, np.ndarray]]:
-    """A multicast's payload through this edge's channel at ``snr_db``: each block of ranks
-    that shares a modulation (``rates``) is its own transmission at that modulation, as are
-    the head's tensors; the blocks are put back together. Returns the tensors, the link's
-    figures summed over the transmissions, and the receiver memory to keep (whole tensors,
-    as unicast keeps them)."""
-    groups: dict[float, dict[str, torch.Tensor]] = defaultdict(dict)
+    """A multicast's payload through this edge's channel at ``snr_db``: the blocks of ranks
+    sent at one modulation (``rates``: the SNR each rank's modulation is picked for) are one
+    transmission at that modulation, the head goes with the modulation of its own rate; the
+    blocks are put back together. Every block is quantised on its whole tensor's range (the
+    payload's grid), so only the channel differs from unicast. Returns the tensors, the
+    link's figures summed over the transmissions, and the receiver memory to keep (whole
+    tensors, as unicast keeps them)."""
+    # What the link sends as protected control data (kept out of the receiver's memory).
+    control = set(head_names) if link.config.protect_head else set()
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    tx_snr: dict[str, float] = {}  # modulation -> an SNR that picks it
     blocks: dict[str, tuple[str, slice]] = {}  # block name -> (tensor, its ranks)
+    ranges: dict[str, tuple[float, float]] = {}
     previous: dict[str, np.ndarray] = {}
+
+    def modulation(snr: float) -> str:
+        name = link.modulation_at(float(snr)).name
+        tx_snr.setdefault(name, float(snr))
+        return name
+
     for name, tensor in tensors.items():
-        if name in protected:
-            groups[float(rates.head_snr_db)][name] = tensor
+        old = memory.get(name)
+        old = old.reshape(tensor.shape) if old is not None and old.size == tensor.numel() else None
+        if name in head_names:
+            groups[modulation(rates.head_snr_db)][name] = tensor
+            if old is not None and name not in control:
+                previous[name] = np.ascontiguousarray(old).reshape(-1)
             continue
         projection, _factor = name.rsplit(".", 1)
         per_rank = rates.per_rank.get(projection)
-        rank = tensor.shape[1] if name.endswith(".lora_B") else tensor.shape[0]
+        columns = name.endswith(".lora_B")  # B is out x r: its ranks are columns
+        rank = tensor.shape[1] if columns else tensor.shape[0]
         if per_rank is None or len(per_rank) != rank:
             raise PayloadError(f"{name}: the multicast's rates do not cover its {rank} ranks")
-        old = memory.get(name)
-        old = old.reshape(tensor.shape) if old is not None and old.size == tensor.numel() else None
+        values = tensor.detach().float()
+        parent_range = (float(values.min()), float(values.max())) if values.numel() else (0, 0)
         start = 0
-        for snr, run in itertools.groupby(per_rank):
+        for mod, run in itertools.groupby(modulation(snr) for snr in per_rank):
             ranks = slice(start, start + len(list(run)))
             start = ranks.stop
             key = f"{name}[{ranks.start}:{ranks.stop}]"
-            part = tensor[:, ranks] if name.endswith(".lora_B") else tensor[ranks]
-            groups[float(snr)][key] = part
+            groups[mod][key] = tensor[:, ranks] if columns else tensor[ranks]
             blocks[key] = (name, ranks)
+            ranges[key] = parent_range
             if old is not None:
-                part_old = old[:, ranks] if name.endswith(".lora_B") else old[ranks]
-                previous[key] = np.ascontiguousarray(part_old).reshape(-1)
+                part = old[:, ranks] if columns else old[ranks]
+                previous[key] = np.ascontiguousarray(part).reshape(-1)
     link.restore_erasure_memory(previous)
     out = {name: tensor.detach().clone() for name, tensor in tensors.items()}
     airtime, erased, bits = 0.0, 0, 0
-    for snr in sorted(groups, reverse=True):  # a fixed order: the link's draws follow it
-        arrived, report = link.transmit(groups[snr], snr_db, protected, modulation_snr_db=snr)
+    # A fixed order (the link's draws follow it): the lowest-order modulation first.
+    for mod in sorted(groups, key=lambda m: tx_snr[m]):
+        arrived, report = link.transmit(
+            groups[mod], snr_db, head_names, modulation_snr_db=tx_snr[mod], value_ranges=ranges
+        )
         airtime += report.airtime_s
         erased += report.erased_params
         bits += report.payload_bits
         for key, value in arrived.items():
-            if key in blocks:
-                name, ranks = blocks[key]
-                if name.endswith(".lora_B"):
-                    out[name][:, ranks] = value
-                else:
-                    out[name][ranks] = value
-            else:
+            if key not in blocks:
                 out[key] = value
+                continue
+            name, ranks = blocks[key]
+            if name.endswith(".lora_B"):
+                out[name][:, ranks] = value
+            else:
+                out[name][ranks] = value
     kept = {
         name: out[name].float().numpy().reshape(-1).copy()
         for name in tensors
-        if name not in protected
+        if name not in control
     }
     return out, _Received(airtime, erased, bits), kept
 

@@ -343,6 +343,13 @@ class LoopbackDeployment:
         self._outs: list[Path] = []
         self._previous_handler = None
 
+    def keep_logs_in(self, out: Path) -> None:
+        """Copy the processes' logs into ``out/logs`` when the federation stops (beside
+        ``out`` if no run folder was made there); :meth:`run` does this for its folder."""
+        out = Path(out).resolve()
+        if out not in self._outs:
+            self._outs.append(out)
+
     def __enter__(self) -> LoopbackDeployment:
         # The processes run in sessions of their own: a SIGTERM to this one must still stop
         # them (``__exit__``), not leave a federation running without its launcher.
@@ -371,8 +378,7 @@ class LoopbackDeployment:
         :class:`DeployError` (the processes' logs go to ``out/logs`` when the federation
         stops)."""
         out = Path(out).resolve()
-        if out not in self._outs:
-            self._outs.append(out)
+        self.keep_logs_in(out)
         self.federation.run_app(self.config_file, out, timeout_s, resume)
         manifest = out / MANIFEST_FILE
         if not manifest.is_file():
@@ -411,7 +417,9 @@ def deploy_loopback(
         out = (Path(config.out_dir) / name).resolve()
         if out.exists():
             raise FileExistsError(f"run folder {out} already exists; choose another run name")
-    with LoopbackDeployment(config, tls, authenticate, warm) as deployment:
+    deployment = LoopbackDeployment(config, tls, authenticate, warm)
+    deployment.keep_logs_in(out)  # a federation that fails to start leaves its logs too
+    with deployment:
         if on_start is not None:
             on_start(deployment.federation, out)
         return deployment.run(out, timeout_s, resume is not None)

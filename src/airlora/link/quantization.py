@@ -7,6 +7,7 @@ value never leaves [lo, hi], whatever the channel did to the bits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,13 +31,21 @@ def check_bits(bits: int) -> int:
     return int(bits)
 
 
-def quantize(values: np.ndarray, bits: int) -> QuantizedTensor:
-    """Round to the nearest of 2^b evenly spaced levels between the tensor's min and max."""
+def quantize(
+    values: np.ndarray, bits: int, value_range: tuple[float, float] | None = None
+) -> QuantizedTensor:
+    """Round to the nearest of 2^b evenly spaced levels between the tensor's min and max
+    (``value_range``: between these instead, values outside clipped to them)."""
     bits = check_bits(bits)
     flat = np.asarray(values, dtype=np.float32).reshape(-1)
     if flat.size == 0:
         return QuantizedTensor(np.zeros(0, np.uint8 if bits <= 8 else np.uint16), 0.0, 0.0, bits)
-    lo, hi = float(flat.min()), float(flat.max())
+    if value_range is None:
+        lo, hi = float(flat.min()), float(flat.max())
+    else:
+        lo, hi = float(value_range[0]), float(value_range[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi >= lo):
+            raise ValueError(f"a quantiser range must be finite with min <= max, got {lo}, {hi}")
     top = (1 << bits) - 1
     if hi > lo:
         step = np.float32((hi - lo) / top)

@@ -8,7 +8,7 @@ default) travel as control data: delivered intact, airtime counted.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -192,10 +192,13 @@ class WirelessLink:
         snr_db: float,
         protected: Collection[str] = (),
         modulation_snr_db: float | None = None,
+        value_ranges: Mapping[str, tuple[float, float]] | None = None,
     ) -> tuple[dict[str, torch.Tensor], LinkReport]:
         """Send ``tensors`` over a channel at ``snr_db``; ``modulation_snr_db``: the SNR the
         transmitter picked the modulation for (adaptive modulation; default ``snr_db``: it
-        knows this receiver's channel; a multicast sends at its weakest receiver's)."""
+        knows this receiver's channel; a multicast sends at its weakest receiver's);
+        ``value_ranges``: the quantiser's (min, max) per tensor where it is not the tensor's
+        own (a block of a larger tensor, on that tensor's grid)."""
         snr_db = float(snr_db)
         if not math.isfinite(snr_db):
             raise LinkError(f"SNR must be a finite number of dB, got {snr_db}")
@@ -209,7 +212,7 @@ class WirelessLink:
         if self.config.scheme == "analog":
             received, report = self._analog(flat, snr_db)
         else:
-            received, report = self._digital(flat, snr_db, tx_snr_db)
+            received, report = self._digital(flat, snr_db, tx_snr_db, value_ranges or {})
         # Control data: the protected tensors plus per-tensor side information.
         modulation_bits = (
             2 if self.config.scheme == "analog" else self.modulation_at(tx_snr_db).bits_per_symbol
@@ -310,13 +313,17 @@ class WirelessLink:
     # -------------------------------------------------------------- digital
 
     def _digital(
-        self, flat: dict[str, np.ndarray], snr_db: float, tx_snr_db: float
+        self,
+        flat: dict[str, np.ndarray],
+        snr_db: float,
+        tx_snr_db: float,
+        value_ranges: Mapping[str, tuple[float, float]],
     ) -> tuple[dict, dict]:
         cfg = self.config
         modulation = self.modulation_at(tx_snr_db)
         bits = cfg.quant_bits
         names = list(flat)
-        quantized = [quantize(flat[k], bits) for k in names]
+        quantized = [quantize(flat[k], bits, value_ranges.get(k)) for k in names]
         counts = [q.codes.size for q in quantized]
         if bits == 8:
             stream = (
