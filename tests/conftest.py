@@ -32,8 +32,10 @@ import torch
 
 # The suite runs on pytest-xdist workers (pyproject's addopts). These tests take tens of
 # seconds to minutes each (processes killed and restarted, Flower and Ray clusters, the real
-# model): start them first, so that none of them is the last to start and the others fill
-# the workers around them. A scheduling hint only: any order passes.
+# model): start them first, so that none of them is the last to start. Work stealing hands
+# the first worker the first half of this list, so they run one after another there while
+# the other worker takes the short tests; dealing them to both workers ran two of these
+# multi-process tests at once on 2 cores and was slower. A scheduling hint: any order passes.
 LONG_TESTS = (
     "test_sweep_survives_twenty_kills_inside_cells",
     "test_flower_deployment_with_tls_auth_and_a_killed_edge",
