@@ -215,20 +215,17 @@ class CloudTrainer:
         engine = self.engine
         stream = engine.stream
         rng = getattr(self.policy, "rng", None)
-        return copy.deepcopy(
-            {
-                "server": engine.server.snapshot(),
-                "optimizer": engine.optimizer.state_dict(),
-                "scheduler": engine.scheduler.state_dict(),
-                "stream": stream.state_dict(),
-                "round_index": engine.round_index,
-                "steps_done": engine.steps_done,
-                "policy_rng": rng.bit_generator.state
-                if isinstance(rng, np.random.Generator)
-                else None,
-                "edges": self.edge_states(),
-            }
-        )
+        return {
+            "server": engine.server.snapshot(),  # copies already
+            # The optimiser's state_dict holds its live moment tensors.
+            "optimizer": copy.deepcopy(engine.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(engine.scheduler.state_dict()),
+            "stream": copy.deepcopy(stream.state_dict()),
+            "round_index": engine.round_index,
+            "steps_done": engine.steps_done,
+            "policy_rng": rng.bit_generator.state if isinstance(rng, np.random.Generator) else None,
+            "edges": self.edge_states(),
+        }
 
     def edge_states(self) -> dict[str, dict]:
         """What the cloud knows of each edge, as plain values."""

@@ -226,8 +226,7 @@ def receive_layered(
             continue
         projection, _factor = name.rsplit(".", 1)
         per_rank = rates.per_rank.get(projection)
-        columns = name.endswith(".lora_B")  # B is out x r: its ranks are columns
-        rank = tensor.shape[1] if columns else tensor.shape[0]
+        rank = tensor.shape[1] if name.endswith(".lora_B") else tensor.shape[0]
         if per_rank is None or len(per_rank) != rank:
             raise PayloadError(f"{name}: the multicast's rates do not cover its {rank} ranks")
         values = tensor.detach().float()
@@ -237,12 +236,11 @@ def receive_layered(
             ranks = slice(start, start + len(list(run)))
             start = ranks.stop
             key = f"{name}[{ranks.start}:{ranks.stop}]"
-            groups[mod][key] = tensor[:, ranks] if columns else tensor[ranks]
+            groups[mod][key] = _rank_block(tensor, name, ranks)
             blocks[key] = (name, ranks)
             ranges[key] = parent_range
             if old is not None:
-                part = old[:, ranks] if columns else old[ranks]
-                previous[key] = np.ascontiguousarray(part).reshape(-1)
+                previous[key] = np.ascontiguousarray(_rank_block(old, name, ranks)).reshape(-1)
     link.restore_erasure_memory(previous)
     out = {name: tensor.detach().clone() for name, tensor in tensors.items()}
     airtime, erased, bits = 0.0, 0, 0
@@ -259,16 +257,19 @@ def receive_layered(
                 out[key] = value
                 continue
             name, ranks = blocks[key]
-            if name.endswith(".lora_B"):
-                out[name][:, ranks] = value
-            else:
-                out[name][ranks] = value
+            _rank_block(out[name], name, ranks).copy_(value)
     kept = {
         name: out[name].float().numpy().reshape(-1).copy()
         for name in tensors
         if name not in control
     }
     return out, _Received(airtime, erased, bits), kept
+
+
+def _rank_block(factor, name: str, ranks: slice):
+    """The view of ``factor`` (tensor ``name``, torch or numpy) holding ``ranks``: B is
+    out x r, its ranks are columns; A (and an SVD adapter's E) hold them in rows."""
+    return factor[:, ranks] if name.endswith(".lora_B") else factor[ranks]
 
 
 def _full_shapes(adapter: RankAdapter) -> dict[str, tuple[int, ...]]:
