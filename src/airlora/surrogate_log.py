@@ -13,6 +13,10 @@ killed run resumes at the first unfinished episode and reproduces the same rows:
   random truncation of the trained ranks at another SNR. These *counterfactual* rows show
   the response to what arrives with the training held fixed.
 - **anchor** episodes: every rank 0, and every rank r_max, at Sobol SNRs.
+- with ``replicates`` > 1, every design and anchor episode is played again from other seeds
+  (same rank vectors, SNRs and counterfactual draws; another batch order, head and channel
+  draws). A surrogate is blind to the seed, so these paired replicates are what shows how
+  much of a round's accuracy is the seed's, and what its expected value is.
 - **policy** episodes: fixed policies (LoRA at several ranks, the SNR heuristic, the deadline
   oracle, group-shifted vectors) at the preset's evaluation SNRs on paired seeds that no
   design episode used: the returns a surrogate must rank the way real rounds do.
@@ -62,15 +66,27 @@ class LogPlan:
     policy_seeds: tuple[int, ...] = (1000, 1001)
     seed: int = 100
     depth_bands: int = 2
+    replicates: int = 1
 
     def __post_init__(self) -> None:
         if self.r_max <= 0:
             raise ValueError(f"r_max must be positive, got {self.r_max}")
         if self.design_episodes < 2:
             raise ValueError("log at least two design episodes")
-        design = set(range(self.seed, self.seed + self.design_episodes + 2))
+        if self.replicates < 1:
+            raise ValueError(f"replicates must be at least 1, got {self.replicates}")
+        design = {
+            self.episode_seed(e, k)
+            for e in range(self.design_episodes + 2)
+            for k in range(self.replicates)
+        }
         if design & set(self.policy_seeds):
             raise ValueError("policy seeds must differ from the design episodes' seeds")
+
+    def episode_seed(self, episode: int, replicate: int = 0) -> int:
+        """The seed of design or anchor episode ``episode`` (anchors follow the design
+        episodes) in its ``replicate``-th play; replicate 0 is ``seed + episode``."""
+        return self.seed + replicate * (self.design_episodes + 2) + episode
 
 
 def _plan_dict(plan: LogPlan) -> dict:
@@ -166,6 +182,7 @@ def play_episode(
     counterfactual_rng: np.random.Generator | None = None,
     policy: str | None = None,
     depth_bands: int = 2,
+    replicate_of: int | None = None,
 ) -> list[LoggedRound]:
     """One real episode from seed ``seed``: round t trains and sends ``vectors(t, snr_t)``.
     With ``counterfactual_rng``, every trained checkpoint is also re-scored under the head
@@ -181,7 +198,16 @@ def play_episode(
         metrics = engine.run_round(ranks, float(snr))
         if metrics.diverged:
             break  # the real environment ends a diverged episode too
-        real = _round_row(kind, episode, metrics, len(snrs), previous, seed=seed, policy=policy)
+        real = _round_row(
+            kind,
+            episode,
+            metrics,
+            len(snrs),
+            previous,
+            seed=seed,
+            policy=policy,
+            replicate_of=replicate_of,
+        )
         rows.append(real)
         if counterfactual_rng is not None:
             trained = np.asarray(metrics.rank_vector)
@@ -270,43 +296,49 @@ def log_rounds(
 
     jobs: list[tuple[str, Callable[[], list[LoggedRound]]]] = []
     points = sobol_points(plan.design_episodes * rounds, len(group_names) + 1, plan.seed)
-    for e in range(plan.design_episodes):
-        block = points[e * rounds : (e + 1) * rounds]
-        levels = level_to_rank(block[:, :-1], plan.r_max)
-        snrs = low + (high - low) * block[:, -1]
-
-        def design(e=e, levels=levels, snrs=snrs) -> list[LoggedRound]:
-            rng = np.random.default_rng([plan.seed, e])
-            return play_episode(
-                engine,
-                config,
-                plan.seed + e,
-                lambda t, _s: levels[t][groups_arr].tolist(),
-                snrs,
-                "design",
-                e,
-                rng if plan.counterfactuals else None,
-                depth_bands=plan.depth_bands,
-            )
-
-        jobs.append((f"design-{e:03d}", design))
     anchor_snrs = low + (high - low) * sobol_points(2 * rounds, 1, plan.seed + 1)[:, 0]
-    for a, rank in enumerate((0, plan.r_max)):
-        e = plan.design_episodes + a
-        snrs = anchor_snrs[a * rounds : (a + 1) * rounds]
+    for k in range(plan.replicates):
+        # Replicate 0 keeps the job names of a log without replicates.
+        suffix = f"-rep{k}" if k else ""
+        for e in range(plan.design_episodes):
+            block = points[e * rounds : (e + 1) * rounds]
+            levels = level_to_rank(block[:, :-1], plan.r_max)
+            snrs = low + (high - low) * block[:, -1]
 
-        def anchor(e=e, rank=rank, snrs=snrs) -> list[LoggedRound]:
-            return play_episode(
-                engine,
-                config,
-                plan.seed + e,
-                lambda _t, _s: [rank] * len(names),
-                snrs,
-                "anchor",
-                e,
-            )
+            def design(e=e, k=k, levels=levels, snrs=snrs) -> list[LoggedRound]:
+                # The counterfactual draws belong to the design point, not to the seed.
+                rng = np.random.default_rng([plan.seed, e])
+                return play_episode(
+                    engine,
+                    config,
+                    plan.episode_seed(e, k),
+                    lambda t, _s: levels[t][groups_arr].tolist(),
+                    snrs,
+                    "design",
+                    e,
+                    rng if plan.counterfactuals else None,
+                    depth_bands=plan.depth_bands,
+                    replicate_of=plan.episode_seed(e) if k else None,
+                )
 
-        jobs.append((f"anchor-r{rank}", anchor))
+            jobs.append((f"design-{e:03d}{suffix}", design))
+        for a, rank in enumerate((0, plan.r_max)):
+            e = plan.design_episodes + a
+            snrs = anchor_snrs[a * rounds : (a + 1) * rounds]
+
+            def anchor(e=e, k=k, rank=rank, snrs=snrs) -> list[LoggedRound]:
+                return play_episode(
+                    engine,
+                    config,
+                    plan.episode_seed(e, k),
+                    lambda _t, _s: [rank] * len(names),
+                    snrs,
+                    "anchor",
+                    e,
+                    replicate_of=plan.episode_seed(e) if k else None,
+                )
+
+            jobs.append((f"anchor-r{rank}{suffix}", anchor))
     policies = fixed_policies(names, plan.r_max, plan.depth_bands)
     e = plan.design_episodes + 2
     for name, choose in policies.items():

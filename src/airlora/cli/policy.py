@@ -188,6 +188,12 @@ def log_rounds(
     design_episodes: Annotated[
         int, typer.Option(help="Sobol-designed episodes (each also re-scored twice).", min=2)
     ] = 44,
+    replicates: Annotated[
+        int,
+        typer.Option(
+            help="Plays of each design and anchor episode from different seeds (paired).", min=1
+        ),
+    ] = 1,
     out: Annotated[Path, typer.Option(help="Output folder (resumed if it exists).")] = Path(
         "runs/rounds"
     ),
@@ -205,7 +211,12 @@ def log_rounds(
 
     base = sweep_file_or_preset(config_file, preset)
     config = SweepConfig.model_validate(base)
-    plan = LogPlan(r_max=rmax, design_episodes=design_episodes, policy_snrs_db=tuple(config.snr_db))
+    plan = LogPlan(
+        r_max=rmax,
+        design_episodes=design_episodes,
+        policy_snrs_db=tuple(config.snr_db),
+        replicates=replicates,
+    )
     with progress_bar("log-rounds", "episodes", quiet) as progress:
         task = progress.add_task("episodes", total=None)
 

@@ -64,6 +64,9 @@ class LoggedRound:
     sent_vector: list[int] | None = None
     seed: int | None = None
     policy: str | None = None
+    # The seed of the episode this one replays from another seed (same rank vectors, SNRs and
+    # counterfactual draws: a paired replicate); None for an original episode.
+    replicate_of: int | None = None
 
     @property
     def sent(self) -> list[int]:
