@@ -387,6 +387,8 @@ def log_rounds(
         "head_params": engine.server.payload().head_params,
         "initial_accuracy": engine.initial_accuracy(),
         "edge_eval_rows": len(engine.task.edge_eval),
+        # Every seed an episode was played from: evaluations must use others.
+        "episode_seeds": sorted({r.seed for r in logged if r.seed is not None}),
         "counts": {
             kind: sum(r.kind == kind for r in logged)
             for kind in ("design", "counterfactual", "anchor", "policy")

@@ -424,7 +424,11 @@ def _logged_seeds(manifest: Path) -> set[int]:
 
     if not manifest.is_file():
         return set()
-    plan = json.loads(manifest.read_text(encoding="utf-8")).get("plan", {})
+    body = json.loads(manifest.read_text(encoding="utf-8"))
+    if "episode_seeds" in body:
+        return {int(x) for x in body["episode_seeds"]}
+    # Logs written before the manifest listed its seeds had no replicates.
+    plan = body.get("plan", {})
     first, n = int(plan.get("seed", 0)), int(plan.get("design_episodes", 0))
     return set(range(first, first + n + 2)) | {int(x) for x in plan.get("policy_seeds", [])}
 

@@ -303,15 +303,20 @@ def leave_one_episode_out(
     anchor rows; its counterfactual re-scores are neither fitted nor scored), for every
     episode. Returns R^2 and MAE over all held-out rounds, the MAE of predicting the training
     mean, and, given the edge split's size, the binomial noise floor (its RMSE, and the R^2 a
-    perfect model of the expected accuracy would score)."""
+    perfect model of the expected accuracy would score).
+
+    An episode and its paired replicates (``replicate_of``: the same rank vectors and SNRs
+    from other seeds) are held out together. When the log has replicates, the ``replicate_
+    mean_*`` entries also score the mean prediction of each held-out round against its mean
+    accuracy over the seeds: a surrogate is blind to the seed, and the mean is the expected
+    response it models, with the seed's noise divided by the number of replicates."""
     x = inputs_from_rows(rows, r_max)
     y = np.asarray([r.accuracy for r in rows], np.float64)
     # A re-score belongs to the episode it re-scored; the seed keeps two logs' episodes of
-    # the same number apart when logs are concatenated.
+    # the same number apart when logs are concatenated; a replicate joins its original.
     keys = np.asarray(
         [
-            f"{r.kind if r.kind != 'counterfactual' else 'design'}:{r.episode}:"
-            f"{getattr(r, 'seed', None)}"
+            f"{r.kind if r.kind != 'counterfactual' else 'design'}:{r.episode}:{_original_seed(r)}"
             for r in rows
         ]
     )
@@ -342,4 +347,24 @@ def leave_one_episode_out(
         spread = float(np.var(y[scored]))
         # Rounds that all scored alike leave nothing to explain (None, not -inf, in JSON).
         out["noise_floor_r2"] = float(1.0 - noise / spread) if spread > 0 else None
+    cells: dict[tuple[str, int], list[int]] = {}
+    for i in np.flatnonzero(scored):
+        cells.setdefault((keys[i], rows[i].round), []).append(i)
+    paired = [idx for idx in cells.values() if len(idx) > 1]
+    if paired:
+        y_mean = np.asarray([y[idx].mean() for idx in paired])
+        p_mean = np.asarray([pred[idx].mean() for idx in paired])
+        out["replicate_mean_r2"] = float(r2_score(y_mean, p_mean))
+        out["replicate_mean_mae"] = float(mean_absolute_error(y_mean, p_mean))
+        out["replicate_mean_rounds"] = len(paired)
+        out["replicates_per_round"] = min(len(idx) for idx in paired)
+        # Half the mean squared difference of two seeds' accuracies: the seed's variance.
+        pairs = [y[idx[0]] - y[idx[1]] for idx in paired]
+        out["seed_variance"] = float(np.mean(np.square(pairs)) / 2)
+        out["seed_variance_share"] = float(out["seed_variance"] / np.var(y[scored]))
     return out
+
+
+def _original_seed(row) -> int | None:
+    replicate_of = getattr(row, "replicate_of", None)
+    return replicate_of if replicate_of is not None else getattr(row, "seed", None)
