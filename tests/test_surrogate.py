@@ -17,7 +17,7 @@ from airlora.env.response import (
     inputs_from_rows,
     leave_one_episode_out,
 )
-from airlora.env.surrogate import LoggedRound, link_delivery
+from airlora.env.surrogate import LoggedRound, link_delivery, read_rounds
 from airlora.link import WirelessLink
 
 NAMES = [f"enc.layer.{i}.attn.{t}" for i in range(4) for t in ("q", "v")]
@@ -138,6 +138,58 @@ def test_leave_one_episode_out_scores_real_rounds_only_and_states_the_noise_floo
     assert leave_one_episode_out(lambda: ResponseModel(NAMES, 4), joined, 4)["episodes"] == 10
 
 
+def test_an_episode_is_held_out_with_its_replicates_and_scored_on_their_mean():
+    law = lambda r, s, t: 0.4 + 0.05 * t + 0.02 * r.mean()  # noqa: E731
+    originals = _rows(law, episodes=5)
+    # A replicate: the same ranks and SNRs from another seed, with seed noise of its own.
+    noise = np.random.default_rng(7).normal(0, 0.05, len(originals))
+    replicas = [
+        replace(r, seed=50 + r.episode, replicate_of=r.episode, accuracy=r.accuracy + n)
+        for r, n in zip(originals, noise, strict=True)
+    ]
+    originals = [replace(r, seed=r.episode) for r in originals]
+    seen: list[set[int]] = []
+
+    class Recording(ResponseModel):
+        def fit_features(self, f, y):
+            seen.append({int(v) for v in f[:, -1]})
+            return super().fit_features(f[:, :-1], y)
+
+        def predict_features(self, f):
+            return super().predict_features(f[:, :-1])
+
+        def features(self, x):
+            return np.column_stack([super().features(x), episode])
+
+    rows = originals + replicas
+    episode = np.asarray([r.episode for r in rows], np.float64)
+    fit = leave_one_episode_out(lambda: Recording(NAMES, 4), rows, 4)
+    # Five folds, each trained on the other four design points, both seeds of each.
+    assert fit["episodes"] == 5 and fit["held_out_rounds"] == len(rows)
+    assert sorted(len(s) for s in seen) == [4] * 5 and len({frozenset(s) for s in seen}) == 5
+    assert fit["replicate_mean_rounds"] == len(originals) and fit["replicates_per_round"] == 2
+    assert fit["seed_variance"] == pytest.approx(np.mean(np.square(noise)) / 2, rel=1e-6)
+    # Averaging two seeds halves their noise: the mean is the easier, and the right, target.
+    assert fit["replicate_mean_r2"] > fit["loeo_r2"]
+    # Without replicates there is no mean to score.
+    assert "replicate_mean_r2" not in leave_one_episode_out(
+        lambda: ResponseModel(NAMES, 4), originals, 4
+    )
+
+
+def test_a_log_plan_gives_replicates_seeds_of_their_own():
+    from airlora.surrogate_log import LogPlan
+
+    plan = LogPlan(r_max=4, design_episodes=3, replicates=2, seed=10, policy_seeds=(100,))
+    seeds = [plan.episode_seed(e, k) for k in range(2) for e in range(5)]
+    assert seeds[:5] == [10, 11, 12, 13, 14] and len(set(seeds)) == 10
+    with pytest.raises(ValueError, match="policy seeds"):
+        LogPlan(r_max=4, design_episodes=3, replicates=2, seed=10, policy_seeds=(19,))
+    assert LogPlan(r_max=4, design_episodes=3, seed=10, policy_seeds=(19,)).replicates == 1
+    with pytest.raises(ValueError, match="replicates"):
+        LogPlan(r_max=4, replicates=0)
+
+
 def test_replicate_variance_is_half_the_mean_squared_paired_difference():
     from airlora.bench.surrogate import replicate_variance
 
@@ -234,7 +286,9 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(
             "methods": [{"name": "lora", "method": "lora"}],
         }
     )
-    plan = LogPlan(r_max=4, design_episodes=2, policy_snrs_db=(10.0,), policy_seeds=(1000,))
+    plan = LogPlan(
+        r_max=4, design_episodes=2, policy_snrs_db=(10.0,), policy_seeds=(1000,), replicates=2
+    )
     whole = log_rounds(config, plan, tmp_path / "whole")
 
     class Stop(Exception):
@@ -258,8 +312,19 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(
     assert revisions == [old_code, code_revision()]
     manifest = json.loads((whole / "manifest.json").read_text())
     assert manifest["episode_code_revisions"] == [manifest["code_revision"]]
-    # 10 fixed policies at r_max 4 (LoRA at 0, 1, 2, 4 and six others) x 2 rounds.
-    assert manifest["counts"] == {"design": 4, "counterfactual": 8, "anchor": 4, "policy": 20}
+    # Two replicates of 2 design and 2 anchor episodes; 10 fixed policies at r_max 4 (LoRA
+    # at 0, 1, 2, 4 and six others) x 2 rounds.
+    assert manifest["counts"] == {"design": 8, "counterfactual": 16, "anchor": 8, "policy": 20}
+    assert manifest["episode_seeds"] == [100, 101, 102, 103, 104, 105, 106, 107, 1000]
+    rows = read_rounds(whole / "rounds.jsonl")
+    originals = [r for r in rows if r.replicate_of is None]
+    replicas = [r for r in rows if r.replicate_of is not None]
+    assert len(replicas) == len(originals) == 16
+    for o, r in zip(originals, replicas, strict=True):
+        # The same design point, counterfactual draws included, from another seed.
+        assert (r.kind, r.episode, r.round) == (o.kind, o.episode, o.round)
+        assert r.replicate_of == o.seed and r.seed == o.seed + 4
+        assert (r.rank_vector, r.snr_db, r.sent_vector) == (o.rank_vector, o.snr_db, o.sent_vector)
     assert {"versions", "code_revision", "config", "plan"} <= set(manifest)
     with pytest.raises(FileExistsError):
         log_rounds(config, plan, tmp_path / "whole")
