@@ -171,6 +171,7 @@ def test_an_episode_is_held_out_with_its_replicates_and_scored_on_their_mean():
     assert fit["seed_variance"] == pytest.approx(np.mean(np.square(noise)) / 2, rel=1e-6)
     # Averaging two seeds halves their noise: the mean is the easier, and the right, target.
     assert fit["replicate_mean_r2"] > fit["loeo_r2"]
+    assert fit["loeo_r2_originals"] > 0.5 and fit["loeo_r2_replicates"] > 0.5
     # Without replicates there is no mean to score.
     assert "replicate_mean_r2" not in leave_one_episode_out(
         lambda: ResponseModel(NAMES, 4), originals, 4
@@ -224,11 +225,17 @@ def test_shipped_rounds_validate_the_surrogate(log):
     result = bench_surrogate(log)
     assert set(result) == {"name", "unit", "project", "peer", "ratio", "details"}
     details = result["details"]
-    # What train-policy demands by default, and what the issue asks of the rank order.
-    assert result["project"] >= 0.3
+    # What the issue asks of the held-out fit and of the rank order (train-policy's own
+    # default threshold is lower, 0.3).
+    assert result["project"] >= 0.5
     assert details["spearman"] >= 0.8 and details["policies"] >= 10
     assert details["project_fit"]["held_out_rounds"] >= 40
     assert details["seed_pairs"] >= 100 and 0 < details["seed_variance_share"] < 1
+    if manifest["plan"].get("replicates", 1) > 1:  # scored on its seeds' mean and each seed too
+        fit = details["project_fit"]
+        assert details["project_replicate_mean_r2"] == fit["replicate_mean_r2"]
+        assert fit["replicate_mean_rounds"] * 2 == fit["held_out_rounds"]
+        assert min(fit["loeo_r2_originals"], fit["loeo_r2_replicates"]) < result["project"]
     with pytest.raises(FileNotFoundError, match="known"):
         shipped_log("nope")
 
@@ -251,7 +258,8 @@ def test_surrogate_env_replays_whole_real_episodes_of_a_designed_log():
         model, rows, link, EnvConfig(), manifest["params_per_rank"], manifest["head_params"]
     )
     real = [r for r in rows if r.kind != "counterfactual"]
-    assert len(env._episodes) == len({(r.kind, r.episode) for r in real}) == 46
+    # Every seed's play of an episode is a sequence of its own (46 design points, two seeds).
+    assert len(env._episodes) == len({(r.kind, r.episode, r.seed) for r in real}) == 92
     for episode in env._episodes:
         assert [r.round for r in episode] == [0, 1, 2, 3]
         assert len({r.kind for r in episode}) == 1 and len({r.episode for r in episode}) == 1

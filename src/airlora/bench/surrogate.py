@@ -8,6 +8,12 @@ correlation between the returns the surrogate (fitted on all logged rounds) pred
 fixed policies of the log and their real returns, over (policy, SNR) pairs, each the mean of
 its paired seeds. The surrogate plays each policy closed-loop: from the unadapted model's
 accuracy, every round's prediction is the next round's previous accuracy, as in training.
+
+A round's accuracy depends on the seed (batch order, the head's initial draw, the channel's
+draws), which no surrogate sees. The shipped ``paper-cpu-r8`` log plays every design point
+from two seeds (``airlora log-rounds --replicates 2``); an episode is held out with its
+replicate, and the details also give each model's R^2 on the mean over the two seeds (the
+expected accuracy a seed-blind model is for) and on each seed's rounds alone.
 """
 
 from __future__ import annotations
@@ -161,6 +167,8 @@ def bench_surrogate(name: str = DEFAULT_LOG) -> dict:
         "ratio": project["loeo_r2"] / peer["loeo_r2"] if peer["loeo_r2"] > 0 else None,
         "details": {
             "log": name,
+            "project_replicate_mean_r2": project.get("replicate_mean_r2"),
+            "peer_replicate_mean_r2": peer.get("replicate_mean_r2"),
             "spearman": ours["spearman"],
             "spearman_within_snr": ours["within_snr"],
             "spearman_accuracy_only": ours["accuracy_only"],

@@ -362,6 +362,10 @@ def leave_one_episode_out(
         pairs = [y[idx[0]] - y[idx[1]] for idx in paired]
         out["seed_variance"] = float(np.mean(np.square(pairs)) / 2)
         out["seed_variance_share"] = float(out["seed_variance"] / np.var(y[scored]))
+        # Each seed's rounds alone: how much the score itself moves with the seed drawn.
+        replica = np.asarray([getattr(r, "replicate_of", None) is not None for r in rows])
+        out["loeo_r2_originals"] = float(r2_score(y[scored & ~replica], pred[scored & ~replica]))
+        out["loeo_r2_replicates"] = float(r2_score(y[scored & replica], pred[scored & replica]))
     return out
 
 
