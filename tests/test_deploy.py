@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,6 +385,57 @@ def test_bench_deploy_times_flower_against_the_same_loop_in_process(
     assert details["project_loop_s"] == pytest.approx(2 / bench["project"])
     assert details["project_wall_with_startup_s"] > details["project_loop_s"]
     assert not (tmp_path / "runs").exists()  # both runs went to a temporary folder
+
+
+def test_bench_deploy_alternates_the_order_of_repeated_pairs_and_takes_medians(monkeypatch):
+    import airlora.deploy.cloud
+    import airlora.deploy.launch
+    from airlora.bench.deploy import bench_deploy
+
+    order: list[str] = []
+    loops = {"peer": iter([10.0, 14.0, 12.0]), "project": iter([20.0, 11.0, 13.0])}
+    row = {"round": 0, "edge": "e", "train_time_s": 1.0, "transport_time_s": 1.0}
+
+    def write(config, side: str) -> tuple[Path, float]:
+        order.append(side)
+        folder = Path(config.out_dir) / str(config.run_name)
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+        return folder, next(loops[side])
+
+    def peer(config):
+        folder, loop = write(config, "peer")
+        return folder, {"wall_time_s": loop}
+
+    def project(config, warm):
+        folder, loop = write(config, "project")
+        (folder / "manifest.json").write_text(json.dumps({"summary": {"wall_time_s": loop}}))
+        return folder
+
+    monkeypatch.setattr(airlora.deploy.cloud, "run_in_process", peer)
+    monkeypatch.setattr(airlora.deploy.launch, "deploy_loopback", project)
+    config = DeployConfig(train={"rounds": 2})
+    bench = bench_deploy(config, repeats=3)
+    # A drifting machine favours neither side: peer first, then project first, ...
+    assert order == ["peer", "project", "project", "peer", "peer", "project"]
+    details = bench["details"]
+    assert details["order"] == order and details["repeats"] == 3
+    assert details["peer_loops_s"] == [10.0, 14.0, 12.0]
+    assert details["pair_ratios"] == pytest.approx([0.5, 14 / 11, 12 / 13])
+    assert bench["peer"] == pytest.approx(2 / 12.0) and bench["project"] == pytest.approx(2 / 13.0)
+    assert bench["ratio"] == pytest.approx(12 / 13)
+    with pytest.raises(ValueError, match="repeats"):
+        bench_deploy(config, repeats=0)
+
+    def other_rows(config, warm):  # a project run whose rows differ is not the same work
+        folder = project(config, warm)
+        (folder / "metrics.jsonl").write_text(json.dumps({**row, "edge": "other"}) + "\n")
+        return folder
+
+    loops = {"peer": iter([10.0]), "project": iter([10.0])}
+    monkeypatch.setattr(airlora.deploy.launch, "deploy_loopback", other_rows)
+    with pytest.raises(RuntimeError, match="differ"):
+        bench_deploy(config)
 
 
 def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog, monkeypatch):

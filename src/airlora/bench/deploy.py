@@ -6,9 +6,10 @@ deployment with every edge an object in this process (:func:`~airlora.deploy.clo
 run_in_process`), the same config: the same cloud training, payloads, channels and scoring,
 no network. Both time the deployment loop only (``summary.wall_time_s``: from the first
 round's batches to the last round's replies), not the start of processes or the models' load;
-the wall time of the whole Flower run, start-up included, is in the details. The two runs
-must produce the same per-edge rows (``details.rows_equal``): a speed-up that changes the
-results is not one.
+the wall time of the whole Flower run, start-up included, is in the details. Every run must
+produce the same per-edge rows (``details.rows_equal``): a speed-up that changes the results
+is not one. ``--repeats N`` runs N pairs in alternating order and reports the medians: on a
+shared machine one pair's ratio moves by +-0.1 from run to run.
 """
 
 from __future__ import annotations
@@ -60,33 +61,66 @@ def bench_deploy(
     config: DeployConfig | None = None,
     warm: bool = True,
     progress: Callable[[str], None] | None = None,
+    repeats: int = 1,
 ) -> dict:
-    """Rounds per second, Flower loopback (project) and in process (peer)."""
+    """Rounds per second, Flower loopback (project) and in process (peer).
+
+    ``repeats`` pairs of runs, in alternating order (peer then project, then project then
+    peer, ...), so that a machine whose speed drifts during the bench favours neither side;
+    project and peer are the medians of their runs' rounds/s, and every run is in the
+    details."""
     from airlora.deploy.cloud import run_in_process
     from airlora.deploy.launch import deploy_loopback
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     config = config or DeployConfig()
     say = progress or (lambda _m: None)
+    rounds = config.train.rounds
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="airlora-bench-deploy-") as tmp:
         base = config.model_copy(update={"out_dir": Path(tmp)})
-        say(f"in process: {config.train.rounds} rounds, {len(config.edges)} edges")
-        peer_dir, peer_summary = run_in_process(base.model_copy(update={"run_name": "peer"}))
-        say(f"over Flower: {config.train.rounds} rounds, {len(config.edges)} SuperNodes")
-        started = time.perf_counter()
-        project_dir = deploy_loopback(base.model_copy(update={"run_name": "project"}), warm=warm)
-        flower_wall = time.perf_counter() - started
-        manifest = json.loads((project_dir / "manifest.json").read_text(encoding="utf-8"))
-        project_summary = manifest["summary"]
-        project_rows, peer_rows = _rows(project_dir), _rows(peer_dir)
-        rows_equal = _compared(project_rows) == _compared(peer_rows)
+        reference: list[dict] | None = None
+
+        def peer(i: int) -> dict:
+            say(f"in process ({i + 1}/{repeats}): {rounds} rounds, {len(config.edges)} edges")
+            run_dir, summary = run_in_process(base.model_copy(update={"run_name": f"peer{i}"}))
+            return {"side": "peer", "loop_s": summary["wall_time_s"], "dir": run_dir}
+
+        def project(i: int) -> dict:
+            say(f"over Flower ({i + 1}/{repeats}): {rounds} rounds, {len(config.edges)} SuperNodes")
+            started = time.perf_counter()
+            run_dir = deploy_loopback(
+                base.model_copy(update={"run_name": f"project{i}"}), warm=warm
+            )
+            wall = time.perf_counter() - started
+            manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+            loop = manifest["summary"]["wall_time_s"]
+            return {"side": "project", "loop_s": loop, "wall_with_startup_s": wall, "dir": run_dir}
+
+        for i in range(repeats):
+            for side in (peer, project) if i % 2 == 0 else (project, peer):
+                run = side(i)
+                compared = _compared(_rows(run["dir"]))
+                reference = reference if reference is not None else compared
+                run["rows_equal"] = compared == reference
+                runs.append(run)
+        first_project = next(r for r in runs if r["side"] == "project")
+        first_peer = next(r for r in runs if r["side"] == "peer")
+        project_medians = _round_medians(_rows(first_project["dir"]))
+        peer_medians = _round_medians(_rows(first_peer["dir"]))
+    rows_equal = all(r["rows_equal"] for r in runs)
     if not rows_equal:
         raise RuntimeError(
             "the Flower run's rows differ from the in-process run's: not a "
             "speed comparison of the same work"
         )
-    rounds = config.train.rounds
-    project = rounds / project_summary["wall_time_s"]
-    peer = rounds / peer_summary["wall_time_s"]
+    loops = {side: [r["loop_s"] for r in runs if r["side"] == side] for side in ("project", "peer")}
+    project = rounds / statistics.median(loops["project"])
+    peer = rounds / statistics.median(loops["peer"])
+    pairs = [
+        loops["peer"][i] / loops["project"][i] for i in range(repeats)
+    ]  # each pair's own ratio (rounds/s, project over peer)
     return {
         "name": "deploy",
         "unit": "rounds/s",
@@ -100,11 +134,18 @@ def bench_deploy(
             "model": str(config.model.name_or_path),
             "method": config.method,
             "launcher": "warm (forked ClientApps)" if warm else "Flower subprocess (cold)",
-            "project_loop_s": project_summary["wall_time_s"],
-            "peer_loop_s": peer_summary["wall_time_s"],
-            "project_wall_with_startup_s": flower_wall,
-            "project_round_medians": _round_medians(project_rows),
-            "peer_round_medians": _round_medians(peer_rows),
+            "repeats": repeats,
+            "order": [r["side"] for r in runs],
+            "project_loop_s": statistics.median(loops["project"]),
+            "peer_loop_s": statistics.median(loops["peer"]),
+            "project_loops_s": loops["project"],
+            "peer_loops_s": loops["peer"],
+            "pair_ratios": pairs,
+            "project_wall_with_startup_s": statistics.median(
+                r["wall_with_startup_s"] for r in runs if r["side"] == "project"
+            ),
+            "project_round_medians": project_medians,
+            "peer_round_medians": peer_medians,
             "rows_equal": rows_equal,
             "peer_description": "the same deployment loop with the edges in this process",
         },

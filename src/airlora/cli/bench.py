@@ -148,6 +148,10 @@ def bench_deploy(
     cold: Annotated[
         bool, typer.Option("--cold", help="Flower's own launcher (a process per message).")
     ] = False,
+    repeats: Annotated[
+        int,
+        typer.Option(help="Pairs of runs, in alternating order; the medians are reported.", min=1),
+    ] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Rounds/s of `airlora deploy` on loopback (3 SuperNodes) against the same deployment
@@ -165,6 +169,7 @@ def bench_deploy(
                 config,
                 warm=not cold,
                 progress=lambda m: status.update(f"benchmarking the deployment: {m}"),
+                repeats=repeats,
             )
     print_bench(result, as_json)
 
