@@ -373,7 +373,8 @@ def test_bench_deploy_times_flower_against_the_same_loop_in_process(
     )
     path = tmp_path / "deploy.yaml"
     path.write_text(dump_config(config))
-    result = runner.invoke(app, ["bench", "deploy", "--config", str(path), "--json"])
+    args = ["bench", "deploy", "--config", str(path), "--json", "--repeats", "1"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     bench = json.loads(result.stdout)
     assert (bench["name"], bench["unit"]) == ("deploy", "rounds/s")

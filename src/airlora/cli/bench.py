@@ -151,7 +151,7 @@ def bench_deploy(
     repeats: Annotated[
         int,
         typer.Option(help="Pairs of runs, in alternating order; the medians are reported.", min=1),
-    ] = 1,
+    ] = 3,
     as_json: JsonOption = False,
 ) -> None:
     """Rounds/s of `airlora deploy` on loopback (3 SuperNodes) against the same deployment
