@@ -435,7 +435,7 @@ def test_bench_deploy_alternates_the_order_of_repeated_pairs_and_takes_medians(m
 
     loops = {"peer": iter([10.0]), "project": iter([10.0])}
     monkeypatch.setattr(airlora.deploy.launch, "deploy_loopback", other_rows)
-    with pytest.raises(RuntimeError, match="differ"):
+    with pytest.raises(RuntimeError, match="other rows"):
         bench_deploy(config)
 
 

@@ -55,9 +55,10 @@ EPISODES = "episodes"
 
 @dataclass(frozen=True)
 class LogPlan:
-    """What to log. Seeds: design and anchor episodes use ``seed``, ``seed + 1``, ...;
-    policy episodes use ``policy_seeds`` (disjoint from those, and from the seeds a sweep
-    evaluates on, which the caller keeps apart)."""
+    """What to log. Seeds: design and anchor episodes use ``seed``, ``seed + 1``, ...
+    (:meth:`episode_seed`; with ``replicates`` > 1 each further play of them the next
+    ``design_episodes + 2`` seeds); policy episodes use ``policy_seeds`` (disjoint from
+    those, and from the seeds a sweep evaluates on, which the caller keeps apart)."""
 
     r_max: int
     design_episodes: int = 44
@@ -81,7 +82,10 @@ class LogPlan:
             for k in range(self.replicates)
         }
         if design & set(self.policy_seeds):
-            raise ValueError("policy seeds must differ from the design episodes' seeds")
+            raise ValueError(
+                f"policy seeds must differ from the design and anchor episodes' seeds "
+                f"({min(design)}-{max(design)} with {self.replicates} replicate(s))"
+            )
 
     def episode_seed(self, episode: int, replicate: int = 0) -> int:
         """The seed of design or anchor episode ``episode`` (anchors follow the design
@@ -90,7 +94,20 @@ class LogPlan:
 
 
 def _plan_dict(plan: LogPlan) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.__dict__.items()}
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.__dict__.items()}
+    if plan.replicates == 1:  # a plan without replicates keeps the identity it always had
+        del out["replicates"]
+    return out
+
+
+def plan_seeds(plan: LogPlan) -> list[int]:
+    """Every seed the plan plays an episode from (design, anchor and policy episodes)."""
+    design = [
+        plan.episode_seed(e, k)
+        for k in range(plan.replicates)
+        for e in range(plan.design_episodes + 2)
+    ]
+    return sorted({*design, *plan.policy_seeds})
 
 
 def sobol_points(n: int, dims: int, seed: int) -> np.ndarray:
@@ -387,8 +404,9 @@ def log_rounds(
         "head_params": engine.server.payload().head_params,
         "initial_accuracy": engine.initial_accuracy(),
         "edge_eval_rows": len(engine.task.edge_eval),
-        # Every seed an episode was played from: evaluations must use others.
-        "episode_seeds": sorted({r.seed for r in logged if r.seed is not None}),
+        # Every seed an episode is played from (one that ended early too): evaluations must
+        # use others.
+        "episode_seeds": plan_seeds(plan),
         "counts": {
             kind: sum(r.kind == kind for r in logged)
             for kind in ("design", "counterfactual", "anchor", "policy")

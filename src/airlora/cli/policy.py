@@ -202,8 +202,8 @@ def log_rounds(
     """Log real rounds for a round surrogate: Sobol-designed episodes with counterfactual
     re-scores, rank-0 and rank-r_max anchors, and fixed policies at the preset's SNRs on
     paired seeds. Writes rounds.jsonl, policies.jsonl and manifest.json; a stopped run
-    resumes where it stopped. The shipped set (airlora bench surrogate) is
-    `airlora log-rounds --preset paper-cpu --rmax 8`.
+    resumes where it stopped. The shipped sets (airlora bench surrogate) are
+    `airlora log-rounds --preset paper-cpu --rmax 8 --replicates 2` and `--rmax 64`.
     """
     from airlora.config import SweepConfig
     from airlora.surrogate_log import LogPlan

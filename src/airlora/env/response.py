@@ -347,25 +347,29 @@ def leave_one_episode_out(
         spread = float(np.var(y[scored]))
         # Rounds that all scored alike leave nothing to explain (None, not -inf, in JSON).
         out["noise_floor_r2"] = float(1.0 - noise / spread) if spread > 0 else None
-    cells: dict[tuple[str, int], list[int]] = {}
-    for i in np.flatnonzero(scored):
-        cells.setdefault((keys[i], rows[i].round), []).append(i)
-    paired = [idx for idx in cells.values() if len(idx) > 1]
-    if paired:
+    replica = np.asarray([getattr(r, "replicate_of", None) is not None for r in rows])
+    if replica[scored].any():
+        cells: dict[tuple[str, int], list[int]] = {}
+        for i in np.flatnonzero(scored):
+            cells.setdefault((keys[i], rows[i].round), []).append(i)
+        paired = [idx for idx in cells.values() if len(idx) > 1]
         y_mean = np.asarray([y[idx].mean() for idx in paired])
         p_mean = np.asarray([pred[idx].mean() for idx in paired])
         out["replicate_mean_r2"] = float(r2_score(y_mean, p_mean))
         out["replicate_mean_mae"] = float(mean_absolute_error(y_mean, p_mean))
         out["replicate_mean_rounds"] = len(paired)
         out["replicates_per_round"] = min(len(idx) for idx in paired)
-        # Half the mean squared difference of two seeds' accuracies: the seed's variance.
-        pairs = [y[idx[0]] - y[idx[1]] for idx in paired]
-        out["seed_variance"] = float(np.mean(np.square(pairs)) / 2)
-        out["seed_variance_share"] = float(out["seed_variance"] / np.var(y[scored]))
-        # Each seed's rounds alone: how much the score itself moves with the seed drawn.
-        replica = np.asarray([getattr(r, "replicate_of", None) is not None for r in rows])
-        out["loeo_r2_originals"] = float(r2_score(y[scored & ~replica], pred[scored & ~replica]))
-        out["loeo_r2_replicates"] = float(r2_score(y[scored & replica], pred[scored & replica]))
+        # The seed's variance: each round's variance over its seeds, averaged (for two
+        # seeds, half their squared difference).
+        seed_variance = float(np.mean([np.var(y[idx], ddof=1) for idx in paired]))
+        out["replicate_seed_variance"] = seed_variance
+        out["replicate_seed_variance_share"] = seed_variance / float(np.var(y[scored]))
+        if (scored & ~replica).any():
+            # Each seed's rounds alone: how much the score itself moves with the seed drawn.
+            out["loeo_r2_originals"] = float(
+                r2_score(y[scored & ~replica], pred[scored & ~replica])
+            )
+            out["loeo_r2_replicates"] = float(r2_score(y[scored & replica], pred[scored & replica]))
     return out
 
 
