@@ -76,11 +76,7 @@ class LogPlan:
             raise ValueError("log at least two design episodes")
         if self.replicates < 1:
             raise ValueError(f"replicates must be at least 1, got {self.replicates}")
-        design = {
-            self.episode_seed(e, k)
-            for e in range(self.design_episodes + 2)
-            for k in range(self.replicates)
-        }
+        design = self.design_seeds()
         if design & set(self.policy_seeds):
             raise ValueError(
                 f"policy seeds must differ from the design and anchor episodes' seeds "
@@ -92,22 +88,20 @@ class LogPlan:
         episodes) in its ``replicate``-th play; replicate 0 is ``seed + episode``."""
         return self.seed + replicate * (self.design_episodes + 2) + episode
 
+    def design_seeds(self) -> set[int]:
+        """The seeds of every play of every design and anchor episode."""
+        return {
+            self.episode_seed(e, k)
+            for k in range(self.replicates)
+            for e in range(self.design_episodes + 2)
+        }
+
 
 def _plan_dict(plan: LogPlan) -> dict:
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.__dict__.items()}
     if plan.replicates == 1:  # a plan without replicates keeps the identity it always had
         del out["replicates"]
     return out
-
-
-def plan_seeds(plan: LogPlan) -> list[int]:
-    """Every seed the plan plays an episode from (design, anchor and policy episodes)."""
-    design = [
-        plan.episode_seed(e, k)
-        for k in range(plan.replicates)
-        for e in range(plan.design_episodes + 2)
-    ]
-    return sorted({*design, *plan.policy_seeds})
 
 
 def sobol_points(n: int, dims: int, seed: int) -> np.ndarray:
@@ -314,13 +308,16 @@ def log_rounds(
     jobs: list[tuple[str, Callable[[], list[LoggedRound]]]] = []
     points = sobol_points(plan.design_episodes * rounds, len(group_names) + 1, plan.seed)
     anchor_snrs = low + (high - low) * sobol_points(2 * rounds, 1, plan.seed + 1)[:, 0]
+    design_points = []  # per design episode: each round's group levels and SNR
+    for e in range(plan.design_episodes):
+        block = points[e * rounds : (e + 1) * rounds]
+        design_points.append(
+            (level_to_rank(block[:, :-1], plan.r_max), low + (high - low) * block[:, -1])
+        )
     for k in range(plan.replicates):
         # Replicate 0 keeps the job names of a log without replicates.
         suffix = f"-rep{k}" if k else ""
-        for e in range(plan.design_episodes):
-            block = points[e * rounds : (e + 1) * rounds]
-            levels = level_to_rank(block[:, :-1], plan.r_max)
-            snrs = low + (high - low) * block[:, -1]
+        for e, (levels, snrs) in enumerate(design_points):
 
             def design(e=e, k=k, levels=levels, snrs=snrs) -> list[LoggedRound]:
                 # The counterfactual draws belong to the design point, not to the seed.
@@ -406,7 +403,7 @@ def log_rounds(
         "edge_eval_rows": len(engine.task.edge_eval),
         # Every seed an episode is played from (one that ended early too): evaluations must
         # use others.
-        "episode_seeds": plan_seeds(plan),
+        "episode_seeds": sorted(plan.design_seeds() | set(plan.policy_seeds)),
         "counts": {
             kind: sum(r.kind == kind for r in logged)
             for kind in ("design", "counterfactual", "anchor", "policy")

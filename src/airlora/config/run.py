@@ -427,13 +427,11 @@ def _logged_seeds(manifest: Path) -> set[int]:
     body = json.loads(manifest.read_text(encoding="utf-8"))
     if "episode_seeds" in body:
         return {int(x) for x in body["episode_seeds"]}
-    # Logs written before the manifest listed its seeds: the plan's (airlora.surrogate_log.
-    # LogPlan.episode_seed; replicates came with the list, the rule is kept for both).
+    # Logs written before the manifest listed its seeds had no replicates: the plan's design
+    # and anchor seeds follow one another.
     plan = body.get("plan", {})
     first, n = int(plan.get("seed", 0)), int(plan.get("design_episodes", 0))
-    replicates = int(plan.get("replicates", 1))
-    design = {first + k * (n + 2) + e for k in range(replicates) for e in range(n + 2)}
-    return design | {int(x) for x in plan.get("policy_seeds", [])}
+    return set(range(first, first + n + 2)) | {int(x) for x in plan.get("policy_seeds", [])}
 
 
 def surrogate_section(
