@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -731,6 +732,76 @@ def test_flowers_simulation_engine_runs_the_same_app_on_virtual_edges(
     ]
     with pytest.raises(FileExistsError):
         simulate(config)
+
+
+def test_the_loopback_federation_spares_the_cores_it_shares(monkeypatch, tmp_path):
+    """On one machine every Flower poll and page fault takes CPU from the cloud and the edges:
+    the loopback processes poll less often than on a dedicated SuperLink and put large
+    tensors on huge pages, unless the user chose otherwise."""
+    from airlora.deploy.launch import LoopbackFederation
+
+    chosen = {
+        "AIRLORA_SUPERNODE_POLL_S": "1.0",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5",
+        "THP_MEM_ALLOC_ENABLE": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
+    for name in chosen:
+        monkeypatch.delenv(name, raising=False)
+    env = LoopbackFederation(["edge0"], tmp_path).env
+    assert {k: env[k] for k in chosen} == chosen
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    mine = {
+        "AIRLORA_SUPERNODE_POLL_S": "0.3",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "2",
+        "THP_MEM_ALLOC_ENABLE": "0",
+        "OMP_WAIT_POLICY": "ACTIVE",
+        "FLWR_TELEMETRY_ENABLED": "1",
+    }
+    for name, value in mine.items():
+        monkeypatch.setenv(name, value)
+    env = LoopbackFederation(["edge0"], tmp_path).env
+    assert {k: env[k] for k in mine} == mine
+
+
+def test_a_warm_launcher_freezes_its_objects_so_forked_children_do_not_copy_them():
+    """After :func:`freeze_for_fork`, a full collection in a forked child leaves the parent's
+    objects alone (few pages written) where it wrote to all of them before."""
+    import gc
+    import resource
+
+    from airlora.deploy.warm import freeze_for_fork
+
+    keep = [[i] for i in range(300_000)]  # a parent with many (tracked) objects
+
+    def child_collection_faults() -> int:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one full collection, its minor page faults to the parent
+            try:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                gc.collect()
+                after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                os.write(write, str(after - before).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as fh:
+            faults = int(fh.read() or "-1")
+        os.waitpid(pid, 0)
+        return faults
+
+    unfrozen = child_collection_faults()
+    try:
+        freeze_for_fork()
+        assert gc.get_freeze_count() >= len(keep)
+        frozen = child_collection_faults()
+    finally:
+        gc.unfreeze()
+    assert unfrozen > 1000, unfrozen
+    assert frozen < unfrozen / 5, (frozen, unfrozen)
+    del keep
 
 
 def test_the_supernode_entry_point_caps_only_its_loops_sleeps(monkeypatch):

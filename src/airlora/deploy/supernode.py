@@ -6,11 +6,11 @@ either. Over a round of a few seconds per edge that is a large share: the server
 average ~2 s for the slowest of three idle nodes to notice a message. This entry point is
 ``flower-supernode`` itself (same arguments, same protocol) with the idle poll at
 ``AIRLORA_SUPERNODE_POLL_S`` seconds (default 0.5) and the local reply checks (the node's own
-memory, no network) at 0.05 s. Each poll is a request the SuperLink serves (~8 ms of CPU
-here): three idle nodes at 0.25 s cost it ~10 % of a core, which on a 2-core loopback slows
-the cloud's training about as much as the shorter wait gains; 0.5 s is the compromise
-(``airlora bench deploy`` on 2 cores: ratio 0.756 with Flower's 3 s, 0.787 at 0.25 s,
-0.75-0.80 over four runs at 0.5 s).
+memory, no network) at 0.05 s. Each poll is a request the SuperLink serves: on a machine of
+its own the SuperLink has CPU to spare and 0.5 s keeps the pick-up short. ``airlora deploy``
+on loopback, where every poll's CPU is taken from the cloud and the edges, sets 1 s (with
+its SuperExecs' task poll at 0.5 s: the idle federation's CPU fell from 5.5 to 3.1 CPU-s per
+30 s on 2 cores; :mod:`airlora.deploy.launch`).
 
 Use it where ``flower-supernode`` would be used::
 
