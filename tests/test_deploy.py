@@ -792,6 +792,7 @@ def test_a_warm_launcher_freezes_its_objects_so_forked_children_do_not_copy_them
         os.waitpid(pid, 0)
         return faults
 
+    gc.collect()  # earlier tests' garbage is not the child's to finalise
     unfrozen = child_collection_faults()
     try:
         freeze_for_fork()
@@ -802,6 +803,33 @@ def test_a_warm_launcher_freezes_its_objects_so_forked_children_do_not_copy_them
     assert unfrozen > 1000, unfrozen
     assert frozen < unfrozen / 5, (frozen, unfrozen)
     del keep
+
+
+def test_the_warm_launcher_serves_flower_tasks_with_its_objects_frozen(monkeypatch):
+    """:func:`airlora.deploy.warm.serve` freezes before Flower's SuperExec loop starts and
+    hands that loop the forking executor."""
+    import gc
+
+    from flwr.supercore.superexec import run_superexec as superexec
+
+    from airlora.deploy import warm
+
+    seen: dict = {}
+
+    def superexec_loop(**kwargs) -> None:
+        seen["frozen"] = gc.get_freeze_count()
+        seen["executor"] = superexec.get_executor()
+        seen["address"] = kwargs["runtime_api_address"]
+
+    monkeypatch.setattr(superexec, "run_superexec", superexec_loop)
+    monkeypatch.setattr(superexec, "get_executor", superexec.get_executor)  # serve swaps it
+    try:
+        warm.serve("127.0.0.1:9094", insecure=True)
+    finally:
+        gc.unfreeze()
+    assert seen["frozen"] > 0
+    assert isinstance(seen["executor"], warm.ForkExecutor)
+    assert seen["address"] == "127.0.0.1:9094"
 
 
 def test_the_supernode_entry_point_caps_only_its_loops_sleeps(monkeypatch):

@@ -217,7 +217,8 @@ class LoopbackFederation:
                 security += ["--auth-supernode-private-key", str(key)]
         runtime_port = free_port()
         isolation = ["--isolation", "process"] if self.warm_config is not None else []
-        # Warm edges also get a SuperNode that polls every 0.5 s instead of 3 s when idle
+        # Warm edges also get a SuperNode that polls every 1 s here (0.5 s by default) instead of
+        # Flower's 3 s when idle
         # (airlora.deploy.supernode); --cold runs Flower's own processes unchanged.
         supernode = (
             [sys.executable, "-m", "airlora.deploy.supernode"]
