@@ -480,6 +480,7 @@ def test_a_malformed_or_failed_edge_reply_is_refused_with_a_logged_reason(caplog
         "malformed": reply(accuracy=None),  # a field missing
         "out of range": reply(received_bytes=2**40),  # oversized
         "not finite": reply(next_snr_db=float("nan")),
+        "list of numbers": reply(rank_vector="12"),  # not the ranks [1, 2]
     }
     for reason, message in cases.items():
         caplog.clear()
@@ -534,6 +535,24 @@ def test_multicast_rates_follow_the_weakest_receiver_of_each_layer():
     assert rates["b"].per_rank == {"p": [5.0, 5.0, 15.0, 15.0], "q": [5.0] * 4}
     assert rates["c"].per_rank == {"p": [5.0, 5.0, 15.0, 15.0, 25.0, 25.0], "q": []}
     assert {r.head_snr_db for r in rates.values()} == {5.0}
+
+
+def test_multicast_rates_travel_as_a_record_and_a_malformed_one_is_refused():
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord
+
+    from airlora.deploy.flower_app import HEAD_RATE_KEY, rates_from_record, rates_record
+    from airlora.deploy.multicast import LayerRates
+
+    back = rates_from_record(rates_record(LayerRates({"p": [5.0, 15.0], "q": []}, 5.0)))
+    assert back.per_rank == {"p": [5.0, 15.0]} and back.head_snr_db == 5.0
+    for bad in (
+        {"p": "515", HEAD_RATE_KEY: 5.0},  # a string is not the rates [5, 1, 5]
+        {"p": [5.0]},  # no head rate
+        {"p": [math.inf], HEAD_RATE_KEY: 5.0},
+    ):
+        with pytest.raises(PayloadError, match="rates"):
+            rates_from_record(ConfigRecord(bad))
 
 
 def test_a_block_quantised_on_its_tensors_range_keeps_the_tensors_grid():

@@ -292,11 +292,19 @@ def rates_record(rates: LayerRates) -> ConfigRecord:
     return ConfigRecord({**per_rank, HEAD_RATE_KEY: float(rates.head_snr_db)})
 
 
+def _numbers(value, kind: type) -> list:
+    """A record's list of numbers; anything else (a string reads as a list of its
+    characters) is a ValueError."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of numbers, got {type(value).__name__}")
+    return [kind(x) for x in value]
+
+
 def rates_from_record(record: ConfigRecord) -> LayerRates:
     """:func:`rates_record` back; a malformed record is a :class:`PayloadError`."""
     try:
         head = float(record[HEAD_RATE_KEY])
-        per_rank = {str(k): [float(x) for x in v] for k, v in record.items() if k != HEAD_RATE_KEY}
+        per_rank = {str(k): _numbers(v, float) for k, v in record.items() if k != HEAD_RATE_KEY}
     except (KeyError, TypeError, ValueError) as err:
         raise PayloadError(f"the multicast's rates are malformed ({err})") from err
     if not all(math.isfinite(x) for v in [*per_rank.values(), [head]] for x in v):
@@ -312,7 +320,7 @@ def parse_report(reply: Message, name: str) -> EdgeReport | None:
     try:
         record = reply.content["report"]
         values = {k: record[k] for k in REPORT_FIELDS}
-        values["rank_vector"] = [int(r) for r in values["rank_vector"]]
+        values["rank_vector"] = _numbers(values["rank_vector"], int)
         for key in ("round", "received_bytes", "erased_params", "payload_bits"):
             values[key] = int(values[key])
         for key in ("accuracy", "loss", "snr_db", "next_snr_db", "airtime_s", "eval_time_s"):
