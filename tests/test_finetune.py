@@ -165,6 +165,29 @@ def test_missing_model_folder(tiny_finetune_config, tmp_path):
     assert not (tiny_finetune_config.out_dir / "cli").exists()
 
 
+def test_the_public_api_loads_each_name_on_first_use():
+    """``import airlora`` stays light (no torch); every exported name resolves to its
+    module's object, is listed by ``dir``, and a misspelt one is an AttributeError."""
+    import subprocess
+    import sys
+
+    import airlora
+    import airlora.deploy
+    import airlora.env
+
+    probe = "import sys, airlora, airlora.deploy; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+    for package in (airlora, airlora.deploy, airlora.env):
+        for name in package.__all__:
+            assert getattr(package, name) is not None and name in dir(package), name
+        with pytest.raises(AttributeError, match=f"{package.__name__}.*'RunConfg'"):
+            package.RunConfg  # noqa: B018
+    from airlora.env.surrogate import fit_surrogate
+
+    assert airlora.env.fit_surrogate is fit_surrogate
+
+
 def test_help_and_version():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "finetune" in result.output and "bench" in result.output

@@ -12,9 +12,10 @@ and loading, sweeps, the report, the link builder and the environments are impor
 here. Names load on first use, so ``import airlora`` stays light.
 """
 
-from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from airlora._lazy import lazy_exports
 
 try:
     __version__ = version("airlora")
@@ -70,16 +71,7 @@ _EXPORTS = {
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(import_module(_WHERE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'airlora' has no attribute '{name}'")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__ = lazy_exports("airlora", globals(), _WHERE)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs

@@ -8,8 +8,9 @@
 - :mod:`.launch`: ``airlora deploy``: a SuperLink and SuperNodes on loopback.
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from airlora._lazy import lazy_exports
 
 # Loaded on first use: `python -m airlora.deploy.supernode` (a Flower process) imports this
 # package and must not pay for torch, transformers and PEFT.
@@ -27,12 +28,7 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(import_module(_WHERE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'airlora.deploy' has no attribute '{name}'")
+__getattr__, __dir__ = lazy_exports("airlora.deploy", globals(), _WHERE)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs

@@ -3,8 +3,9 @@ fitted surrogate (``surrogate.SurrogateEnv``), a synthetic benchmark (``Syntheti
 All share the observation layout of :mod:`.observation`. The real and surrogate ones load
 torch and the model stack: they are imported on first use."""
 
-from typing import Any
+from typing import TYPE_CHECKING
 
+from airlora._lazy import lazy_exports
 from airlora.env.observation import (
     OBSERVATION_FIELDS,
     build_observation,
@@ -14,21 +15,22 @@ from airlora.env.observation import (
 )
 from airlora.env.synthetic import SyntheticRankEnv
 
+# These load torch and the model stack.
+__getattr__, __dir__ = lazy_exports(
+    "airlora.env",
+    globals(),
+    {
+        "RankSelectionEnv": "airlora.env.real",
+        "OnlineRankEnv": "airlora.env.online",
+        "SurrogateEnv": "airlora.env.surrogate",
+        "fit_surrogate": "airlora.env.surrogate",
+    },
+)
 
-def __getattr__(name: str) -> Any:
-    if name == "RankSelectionEnv":
-        from airlora.env.real import RankSelectionEnv
-
-        return RankSelectionEnv
-    if name == "OnlineRankEnv":
-        from airlora.env.online import OnlineRankEnv
-
-        return OnlineRankEnv
-    if name in ("SurrogateEnv", "fit_surrogate"):
-        from airlora.env import surrogate
-
-        return getattr(surrogate, name)
-    raise AttributeError(f"module 'airlora.env' has no attribute '{name}'")
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from airlora.env.online import OnlineRankEnv
+    from airlora.env.real import RankSelectionEnv
+    from airlora.env.surrogate import SurrogateEnv, fit_surrogate
 
 
 __all__ = [
