@@ -345,6 +345,42 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(
     with pytest.raises(ValueError, match="another config or plan"):
         log_rounds(config, other, log_rounds_stamp)
 
+    # A one-seed log extended to two seeds keeps its episodes, plays only the second seed's,
+    # and gives the two-seed run's rows.
+    from dataclasses import replace
+
+    one = log_rounds(config, replace(plan, replicates=1), tmp_path / "one")
+    played = []
+    play = airlora.surrogate_log.play_episode
+    monkeypatch.setattr(
+        airlora.surrogate_log,
+        "play_episode",
+        lambda *a, **k: played.append(a[2]) or play(*a, **k),
+    )
+    extended = log_rounds(config, plan, tmp_path / "extended", extend=one)
+    assert sorted(played) == [104, 105, 106, 107]  # the second seed's designs and anchors
+    for name in ("rounds.jsonl", "policies.jsonl"):
+        assert (whole / name).read_text() == (extended / name).read_text()
+    assert json.loads((extended / "manifest.json").read_text())["plan"]["replicates"] == 2
+    refused = {
+        "another plan .*design_episodes": (config, replace(other, replicates=2), one),
+        "has 2 replicates; extending it needs more": (
+            config,
+            replace(plan, replicates=1),
+            extended,
+        ),
+        "another config .*train": (
+            config.model_copy(update={"train": config.train.model_copy(update={"rounds": 3})}),
+            plan,
+            one,
+        ),
+        "not into itself": (config, plan, tmp_path / "bad"),
+    }
+    for message, (bad_config, bad_plan, source) in refused.items():
+        with pytest.raises(ValueError, match=message):
+            log_rounds(bad_config, bad_plan, tmp_path / "bad", extend=source)
+        assert not (tmp_path / "bad").exists()  # refused before anything was written
+
 
 def test_a_sweep_trains_on_a_given_log_instead_of_logging(tiny_finetune_config, tmp_path):
     from typer.testing import CliRunner

@@ -23,7 +23,9 @@ killed run resumes at the first unfinished episode and reproduces the same rows:
 
 Writes ``rounds.jsonl`` (design, anchor and counterfactual rows), ``policies.jsonl`` (policy
 rows) and ``manifest.json`` (config, seeds, versions, code revision) into the output folder;
-finished episodes are kept in ``episodes/`` until the run completes.
+finished episodes are kept in ``episodes/`` until the run completes. A finished log can be
+*extended* to more replicates (``extend``): its episodes are taken over as they are and only
+the new replicates are played, which gives the rows a run of the larger plan would have.
 """
 
 from __future__ import annotations
@@ -259,17 +261,99 @@ def _rescore(engine, real: LoggedRound, sent, snr_db: float) -> LoggedRound:
     )
 
 
+def _design_job(episode: int, replicate: int) -> str:
+    # Replicate 0 keeps the job names of a log without replicates.
+    return f"design-{episode:03d}" + (f"-rep{replicate}" if replicate else "")
+
+
+def _anchor_job(rank: int, replicate: int) -> str:
+    return f"anchor-r{rank}" + (f"-rep{replicate}" if replicate else "")
+
+
+def _policy_job(name: str, snr_db: float, seed: int) -> str:
+    return f"policy-{name}-{snr_db:g}dB-s{seed}"
+
+
+def _extendable(source: Path, config: SweepConfig, plan: LogPlan) -> tuple[dict, int]:
+    """The manifest and replicate count of the finished log ``source``, checked to be of
+    ``config`` and of ``plan`` but for fewer (or as many) replicates."""
+    manifest_file = Path(source) / MANIFEST
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{source} is not a finished log (no {MANIFEST})")
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    if manifest.get("config") != config.model_dump(mode="json", exclude={"out_dir"}):
+        theirs, ours = manifest.get("config") or {}, config.model_dump(mode="json")
+        differ = sorted(k for k in theirs if theirs.get(k) != ours.get(k))
+        raise ValueError(f"{source} was logged with another config (differs in: {differ})")
+    theirs = dict(manifest["plan"])
+    their_replicates = int(theirs.pop("replicates", 1))
+    ours = {k: v for k, v in _plan_dict(plan).items() if k != "replicates"}
+    if theirs != ours:
+        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        raise ValueError(
+            f"{source} was logged with another plan (differs in: {differ}); only replicates "
+            "can be added"
+        )
+    if their_replicates > plan.replicates:
+        raise ValueError(
+            f"{source} has {their_replicates} replicates; extending it needs more, "
+            f"not {plan.replicates}"
+        )
+    return manifest, their_replicates
+
+
+def _take_over(
+    source: Path, manifest: dict, their_replicates: int, plan: LogPlan, episodes_dir: Path
+) -> None:
+    """Put the episodes of the finished log ``source`` (checked by :func:`_extendable`) into
+    ``episodes_dir`` as this run's own, those not there yet."""
+    where = {
+        plan.episode_seed(e, k): k
+        for e in range(plan.design_episodes + 2)
+        for k in range(their_replicates)
+    }
+    jobs: dict[str, list[str]] = {}
+    for name in (ROUNDS, POLICIES):
+        for line in (Path(source) / name).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row["kind"] in ("design", "counterfactual"):
+                job = _design_job(row["episode"], where[row["seed"]])
+            elif row["kind"] == "anchor":
+                job = _anchor_job(row["rank_vector"][0], where[row["seed"]])
+            else:
+                job = _policy_job(row["policy"], row["snr_db"], row["seed"])
+            jobs.setdefault(job, []).append(line + "\n")
+    for job, lines in jobs.items():
+        path = episodes_dir / f"{job}.jsonl"
+        if not path.exists():
+            atomic_write_text(path, "".join(lines))
+    # The revisions that logged the episodes taken over come first.
+    starts = episodes_dir / "revisions.json"
+    revisions = json.loads(starts.read_text(encoding="utf-8")) if starts.exists() else []
+    earlier = manifest.get("episode_code_revisions") or [manifest.get("code_revision")]
+    merged = [r for r in earlier if r not in revisions] + revisions
+    atomic_write_text(starts, json.dumps(merged))
+
+
 def log_rounds(
     config: SweepConfig,
     plan: LogPlan,
     out_dir: Path,
     on_episode: Callable[[str, int, int], None] | None = None,
+    extend: Path | None = None,
 ) -> Path:
     """Log the plan's episodes into ``out_dir`` (see the module docstring); resumes a run
-    that was stopped. Returns ``out_dir``."""
+    that was stopped. ``extend``: a finished log of the same config and plan with fewer
+    replicates, whose episodes are taken over instead of played again. Returns
+    ``out_dir``."""
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists():
         raise FileExistsError(f"{out_dir} already holds a finished log; choose another folder")
+    taken = None
+    if extend is not None:
+        if Path(extend).resolve() == out_dir.resolve():
+            raise ValueError("a log is extended into another folder, not into itself")
+        taken = _extendable(Path(extend), config, plan)  # before anything is written
     model = cell_model(config, plan.r_max)
     engine = RoundEngine.build(
         config.data,
@@ -297,6 +381,8 @@ def log_rounds(
             f"{out_dir} holds episodes of another config or plan; choose another folder"
         )
     atomic_write_text(stamp, identity)
+    if extend is not None and taken is not None:
+        _take_over(Path(extend), *taken, plan, episodes_dir)
     # The identity pins config and plan, not code: a resume under other code is recorded.
     starts = episodes_dir / "revisions.json"
     revisions = json.loads(starts.read_text(encoding="utf-8")) if starts.exists() else []
@@ -315,8 +401,6 @@ def log_rounds(
             (level_to_rank(block[:, :-1], plan.r_max), low + (high - low) * block[:, -1])
         )
     for k in range(plan.replicates):
-        # Replicate 0 keeps the job names of a log without replicates.
-        suffix = f"-rep{k}" if k else ""
         for e, (levels, snrs) in enumerate(design_points):
 
             def design(e=e, k=k, levels=levels, snrs=snrs) -> list[LoggedRound]:
@@ -335,7 +419,7 @@ def log_rounds(
                     replicate_of=plan.episode_seed(e) if k else None,
                 )
 
-            jobs.append((f"design-{e:03d}{suffix}", design))
+            jobs.append((_design_job(e, k), design))
         for a, rank in enumerate((0, plan.r_max)):
             e = plan.design_episodes + a
             snrs = anchor_snrs[a * rounds : (a + 1) * rounds]
@@ -352,7 +436,7 @@ def log_rounds(
                     replicate_of=plan.episode_seed(e) if k else None,
                 )
 
-            jobs.append((f"anchor-r{rank}{suffix}", anchor))
+            jobs.append((_anchor_job(rank, k), anchor))
     policies = fixed_policies(names, plan.r_max, plan.depth_bands)
     e = plan.design_episodes + 2
     for name, choose in policies.items():
@@ -371,7 +455,7 @@ def log_rounds(
                         policy=name,
                     )
 
-                jobs.append((f"policy-{name}-{snr:g}dB-s{seed}", policy))
+                jobs.append((_policy_job(name, snr, seed), policy))
                 e += 1
 
     for i, (job_id, play) in enumerate(jobs):

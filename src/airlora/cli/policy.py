@@ -197,15 +197,24 @@ def log_rounds(
     out: Annotated[Path, typer.Option(help="Output folder (resumed if it exists).")] = Path(
         "runs/rounds"
     ),
+    extend: Annotated[
+        str | None,
+        typer.Option(
+            help="A finished log (folder, or shipped:NAME) of the same config and plan with "
+            "fewer replicates: its episodes are kept and only the new replicates are played."
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Log real rounds for a round surrogate: Sobol-designed episodes with counterfactual
     re-scores, rank-0 and rank-r_max anchors, and fixed policies at the preset's SNRs on
     paired seeds. Writes rounds.jsonl, policies.jsonl and manifest.json; a stopped run
     resumes where it stopped. The shipped sets (airlora bench surrogate) are
-    `airlora log-rounds --preset paper-cpu --rmax 8 --replicates 2` and `--rmax 64`.
+    `airlora log-rounds --preset paper-cpu --rmax 8 --replicates 2` and `--rmax 64`;
+    `--extend shipped:paper-cpu-r64 --replicates 2` adds a second seed to the latter.
     """
     from airlora.config import SweepConfig
+    from airlora.env.surrogate import SHIPPED, shipped_log
     from airlora.surrogate_log import LogPlan
     from airlora.surrogate_log import log_rounds as run
 
@@ -223,5 +232,10 @@ def log_rounds(
         def on_episode(job: str, done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        folder = run(config, plan, out, on_episode=on_episode)
+        source = None
+        if extend is not None:
+            source = (
+                shipped_log(extend[len(SHIPPED) :]) if extend.startswith(SHIPPED) else Path(extend)
+            )
+        folder = run(config, plan, out, on_episode=on_episode, extend=source)
     console.print(f"logged rounds in {folder}")
