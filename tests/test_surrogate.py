@@ -284,7 +284,7 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(
 ):
     import airlora.surrogate_log
     from airlora.runs import code_revision
-    from airlora.surrogate_log import LogPlan, log_rounds
+    from airlora.surrogate_log import LogPlan, extend_log, log_rounds
 
     cfg = tiny_finetune_config
     config = SweepConfig.model_validate(
@@ -357,7 +357,7 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(
         "play_episode",
         lambda *a, **k: played.append(a[2]) or play(*a, **k),
     )
-    extended = log_rounds(config, plan, tmp_path / "extended", extend=one)
+    extended = extend_log(one, tmp_path / "extended", replicates=2)  # its own config and plan
     assert sorted(played) == [104, 105, 106, 107]  # the second seed's designs and anchors
     for name in ("rounds.jsonl", "policies.jsonl"):
         assert (whole / name).read_text() == (extended / name).read_text()
@@ -380,6 +380,19 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(
         with pytest.raises(ValueError, match=message):
             log_rounds(bad_config, bad_plan, tmp_path / "bad", extend=source)
         assert not (tmp_path / "bad").exists()  # refused before anything was written
+    # The command takes config and plan from the log it extends, and nothing else.
+    from typer.testing import CliRunner
+
+    from airlora.cli import app
+
+    args = ["log-rounds", "--extend", str(one), "--out", str(tmp_path / "bad"), "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--rmax", "8"])
+    assert result.exit_code == 2 and "--extend takes the config and plan" in result.output
+    result = CliRunner().invoke(app, ["log-rounds", "--extend", "shipped:nope", "--quiet"])
+    assert result.exit_code == 2 and "no shipped logged rounds named 'nope'" in result.output
+    result = CliRunner().invoke(app, [*args[:2], str(tmp_path / "missing"), *args[3:]])
+    assert result.exit_code == 2 and "is not a finished log" in result.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_sweep_trains_on_a_given_log_instead_of_logging(tiny_finetune_config, tmp_path):

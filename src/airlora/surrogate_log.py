@@ -85,6 +85,11 @@ class LogPlan:
                 f"({min(design)}-{max(design)} with {self.replicates} replicate(s))"
             )
 
+    @classmethod
+    def from_dict(cls, plan: dict) -> LogPlan:
+        """The plan a log's manifest records (``manifest["plan"]``)."""
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in plan.items()})
+
     def episode_seed(self, episode: int, replicate: int = 0) -> int:
         """The seed of design or anchor episode ``episode`` (anchors follow the design
         episodes) in its ``replicate``-th play; replicate 0 is ``seed + episode``."""
@@ -281,9 +286,13 @@ def _extendable(source: Path, config: SweepConfig, plan: LogPlan) -> tuple[dict,
     if not manifest_file.is_file():
         raise FileNotFoundError(f"{source} is not a finished log (no {MANIFEST})")
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    if manifest.get("config") != config.model_dump(mode="json", exclude={"out_dir"}):
-        theirs, ours = manifest.get("config") or {}, config.model_dump(mode="json")
-        differ = sorted(k for k in theirs if theirs.get(k) != ours.get(k))
+    # Read by today's schema: settings added since the log was made take their defaults.
+    theirs = SweepConfig.model_validate(manifest["config"]).model_dump(
+        mode="json", exclude={"out_dir"}
+    )
+    ours = config.model_dump(mode="json", exclude={"out_dir"})
+    if theirs != ours:
+        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
         raise ValueError(f"{source} was logged with another config (differs in: {differ})")
     theirs = dict(manifest["plan"])
     their_replicates = int(theirs.pop("replicates", 1))
@@ -333,6 +342,24 @@ def _take_over(
     earlier = manifest.get("episode_code_revisions") or [manifest.get("code_revision")]
     merged = [r for r in earlier if r not in revisions] + revisions
     atomic_write_text(starts, json.dumps(merged))
+
+
+def extend_log(
+    source: Path,
+    out_dir: Path,
+    replicates: int,
+    on_episode: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """The finished log ``source`` with ``replicates`` plays of each design and anchor
+    episode, into ``out_dir``: its own config and plan, its episodes kept, only the new
+    replicates played (:func:`log_rounds` with ``extend``)."""
+    manifest_file = Path(source) / MANIFEST
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{source} is not a finished log (no {MANIFEST})")
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    config = SweepConfig.model_validate(manifest["config"])
+    plan = replace(LogPlan.from_dict(manifest["plan"]), replicates=replicates)
+    return log_rounds(config, plan, out_dir, on_episode, extend=Path(source))
 
 
 def log_rounds(

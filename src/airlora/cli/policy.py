@@ -184,10 +184,15 @@ def evaluate_policy(
 def log_rounds(
     config_file: SweepFileArgument = None,
     preset: PresetOption = None,
-    rmax: Annotated[int, typer.Option(help="r_max of the logged rounds.")] = 8,
+    rmax: Annotated[
+        int | None, typer.Option(help="r_max of the logged rounds. [default: 8]")
+    ] = None,
     design_episodes: Annotated[
-        int, typer.Option(help="Sobol-designed episodes (each also re-scored twice).", min=2)
-    ] = 44,
+        int | None,
+        typer.Option(
+            help="Sobol-designed episodes (each also re-scored twice). [default: 44]", min=2
+        ),
+    ] = None,
     replicates: Annotated[
         int,
         typer.Option(
@@ -200,8 +205,9 @@ def log_rounds(
     extend: Annotated[
         str | None,
         typer.Option(
-            help="A finished log (folder, or shipped:NAME) of the same config and plan with "
-            "fewer replicates: its episodes are kept and only the new replicates are played."
+            help="A finished log (folder, or shipped:NAME) to give --replicates plays of each "
+            "design and anchor episode: its config and plan, its episodes kept, only the new "
+            "replicates played. Takes no config, preset, --rmax or --design-episodes."
         ),
     ] = None,
     quiet: QuietOption = False,
@@ -215,27 +221,33 @@ def log_rounds(
     """
     from airlora.config import SweepConfig
     from airlora.env.surrogate import SHIPPED, shipped_log
-    from airlora.surrogate_log import LogPlan
+    from airlora.surrogate_log import LogPlan, extend_log
     from airlora.surrogate_log import log_rounds as run
 
-    base = sweep_file_or_preset(config_file, preset)
-    config = SweepConfig.model_validate(base)
-    plan = LogPlan(
-        r_max=rmax,
-        design_episodes=design_episodes,
-        policy_snrs_db=tuple(config.snr_db),
-        replicates=replicates,
-    )
+    if extend is not None:
+        given = [config_file, preset, rmax, design_episodes]
+        if any(v is not None for v in given):
+            raise ValueError(
+                "--extend takes the config and plan of the log it extends: give no config "
+                "file, --preset, --rmax or --design-episodes with it"
+            )
+        source = shipped_log(extend[len(SHIPPED) :]) if extend.startswith(SHIPPED) else Path(extend)
+    else:
+        config = SweepConfig.model_validate(sweep_file_or_preset(config_file, preset))
+        plan = LogPlan(
+            r_max=8 if rmax is None else rmax,
+            design_episodes=44 if design_episodes is None else design_episodes,
+            policy_snrs_db=tuple(config.snr_db),
+            replicates=replicates,
+        )
     with progress_bar("log-rounds", "episodes", quiet) as progress:
         task = progress.add_task("episodes", total=None)
 
         def on_episode(job: str, done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        source = None
         if extend is not None:
-            source = (
-                shipped_log(extend[len(SHIPPED) :]) if extend.startswith(SHIPPED) else Path(extend)
-            )
-        folder = run(config, plan, out, on_episode=on_episode, extend=source)
+            folder = extend_log(source, out, replicates, on_episode=on_episode)
+        else:
+            folder = run(config, plan, out, on_episode=on_episode)
     console.print(f"logged rounds in {folder}")
