@@ -357,6 +357,15 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(
         "play_episode",
         lambda *a, **k: played.append(a[2]) or play(*a, **k),
     )
+
+    def stop_first(job, done, total):
+        if done == 1:
+            raise Stop
+
+    with pytest.raises(Stop):  # an extension stopped at its first episode ...
+        log_rounds(config, plan, tmp_path / "extended", on_episode=stop_first, extend=one)
+    with pytest.raises(ValueError, match="another config or plan"):  # ... resumes from its log
+        log_rounds(config, plan, tmp_path / "extended", extend=whole)
     extended = extend_log(one, tmp_path / "extended", replicates=2)  # its own config and plan
     assert sorted(played) == [104, 105, 106, 107]  # the second seed's designs and anchors
     for name in ("rounds.jsonl", "policies.jsonl"):
@@ -364,7 +373,7 @@ def test_log_rounds_resumes_and_matches_an_uninterrupted_run(
     assert json.loads((extended / "manifest.json").read_text())["plan"]["replicates"] == 2
     refused = {
         "another plan .*design_episodes": (config, replace(other, replicates=2), one),
-        "has 2 replicates; extending it needs more": (
+        "has 2 replicates; it can be extended to 2 or more, not 1": (
             config,
             replace(plan, replicates=1),
             extended,

@@ -279,14 +279,24 @@ def _policy_job(name: str, snr_db: float, seed: int) -> str:
     return f"policy-{name}-{snr_db:g}dB-s{seed}"
 
 
-def _extendable(source: Path, config: SweepConfig, plan: LogPlan) -> tuple[dict, int]:
-    """The manifest and replicate count of the finished log ``source``, checked to be of
-    ``config`` and of ``plan`` but for fewer (or as many) replicates."""
+@dataclass
+class _Source:
+    """A finished log being extended: its manifest, replicates and rows grouped by job."""
+
+    manifest: dict
+    replicates: int
+    jobs: dict[str, list[str]]
+
+
+def _extendable(source: Path, config: SweepConfig, plan: LogPlan) -> _Source:
+    """The finished log ``source``, checked to be of ``config`` and of ``plan`` but for fewer
+    (or as many) replicates, with its rows grouped into this run's jobs; everything is read
+    and checked here, before the run writes anything."""
     manifest_file = Path(source) / MANIFEST
     if not manifest_file.is_file():
         raise FileNotFoundError(f"{source} is not a finished log (no {MANIFEST})")
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    # Read by today's schema: settings added since the log was made take their defaults.
+    # Both read by today's code: settings added since the log was made take their defaults.
     theirs = SweepConfig.model_validate(manifest["config"]).model_dump(
         mode="json", exclude={"out_dir"}
     )
@@ -294,51 +304,60 @@ def _extendable(source: Path, config: SweepConfig, plan: LogPlan) -> tuple[dict,
     if theirs != ours:
         differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
         raise ValueError(f"{source} was logged with another config (differs in: {differ})")
-    theirs = dict(manifest["plan"])
-    their_replicates = int(theirs.pop("replicates", 1))
-    ours = {k: v for k, v in _plan_dict(plan).items() if k != "replicates"}
+    try:
+        their_plan = LogPlan.from_dict(manifest["plan"])
+    except TypeError as err:
+        raise ValueError(f"{source}'s plan is not one this code knows ({err})") from err
+    theirs, ours = (
+        _plan_dict(replace(their_plan, replicates=1)),
+        _plan_dict(replace(plan, replicates=1)),
+    )
     if theirs != ours:
         differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
         raise ValueError(
             f"{source} was logged with another plan (differs in: {differ}); only replicates "
             "can be added"
         )
-    if their_replicates > plan.replicates:
+    if their_plan.replicates > plan.replicates:
         raise ValueError(
-            f"{source} has {their_replicates} replicates; extending it needs more, "
-            f"not {plan.replicates}"
+            f"{source} has {their_plan.replicates} replicates; it can be extended to "
+            f"{their_plan.replicates} or more, not {plan.replicates}"
         )
-    return manifest, their_replicates
-
-
-def _take_over(
-    source: Path, manifest: dict, their_replicates: int, plan: LogPlan, episodes_dir: Path
-) -> None:
-    """Put the episodes of the finished log ``source`` (checked by :func:`_extendable`) into
-    ``episodes_dir`` as this run's own, those not there yet."""
     where = {
-        plan.episode_seed(e, k): k
+        plan.episode_seed(e, k): (e, k)
         for e in range(plan.design_episodes + 2)
-        for k in range(their_replicates)
+        for k in range(their_plan.replicates)
     }
+    anchors = (0, plan.r_max)
     jobs: dict[str, list[str]] = {}
     for name in (ROUNDS, POLICIES):
         for line in (Path(source) / name).read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            if row["kind"] in ("design", "counterfactual"):
-                job = _design_job(row["episode"], where[row["seed"]])
-            elif row["kind"] == "anchor":
-                job = _anchor_job(row["rank_vector"][0], where[row["seed"]])
-            else:
+            if row["kind"] == "policy":
                 job = _policy_job(row["policy"], row["snr_db"], row["seed"])
+            elif row["seed"] not in where:
+                raise ValueError(f"{source} holds a row of seed {row['seed']}, not of its plan")
+            elif row["kind"] in ("design", "counterfactual"):
+                job = _design_job(row["episode"], where[row["seed"]][1])
+            else:
+                e, k = where[row["seed"]]
+                job = _anchor_job(anchors[e - plan.design_episodes], k)
             jobs.setdefault(job, []).append(line + "\n")
-    for job, lines in jobs.items():
+    return _Source(manifest, their_plan.replicates, jobs)
+
+
+def _take_over(source: _Source, job_ids: Sequence[str], episodes_dir: Path) -> None:
+    """Write the source log's episodes ``job_ids`` into ``episodes_dir`` as this run's own,
+    those not there yet. One it holds no row of (a policy it did not have, an episode that
+    ended in its first round) is left to be played: the same seed gives the same rows."""
+    for job in job_ids:
         path = episodes_dir / f"{job}.jsonl"
-        if not path.exists():
-            atomic_write_text(path, "".join(lines))
+        if job in source.jobs and not path.exists():
+            atomic_write_text(path, "".join(source.jobs[job]))
     # The revisions that logged the episodes taken over come first.
     starts = episodes_dir / "revisions.json"
     revisions = json.loads(starts.read_text(encoding="utf-8")) if starts.exists() else []
+    manifest = source.manifest
     earlier = manifest.get("episode_code_revisions") or [manifest.get("code_revision")]
     merged = [r for r in earlier if r not in revisions] + revisions
     atomic_write_text(starts, json.dumps(merged))
@@ -398,18 +417,19 @@ def log_rounds(
     episodes_dir = out_dir / EPISODES
     episodes_dir.mkdir(parents=True, exist_ok=True)
     # A resumed run must be the same run: its episodes are joined into one file at the end.
-    identity = json.dumps(
-        {"config": config.model_dump(mode="json", exclude={"out_dir"}), "plan": _plan_dict(plan)},
-        sort_keys=True,
-    )
+    identity = {
+        "config": config.model_dump(mode="json", exclude={"out_dir"}),
+        "plan": _plan_dict(plan),
+    }
+    if taken is not None:  # an extension resumes only from the log it started from
+        identity["extends"] = {k: taken.manifest.get(k) for k in ("finished", "code_revision")}
+    identity = json.dumps(identity, sort_keys=True)
     stamp = episodes_dir / "plan.json"
     if stamp.exists() and stamp.read_text(encoding="utf-8") != identity:
         raise ValueError(
             f"{out_dir} holds episodes of another config or plan; choose another folder"
         )
     atomic_write_text(stamp, identity)
-    if extend is not None and taken is not None:
-        _take_over(Path(extend), *taken, plan, episodes_dir)
     # The identity pins config and plan, not code: a resume under other code is recorded.
     starts = episodes_dir / "revisions.json"
     revisions = json.loads(starts.read_text(encoding="utf-8")) if starts.exists() else []
@@ -419,6 +439,7 @@ def log_rounds(
         atomic_write_text(starts, json.dumps(revisions))
 
     jobs: list[tuple[str, Callable[[], list[LoggedRound]]]] = []
+    covered: list[int] = []  # per job, the replicate it plays (0 for a policy episode)
     points = sobol_points(plan.design_episodes * rounds, len(group_names) + 1, plan.seed)
     anchor_snrs = low + (high - low) * sobol_points(2 * rounds, 1, plan.seed + 1)[:, 0]
     design_points = []  # per design episode: each round's group levels and SNR
@@ -447,6 +468,7 @@ def log_rounds(
                 )
 
             jobs.append((_design_job(e, k), design))
+            covered.append(k)
         for a, rank in enumerate((0, plan.r_max)):
             e = plan.design_episodes + a
             snrs = anchor_snrs[a * rounds : (a + 1) * rounds]
@@ -464,6 +486,7 @@ def log_rounds(
                 )
 
             jobs.append((_anchor_job(rank, k), anchor))
+            covered.append(k)
     policies = fixed_policies(names, plan.r_max, plan.depth_bands)
     e = plan.design_episodes + 2
     for name, choose in policies.items():
@@ -483,8 +506,14 @@ def log_rounds(
                     )
 
                 jobs.append((_policy_job(name, snr, seed), policy))
+                covered.append(0)
                 e += 1
 
+    if taken is not None:  # the extended log's episodes: every replicate it has
+        kept = [
+            job_id for (job_id, _), k in zip(jobs, covered, strict=True) if k < taken.replicates
+        ]
+        _take_over(taken, kept, episodes_dir)
     for i, (job_id, play) in enumerate(jobs):
         path = episodes_dir / f"{job_id}.jsonl"
         if not path.exists():  # a resumed run skips what it finished

@@ -292,11 +292,15 @@ def rates_record(rates: LayerRates) -> ConfigRecord:
     return ConfigRecord({**per_rank, HEAD_RATE_KEY: float(rates.head_snr_db)})
 
 
-def _numbers(value, kind: type) -> list:
-    """A record's list of numbers; anything else (a string reads as a list of its
-    characters) is a ValueError."""
-    if not isinstance(value, list):
-        raise ValueError(f"expected a list of numbers, got {type(value).__name__}")
+def _numbers(value, kind: type[int] | type[float]) -> list:
+    """A record's list of numbers of ``kind`` (ints also where floats belong); anything else
+    (a string, which would read as a list of its characters, strings, booleans, a float
+    where an int belongs) is a ValueError."""
+    allowed = (int,) if kind is int else (int, float)
+    if not isinstance(value, list) or not all(
+        isinstance(x, allowed) and not isinstance(x, bool) for x in value
+    ):
+        raise ValueError(f"expected a list of {kind.__name__}s, got {value!r:.60}")
     return [kind(x) for x in value]
 
 
