@@ -279,6 +279,17 @@ def _policy_job(name: str, snr_db: float, seed: int) -> str:
     return f"policy-{name}-{snr_db:g}dB-s{seed}"
 
 
+def _finished_manifest(source: Path) -> dict:
+    manifest_file = Path(source) / MANIFEST
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{source} is not a finished log (no {MANIFEST})")
+    return json.loads(manifest_file.read_text(encoding="utf-8"))
+
+
+def _differing(theirs: dict, ours: dict) -> list[str]:
+    return sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+
+
 @dataclass
 class _Source:
     """A finished log being extended: its manifest, replicates and rows grouped by job."""
@@ -292,18 +303,16 @@ def _extendable(source: Path, config: SweepConfig, plan: LogPlan) -> _Source:
     """The finished log ``source``, checked to be of ``config`` and of ``plan`` but for fewer
     (or as many) replicates, with its rows grouped into this run's jobs; everything is read
     and checked here, before the run writes anything."""
-    manifest_file = Path(source) / MANIFEST
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{source} is not a finished log (no {MANIFEST})")
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    manifest = _finished_manifest(source)
     # Both read by today's code: settings added since the log was made take their defaults.
     theirs = SweepConfig.model_validate(manifest["config"]).model_dump(
         mode="json", exclude={"out_dir"}
     )
     ours = config.model_dump(mode="json", exclude={"out_dir"})
     if theirs != ours:
-        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
-        raise ValueError(f"{source} was logged with another config (differs in: {differ})")
+        raise ValueError(
+            f"{source} was logged with another config (differs in: {_differing(theirs, ours)})"
+        )
     try:
         their_plan = LogPlan.from_dict(manifest["plan"])
     except TypeError as err:
@@ -313,10 +322,9 @@ def _extendable(source: Path, config: SweepConfig, plan: LogPlan) -> _Source:
         _plan_dict(replace(plan, replicates=1)),
     )
     if theirs != ours:
-        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
         raise ValueError(
-            f"{source} was logged with another plan (differs in: {differ}); only replicates "
-            "can be added"
+            f"{source} was logged with another plan (differs in: {_differing(theirs, ours)}); "
+            "only replicates can be added"
         )
     if their_plan.replicates > plan.replicates:
         raise ValueError(
@@ -372,10 +380,7 @@ def extend_log(
     """The finished log ``source`` with ``replicates`` plays of each design and anchor
     episode, into ``out_dir``: its own config and plan, its episodes kept, only the new
     replicates played (:func:`log_rounds` with ``extend``)."""
-    manifest_file = Path(source) / MANIFEST
-    if not manifest_file.is_file():
-        raise FileNotFoundError(f"{source} is not a finished log (no {MANIFEST})")
-    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    manifest = _finished_manifest(source)
     config = SweepConfig.model_validate(manifest["config"])
     plan = replace(LogPlan.from_dict(manifest["plan"]), replicates=replicates)
     return log_rounds(config, plan, out_dir, on_episode, extend=Path(source))
@@ -438,8 +443,8 @@ def log_rounds(
         revisions.append(revision)
         atomic_write_text(starts, json.dumps(revisions))
 
-    jobs: list[tuple[str, Callable[[], list[LoggedRound]]]] = []
-    covered: list[int] = []  # per job, the replicate it plays (0 for a policy episode)
+    # (name, replicate it plays (0 for a policy episode), play)
+    jobs: list[tuple[str, int, Callable[[], list[LoggedRound]]]] = []
     points = sobol_points(plan.design_episodes * rounds, len(group_names) + 1, plan.seed)
     anchor_snrs = low + (high - low) * sobol_points(2 * rounds, 1, plan.seed + 1)[:, 0]
     design_points = []  # per design episode: each round's group levels and SNR
@@ -467,8 +472,7 @@ def log_rounds(
                     replicate_of=plan.episode_seed(e) if k else None,
                 )
 
-            jobs.append((_design_job(e, k), design))
-            covered.append(k)
+            jobs.append((_design_job(e, k), k, design))
         for a, rank in enumerate((0, plan.r_max)):
             e = plan.design_episodes + a
             snrs = anchor_snrs[a * rounds : (a + 1) * rounds]
@@ -485,8 +489,7 @@ def log_rounds(
                     replicate_of=plan.episode_seed(e) if k else None,
                 )
 
-            jobs.append((_anchor_job(rank, k), anchor))
-            covered.append(k)
+            jobs.append((_anchor_job(rank, k), k, anchor))
     policies = fixed_policies(names, plan.r_max, plan.depth_bands)
     e = plan.design_episodes + 2
     for name, choose in policies.items():
@@ -505,16 +508,13 @@ def log_rounds(
                         policy=name,
                     )
 
-                jobs.append((_policy_job(name, snr, seed), policy))
-                covered.append(0)
+                jobs.append((_policy_job(name, snr, seed), 0, policy))
                 e += 1
 
     if taken is not None:  # the extended log's episodes: every replicate it has
-        kept = [
-            job_id for (job_id, _), k in zip(jobs, covered, strict=True) if k < taken.replicates
-        ]
+        kept = [job_id for job_id, k, _ in jobs if k < taken.replicates]
         _take_over(taken, kept, episodes_dir)
-    for i, (job_id, play) in enumerate(jobs):
+    for i, (job_id, _, play) in enumerate(jobs):
         path = episodes_dir / f"{job_id}.jsonl"
         if not path.exists():  # a resumed run skips what it finished
             rows = play()
@@ -523,7 +523,9 @@ def log_rounds(
             on_episode(job_id, i + 1, len(jobs))
 
     logged = [
-        LoggedRound(**d) for job_id, _ in jobs for d in read_jsonl(episodes_dir / f"{job_id}.jsonl")
+        LoggedRound(**d)
+        for job_id, _, _ in jobs
+        for d in read_jsonl(episodes_dir / f"{job_id}.jsonl")
     ]
     design_rows = [r for r in logged if r.kind != "policy"]
     policy_rows = [r for r in logged if r.kind == "policy"]
