@@ -267,6 +267,8 @@ def test_flower_deployment_with_tls_auth_and_a_killed_edge(tiny_model_dir, tiny_
     assert isinstance(seen["https_status"], int) and "plain_error" in seen, seen
     assert seen["keys"] == ["edge0", "edge1", "edge2"]  # every node registered its own key
     assert len(set(summary["nodes"].values())) == 3
+    # Every edge's warm launcher reported its model ready (the start-up watch saw it).
+    assert deployment.federation.ready == {"edge0", "edge1", "edge2"}
     assert (run_dir / "logs" / "supernode-edge1.log").is_file()
     local, _ = run_in_process(config.model_copy(update={"run_name": "local"}))
     same = ("edge", "round", "rank_vector", "sent_bytes", "edge_accuracy", "edge_erased_params")
@@ -798,6 +800,50 @@ def test_the_loopback_federation_spares_the_cores_it_shares(monkeypatch, tmp_pat
         monkeypatch.setenv(name, value)
     env = LoopbackFederation(["edge0"], tmp_path).env
     assert {k: env[k] for k in mine} == mine
+
+
+def test_an_edge_that_dies_before_its_model_is_ready_stops_the_run_naming_it(
+    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    """A warm launcher that cannot build its edge (here: a bad AIRLORA_EDGE_THREADS, which
+    only the edges read) exits at start-up: the loopback run stops at once with that edge's
+    name and reason (not after the cloud's ``register_timeout_s``, an hour here), and no
+    process of the federation is left, the ServerApp that Flower started in a session of
+    its own included. An edge that was ready and then went
+    down is a fault the run survives: no error."""
+    pytest.importorskip("flwr")
+    from airlora.deploy.launch import DeployError, LoopbackFederation, deploy_loopback
+    from airlora.deploy.warm import READY
+
+    config = _deploy_config(
+        tiny_model_dir, tiny_data_dir, tmp_path, run_name="dead", register_timeout_s=3600
+    )
+    homes: list[str] = []
+    monkeypatch.setenv("AIRLORA_EDGE_THREADS", "two")
+    with pytest.raises(DeployError, match=r"edge edge\d: its warm process exited \(1\)") as err:
+        deploy_loopback(config, timeout_s=600, on_start=lambda f, _out: homes.append(str(f.home)))
+    assert "AIRLORA_EDGE_THREADS must be a whole number >= 1, got 'two'" in str(err.value)
+    left = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"FLWR_HOME={homes[0]}".encode() in environ.read_bytes().split(b"\0"):
+                left.append(environ.parent.name)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    assert not left, f"processes left behind: {left}"
+    assert (tmp_path / "runs" / "dead.logs" / "warm-edge0.log").is_file()
+
+    # Ready (as the launcher logs it), then gone: not a start-up failure.
+    import subprocess
+    import sys
+
+    federation = LoopbackFederation(["edge0"], tmp_path / "f", warm_config=tmp_path / "x.yaml")
+    federation.processes["warm-edge0"] = subprocess.Popen([sys.executable, "-c", "pass"])
+    federation.processes["warm-edge0"].wait()
+    federation.logs["warm-edge0"] = tmp_path / "warm-edge0.log"
+    federation.logs["warm-edge0"].write_text(f"loading\n{READY} edge0\n")
+    federation.check_edges_starting()
+    assert federation.ready == {"edge0"}
 
 
 def test_a_warm_launcher_freezes_its_objects_so_forked_children_do_not_copy_them():

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.resources import files
 from pathlib import Path
 
@@ -106,6 +106,8 @@ class LoopbackFederation:
         self.node_keys: dict[str, Path] = {}
         self.warm_config = warm_config
         self.stopped = False
+        # Edges whose warm launcher has reported its model ready (run_app's start-up watch).
+        self.ready: set[str] = set()
 
     @property
     def env(self) -> dict[str, str]:
@@ -260,24 +262,60 @@ class LoopbackFederation:
         return node
 
     def run_app(self, config_file: Path, out: Path, timeout_s: float, resume: bool = False) -> None:
-        """``flwr run`` the deployment app against this SuperLink; waits for it to end."""
+        """``flwr run`` the deployment app against this SuperLink; waits for it to end.
+
+        An edge whose warm launcher or SuperNode exits before its model is ready (a model
+        or data it cannot load, no memory) stops the run at once with that process's log,
+        instead of the cloud waiting ``register_timeout_s`` for an edge that will never
+        answer. Once ready, an edge that goes down is a fault the run survives (it misses
+        rounds; :meth:`start_edge` brings it back)."""
         log = self.workdir / "flwr-run.log"
         self.logs["flwr-run"] = log
         run_config = f'config="{config_file}" out="{out}" resume={str(resume).lower()}'
+        deadline = time.monotonic() + timeout_s
         with open(log, "ab") as fh:
+            proc = subprocess.Popen(
+                [_tool("flwr"), "run", str(APP_DIR), "loopback", "-c", run_config, "--stream"],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
             try:
-                done = subprocess.run(
-                    [_tool("flwr"), "run", str(APP_DIR), "loopback", "-c", run_config, "--stream"],
-                    stdout=fh,
-                    stderr=subprocess.STDOUT,
-                    env=self.env,
-                    timeout=timeout_s,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired as err:
-                raise DeployError(f"the deployment took longer than {timeout_s:.0f} s") from err
-        if done.returncode != 0:
-            raise DeployError(f"flwr run exited with {done.returncode}: {_tail(log)}")
+                while proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise DeployError(f"the deployment took longer than {timeout_s:.0f} s")
+                    self.check_edges_starting()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=0.5)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if proc.returncode != 0:
+            raise DeployError(f"flwr run exited with {proc.returncode}: {_tail(log)}")
+
+    def check_edges_starting(self) -> None:
+        """Raise :class:`DeployError` for an edge whose warm launcher or SuperNode has exited
+        before the launcher reported its model ready (:data:`~airlora.deploy.warm.READY`)."""
+        if self.warm_config is None:
+            return
+        from airlora.deploy.warm import READY
+
+        for name in self.edges:
+            if name in self.ready:
+                continue
+            log = self.logs.get(f"warm-{name}")
+            if log is not None and log.exists() and READY in log.read_text(errors="replace"):
+                self.ready.add(name)
+                continue
+            for key in (f"warm-{name}", f"supernode-{name}"):
+                proc = self.processes.get(key)
+                if proc is not None and proc.poll() is not None:
+                    raise DeployError(
+                        f"edge {name}: its {key.split('-')[0]} process exited "
+                        f"({proc.returncode}) before its model was ready: "
+                        f"{_tail(self.logs[key])}"
+                    )
 
     def kill_edge(self, name: str) -> None:
         """SIGKILL the SuperNode of edge ``name`` and whatever it started (a crash)."""
@@ -290,12 +328,19 @@ class LoopbackFederation:
             proc.wait()
 
     def stop(self) -> None:
-        """SIGTERM every process group, SIGKILL what is left after 10 s."""
+        """SIGTERM every process group, and every process below them that left its group
+        (the SuperLink's SuperExec runs the ServerApp in a session of its own, and a
+        ServerApp stopped mid-request retries forever once the SuperLink is gone); SIGKILL
+        what is left after 10 s."""
         self.stopped = True
+        strays = _descendants(p.pid for p in self.processes.values() if p.poll() is None)
         for proc in self.processes.values():
             # The group, even when its leader has exited: its children may not have.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGTERM)
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for proc in self.processes.values():
             try:
@@ -304,6 +349,43 @@ class LoopbackFederation:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        while strays and time.monotonic() < deadline:
+            strays = [pid for pid in strays if _alive(pid)]
+            time.sleep(0.1)
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(roots: Iterable[int]) -> list[int]:
+    """Every process below ``roots`` now (``ps``'s parent links)."""
+    table = subprocess.run(
+        ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=False
+    )
+    children: dict[int, list[int]] = {}
+    for line in table.stdout.splitlines():
+        pid, ppid = (int(v) for v in line.split())
+        children.setdefault(ppid, []).append(pid)
+    found: list[int] = []
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    # A zombie (exited, not yet reaped by its parent) is gone for our purpose.
+    return not (stat.exists() and stat.read_text().split(") ", 1)[-1].startswith("Z"))
 
 
 def _exit_on_sigterm(signum: int, _frame) -> None:

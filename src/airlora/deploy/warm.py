@@ -33,6 +33,10 @@ from pathlib import Path
 
 log = logging.getLogger("airlora.deploy")
 
+# Printed once the edge's model and rows are built: the loopback launcher
+# (:meth:`~airlora.deploy.launch.LoopbackFederation.check_edges_starting`) reads it in the log.
+READY = "airlora-warm-edge-ready"
+
 
 class ForkExecutor:
     """A Flower SuperExec executor that forks ClientApp tasks from this (warm) process and
@@ -117,6 +121,18 @@ def _run_forked_clientapp(spec) -> int:
         sys.stderr.flush()
 
 
+def edge_threads() -> int:
+    """Torch threads of each ClientApp, from ``AIRLORA_EDGE_THREADS`` (default 1)."""
+    text = os.environ.get("AIRLORA_EDGE_THREADS", "1")
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SystemExit(f"AIRLORA_EDGE_THREADS must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def warm_up(config_path: Path | None, edge: str | None) -> None:
     """Import the app and, given the deployment and the edge's name, build that edge's model
     and rows now (:func:`airlora.deploy.flower_app.edge_device`), so that every forked task
@@ -137,7 +153,7 @@ def warm_up(config_path: Path | None, edge: str | None) -> None:
 
     # Several edges' tasks may run at once on one machine; forked children each get their
     # own thread pool of this size.
-    torch.set_num_threads(max(1, int(os.environ.get("AIRLORA_EDGE_THREADS", "1"))))
+    torch.set_num_threads(edge_threads())
     if config_path is not None:
         if edge is None:
             raise ValueError("--config needs --edge (the name of this node's edge)")
@@ -196,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edge", help="this node's edge name (with --config)")
     args = parser.parse_args(argv)
     warm_up(args.config, args.edge)
+    print(f"{READY} {args.edge or ''}".rstrip(), flush=True)
     serve(args.runtime_api_address, args.insecure, args.root_certificates, args.parent_pid)
 
 
