@@ -808,20 +808,20 @@ def test_an_edge_that_dies_before_its_model_is_ready_stops_the_run_naming_it(
     """A warm launcher that cannot build its edge (here: a bad AIRLORA_EDGE_THREADS, which
     only the edges read) exits at start-up: the loopback run stops at once with that edge's
     name and reason (not after the cloud's ``register_timeout_s``, an hour here), and no
-    process of the federation is left, the ServerApp that Flower started in a session of
-    its own included. An edge that was ready and then went
-    down is a fault the run survives: no error."""
+    process of the federation is left."""
     pytest.importorskip("flwr")
-    from airlora.deploy.launch import DeployError, LoopbackFederation, deploy_loopback
-    from airlora.deploy.warm import READY
+    from airlora.deploy.launch import DeployError, deploy_loopback
 
     config = _deploy_config(
         tiny_model_dir, tiny_data_dir, tmp_path, run_name="dead", register_timeout_s=3600
     )
     homes: list[str] = []
     monkeypatch.setenv("AIRLORA_EDGE_THREADS", "two")
-    with pytest.raises(DeployError, match=r"edge edge\d: its warm process exited \(1\)") as err:
-        deploy_loopback(config, timeout_s=600, on_start=lambda f, _out: homes.append(str(f.home)))
+    launcher = (
+        r"edge edge\d: its warm launcher \(python -m airlora.deploy.warm\) exited with status 1"
+    )
+    with pytest.raises(DeployError, match=launcher) as err:
+        deploy_loopback(config, timeout_s=180, on_start=lambda f, _out: homes.append(str(f.home)))
     assert "AIRLORA_EDGE_THREADS must be a whole number >= 1, got 'two'" in str(err.value)
     left = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
@@ -833,17 +833,54 @@ def test_an_edge_that_dies_before_its_model_is_ready_stops_the_run_naming_it(
     assert not left, f"processes left behind: {left}"
     assert (tmp_path / "runs" / "dead.logs" / "warm-edge0.log").is_file()
 
-    # Ready (as the launcher logs it), then gone: not a start-up failure.
-    import subprocess
-    import sys
 
-    federation = LoopbackFederation(["edge0"], tmp_path / "f", warm_config=tmp_path / "x.yaml")
-    federation.processes["warm-edge0"] = subprocess.Popen([sys.executable, "-c", "pass"])
+def test_the_start_up_watch_and_stop_reach_every_process_of_a_loopback_federation(tmp_path):
+    """The start-up watch: an edge ready and then gone, or killed on purpose, is a fault the
+    run survives; an edge whose SuperNode dies before its model is ready is named with its
+    exit status and log. ``stop`` ends every process of the federation: one that started a
+    session of its own (as Flower's SuperExec starts the ServerApp) and one whose parent
+    had already exited."""
+    import sys
+    import time
+
+    from airlora.deploy.launch import DeployError, LoopbackFederation, _alive
+    from airlora.deploy.warm import READY
+
+    federation = LoopbackFederation(
+        ["edge0", "edge1", "edge2"], tmp_path, warm_config=tmp_path / "deploy.yaml"
+    )
+    python = sys.executable
+    federation._start("warm-edge0", [python, "-c", f"print('loading'); print('{READY} edge0')"])
     federation.processes["warm-edge0"].wait()
-    federation.logs["warm-edge0"] = tmp_path / "warm-edge0.log"
-    federation.logs["warm-edge0"].write_text(f"loading\n{READY} edge0\n")
-    federation.check_edges_starting()
-    assert federation.ready == {"edge0"}
+    federation._start("warm-edge1", [python, "-c", "import time; time.sleep(60)"])
+    federation.kill_edge("edge1")
+    dead = "import sys; print('cannot reach the SuperLink'); sys.exit(3)"
+    federation._start("supernode-edge2", [python, "-c", dead])
+    federation.processes["supernode-edge2"].wait()
+    with pytest.raises(DeployError, match="edge edge2: its SuperNode exited with status 3") as err:
+        federation.check_edges_starting()
+    assert "cannot reach the SuperLink" in str(err.value)
+    assert federation.ready == {"edge0"} and federation.down == {"edge1"}
+
+    spawn = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+        "start_new_session=True); print('pid', p.pid, flush=True)"
+    )
+    federation._start("server", [python, "-c", spawn + "; time.sleep(300)"])
+    federation._start("orphaning", [python, "-c", spawn])
+    pids = {}
+    deadline = time.monotonic() + 60
+    while len(pids) < 2 and time.monotonic() < deadline:
+        for key in ("server", "orphaning"):
+            words = federation.logs[key].read_text().split()
+            if "pid" in words:
+                pids[key] = int(words[words.index("pid") + 1])
+        time.sleep(0.05)
+    federation.processes["orphaning"].wait()
+    assert all(_alive(pid) for pid in pids.values()) and len(pids) == 2
+    federation.stop()
+    assert not [key for key, pid in pids.items() if _alive(pid)]
 
 
 def test_a_warm_launcher_freezes_its_objects_so_forked_children_do_not_copy_them():

@@ -7,8 +7,9 @@ run_in_process`), the same config: the same cloud training, payloads, channels a
 no network. Both time the deployment loop only (``summary.wall_time_s``: from the first
 round's batches to the last round's replies), not the start of processes or the models' load;
 the wall time of the whole Flower run, start-up included, is in the details. Every run must
-produce the same per-edge rows (the bench stops with an error otherwise; ``details.
-rows_compared``: the rows each run matched): a speed-up that changes the results is not one.
+produce the same per-edge rows (the bench stops with an error otherwise;
+``details.rows_compared``: the rows each run matched): a speed-up that changes the results
+is not one.
 ``--repeats N`` (the command's default 3, the function's 1) runs N pairs in alternating order
 and reports the medians: on the 2-core development machine one pair's ratio moved between
 0.70 and 0.99 from run to run, with the same code, and a 3-pair median between 0.76 and 1.03
@@ -149,7 +150,7 @@ def bench_deploy(
             "project_round_medians": project_medians,
             "peer_round_medians": peer_medians,
             # Every run's rows matched the first run's (else the bench stopped, above).
-            "rows_compared": len(reference or []),
+            "rows_compared": len(reference) if reference is not None else 0,
             "fields_compared": list(COMPARED),
             "peer_description": "the same deployment loop with the edges in this process",
         },

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from airlora.config import DeployConfig, dump_config
 from airlora.deploy.security import Certificates, make_certificates, make_node_key
+from airlora.deploy.warm import READY
 from airlora.runs import MANIFEST_FILE
 
 APP_DIR = Path(str(files("airlora.deploy") / "app"))
@@ -106,8 +107,12 @@ class LoopbackFederation:
         self.node_keys: dict[str, Path] = {}
         self.warm_config = warm_config
         self.stopped = False
-        # Edges whose warm launcher has reported its model ready (run_app's start-up watch).
+        # run_app's start-up watch: edges whose warm launcher reported its model ready since
+        # it was last started (its log read from where that start began), and edges brought
+        # down on purpose (kill_edge) and not started again.
         self.ready: set[str] = set()
+        self.down: set[str] = set()
+        self._log_start: dict[str, int] = {}
 
     @property
     def env(self) -> dict[str, str]:
@@ -210,6 +215,10 @@ class LoopbackFederation:
         replaced device would come back)."""
         if self.stopped:
             raise DeployError("the federation has stopped")
+        self.ready.discard(name)
+        self.down.discard(name)
+        log = self.workdir / f"warm-{name}.log"
+        self._log_start[name] = log.stat().st_size if log.exists() else 0
         security = ["--insecure"]
         if self.certificates is not None:
             security = ["--root-certificates", str(self.certificates.ca_cert)]
@@ -295,30 +304,42 @@ class LoopbackFederation:
             raise DeployError(f"flwr run exited with {proc.returncode}: {_tail(log)}")
 
     def check_edges_starting(self) -> None:
-        """Raise :class:`DeployError` for an edge whose warm launcher or SuperNode has exited
-        before the launcher reported its model ready (:data:`~airlora.deploy.warm.READY`)."""
+        """Raise :class:`DeployError` for a warm edge whose launcher or SuperNode has exited
+        before the launcher reported its model ready (:data:`~airlora.deploy.warm.READY`)
+        since it was last started; an edge stopped by :meth:`kill_edge` is not watched."""
         if self.warm_config is None:
             return
-        from airlora.deploy.warm import READY
-
         for name in self.edges:
-            if name in self.ready:
+            if name in self.ready or name in self.down:
                 continue
             log = self.logs.get(f"warm-{name}")
-            if log is not None and log.exists() and READY in log.read_text(errors="replace"):
-                self.ready.add(name)
-                continue
-            for key in (f"warm-{name}", f"supernode-{name}"):
+            if log is not None and log.exists():
+                with open(log, "rb") as fh:
+                    fh.seek(self._log_start.get(name, 0))
+                    if READY.encode() in fh.read():
+                        self.ready.add(name)
+                        continue
+            for key, what in (
+                (f"warm-{name}", "warm launcher (python -m airlora.deploy.warm)"),
+                (f"supernode-{name}", "SuperNode"),
+            ):
                 proc = self.processes.get(key)
                 if proc is not None and proc.poll() is not None:
+                    code = proc.returncode
+                    how = (
+                        f"was killed by {signal.Signals(-code).name}"
+                        if code < 0
+                        else f"exited with status {code}"
+                    )
                     raise DeployError(
-                        f"edge {name}: its {key.split('-')[0]} process exited "
-                        f"({proc.returncode}) before its model was ready: "
+                        f"edge {name}: its {what} {how} before its model was ready "
+                        f"(its whole log is kept with the run's logs as {key}.log): "
                         f"{_tail(self.logs[key])}"
                     )
 
     def kill_edge(self, name: str) -> None:
         """SIGKILL the SuperNode of edge ``name`` and whatever it started (a crash)."""
+        self.down.add(name)
         for key in (f"supernode-{name}", f"warm-{name}"):
             proc = self.processes.get(key)
             if proc is None:
@@ -328,12 +349,13 @@ class LoopbackFederation:
             proc.wait()
 
     def stop(self) -> None:
-        """SIGTERM every process group, and every process below them that left its group
-        (the SuperLink's SuperExec runs the ServerApp in a session of its own, and a
-        ServerApp stopped mid-request retries forever once the SuperLink is gone); SIGKILL
-        what is left after 10 s."""
+        """SIGTERM every process group, and every process of this federation that left its
+        group (the SuperLink's SuperExec runs the ServerApp in a session of its own, and a
+        ServerApp stopped mid-request retries for as long as it lives); SIGKILL what is left
+        after 10 s."""
         self.stopped = True
-        strays = _descendants(p.pid for p in self.processes.values() if p.poll() is None)
+        live = [p.pid for p in self.processes.values() if p.poll() is None]
+        strays = _federation_processes(self.home, live)
         for proc in self.processes.values():
             # The group, even when its leader has exited: its children may not have.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -349,25 +371,47 @@ class LoopbackFederation:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        while strays and time.monotonic() < deadline:
+        while True:
+            # Checked again right before any SIGKILL: a pid that exited may be reused.
             strays = [pid for pid in strays if _alive(pid)]
+            if not strays or time.monotonic() > deadline:
+                break
             time.sleep(0.1)
         for pid in strays:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        settle = time.monotonic() + 5
+        while any(_alive(pid) for pid in strays) and time.monotonic() < settle:
+            time.sleep(0.05)
 
 
-def _descendants(roots: Iterable[int]) -> list[int]:
-    """Every process below ``roots`` now (``ps``'s parent links)."""
-    table = subprocess.run(
-        ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=False
-    )
-    children: dict[int, list[int]] = {}
-    for line in table.stdout.splitlines():
-        pid, ppid = (int(v) for v in line.split())
-        children.setdefault(ppid, []).append(pid)
-    found: list[int] = []
-    stack = list(roots)
+def _federation_processes(home: Path, roots: Iterable[int]) -> list[int]:
+    """The processes of the federation whose Flower home is ``home``: on Linux, every
+    process whose environment names it (the federation's processes and all they started,
+    wherever they were re-parented); elsewhere, the processes below ``roots`` now (``ps``).
+    Empty when neither can be read: ``stop`` then signals the process groups only."""
+    marker = f"FLWR_HOME={home}".encode()
+    proc = Path("/proc")
+    if proc.is_dir():
+        found = []
+        for environ in proc.glob("[0-9]*/environ"):
+            try:
+                if marker in environ.read_bytes().split(b"\0"):
+                    found.append(int(environ.parent.name))
+            except (OSError, ValueError):  # gone meanwhile, or not ours to read
+                continue
+        return [pid for pid in found if pid != os.getpid()]
+    try:
+        table = subprocess.run(
+            ["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, check=True
+        )
+        children: dict[int, list[int]] = {}
+        for line in table.stdout.splitlines():
+            pid, ppid = (int(v) for v in line.split())
+            children.setdefault(ppid, []).append(pid)
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return []
+    found, stack = [], list(roots)
     while stack:
         for child in children.get(stack.pop(), []):
             found.append(child)
@@ -384,8 +428,13 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     stat = Path(f"/proc/{pid}/stat")
-    # A zombie (exited, not yet reaped by its parent) is gone for our purpose.
-    return not (stat.exists() and stat.read_text().split(") ", 1)[-1].startswith("Z"))
+    if not Path("/proc").is_dir():
+        return True  # no process table to read a zombie's state from: it exists
+    try:
+        state = stat.read_text().rpartition(")")[2].split()
+    except OSError:  # it exited between the two looks
+        return False
+    return not (state and state[0] == "Z")
 
 
 def _exit_on_sigterm(signum: int, _frame) -> None:
