@@ -215,10 +215,8 @@ class LoopbackFederation:
         replaced device would come back)."""
         if self.stopped:
             raise DeployError("the federation has stopped")
-        self.ready.discard(name)
-        self.down.discard(name)
         log = self.workdir / f"warm-{name}.log"
-        self._log_start[name] = log.stat().st_size if log.exists() else 0
+        log_start = log.stat().st_size if log.exists() else 0
         security = ["--insecure"]
         if self.certificates is not None:
             security = ["--root-certificates", str(self.certificates.ca_cert)]
@@ -268,6 +266,11 @@ class LoopbackFederation:
                     name,
                 ],
             )
+        # Watched again from here, once its new processes exist (until then the old, killed
+        # ones would read as an edge that died starting up).
+        self._log_start[name] = log_start
+        self.ready.discard(name)
+        self.down.discard(name)
         return node
 
     def run_app(self, config_file: Path, out: Path, timeout_s: float, resume: bool = False) -> None:
