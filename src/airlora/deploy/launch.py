@@ -329,11 +329,10 @@ class LoopbackFederation:
                 proc = self.processes.get(key)
                 if proc is not None and proc.poll() is not None:
                     code = proc.returncode
-                    how = (
-                        f"was killed by {signal.Signals(-code).name}"
-                        if code < 0
-                        else f"exited with status {code}"
-                    )
+                    how = f"exited with status {code}"
+                    if code < 0:
+                        with contextlib.suppress(ValueError):
+                            how = f"was killed by {signal.Signals(-code).name}"
                     raise DeployError(
                         f"edge {name}: its {what} {how} before its model was ready "
                         f"(its whole log is kept with the run's logs as {key}.log): "
