@@ -7,7 +7,8 @@ Python's default pickling calls ``cls(*args)``, which breaks for any ``__init__`
 more than the message (``DataError(path, problem, row)`` did); ``__reduce__`` below rebuilds
 an error from its message and attributes instead, whatever its constructor looks like.
 
-The command line prints ``error: <message>`` and exits with status 2 for all of them.
+The command line prints ``error: <message>`` and exits with status 2 for all of them, and
+with status 1 for a :class:`DeployError` (a run that failed, not bad input).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class AirLoraError(ValueError):
 
     def __reduce__(self) -> tuple:
         return (_rebuild, (type(self), str(self), dict(self.__dict__)))
+
+
+class DeployError(RuntimeError):
+    """A deployment that did not finish or could not start; the message names the process
+    and quotes its log's tail."""
 
 
 class ConfigError(AirLoraError):

@@ -114,6 +114,7 @@ def bench_deploy(
                         "comparison of the same work"
                     )
                 runs.append(run)
+        assert reference is not None  # repeats >= 1: at least one run
         first_project = next(r for r in runs if r["side"] == "project")
         first_peer = next(r for r in runs if r["side"] == "peer")
         project_medians = _round_medians(_rows(first_project["dir"]))
@@ -150,7 +151,7 @@ def bench_deploy(
             "project_round_medians": project_medians,
             "peer_round_medians": peer_medians,
             # Every run's rows matched the first run's (else the bench stopped, above).
-            "rows_compared": len(reference) if reference is not None else 0,
+            "rows_compared": len(reference),
             "fields_compared": list(COMPARED),
             "peer_description": "the same deployment loop with the edges in this process",
         },

@@ -13,7 +13,6 @@ from airlora.cli.common import (
     config_mapping,
     console,
     err_console,
-    fail,
     key_value_table,
     overrides,
     print_bench,
@@ -165,18 +164,13 @@ def bench_deploy(
         given = {"rounds": rounds, "steps_per_round": steps_per_round, "model": model}
         mapping = edges_mapping(config_mapping(config_file, given), edges, edge_snr_db)
         config = DeployConfig.model_validate(mapping)
-        from airlora.deploy.launch import DeployError
-
         with err_console.status("benchmarking the deployment") as status:
-            try:
-                result = run(
-                    config,
-                    warm=not cold,
-                    progress=lambda m: status.update(f"benchmarking the deployment: {m}"),
-                    repeats=repeats,
-                )
-            except DeployError as err:  # a Flower run failed: its message names what
-                raise fail(str(err), code=1) from err
+            result = run(
+                config,
+                warm=not cold,
+                progress=lambda m: status.update(f"benchmarking the deployment: {m}"),
+                repeats=repeats,
+            )
     print_bench(result, as_json)
 
 

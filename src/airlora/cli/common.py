@@ -20,7 +20,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from airlora.config import DATA_DIR_ENV, apply_overrides, read_yaml_mapping
-from airlora.errors import config_error, os_error_message
+from airlora.errors import DeployError, config_error, os_error_message
 
 console = Console()
 if not console.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
@@ -37,9 +37,12 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Bad input of any kind (a setting, a file, a data row, a model folder, a failed sweep
-    cell, a full disk) becomes ``error: <message>`` on stderr and exit status 2."""
+    cell, a full disk) becomes ``error: <message>`` on stderr and exit status 2; a deployment
+    that failed (its logs are kept), the same with exit status 1."""
     try:
         yield
+    except DeployError as err:
+        raise fail(str(err), code=1) from err
     except ValidationError as err:  # before ValueError: pydantic's is one too
         raise fail(str(config_error(err))) from err
     except ValueError as err:  # AirLoraError and its kinds (DataError, CellError, ...)

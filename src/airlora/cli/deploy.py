@@ -22,7 +22,6 @@ from airlora.cli.common import (
     StepsOption,
     config_mapping,
     console,
-    fail,
     key_value_table,
     num,
     print_json,
@@ -199,21 +198,18 @@ def deploy(
             else:
                 import json
 
-                from airlora.deploy.launch import DeployError, deploy_loopback
+                from airlora.deploy.launch import deploy_loopback
                 from airlora.runs import MANIFEST_FILE
 
-                try:
-                    run_dir = deploy_loopback(
-                        config,
-                        timeout,
-                        on_start=_follow(show, len(config.edges)),
-                        tls=tls,
-                        authenticate=authenticate,
-                        warm=not cold,
-                        resume=resume,
-                    )
-                except DeployError as err:  # the run failed (its logs are kept): not bad input
-                    raise fail(str(err), code=1) from err
+                run_dir = deploy_loopback(
+                    config,
+                    timeout,
+                    on_start=_follow(show, len(config.edges)),
+                    tls=tls,
+                    authenticate=authenticate,
+                    warm=not cold,
+                    resume=resume,
+                )
                 summary = json.loads((run_dir / MANIFEST_FILE).read_text())["summary"]
     if as_json:
         print_json({**summary, "run_dir": str(run_dir)})

@@ -26,13 +26,10 @@ from pathlib import Path
 from airlora.config import DeployConfig, dump_config
 from airlora.deploy.security import Certificates, make_certificates, make_node_key
 from airlora.deploy.warm import READY
+from airlora.errors import DeployError
 from airlora.runs import MANIFEST_FILE
 
 APP_DIR = Path(str(files("airlora.deploy") / "app"))
-
-
-class DeployError(RuntimeError):
-    """The deployment did not finish; the message names the process and its log's tail."""
 
 
 def free_port() -> int:
@@ -147,8 +144,11 @@ class LoopbackFederation:
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
 
+    def _log(self, key: str) -> Path:
+        return self.workdir / f"{key}.log"
+
     def _start(self, key: str, command: list[str]) -> subprocess.Popen:
-        log = self.workdir / f"{key}.log"
+        log = self._log(key)
         self.logs[key] = log
         with open(log, "ab") as fh:
             proc = subprocess.Popen(
@@ -215,7 +215,7 @@ class LoopbackFederation:
         replaced device would come back)."""
         if self.stopped:
             raise DeployError("the federation has stopped")
-        log = self.workdir / f"warm-{name}.log"
+        log = self._log(f"warm-{name}")
         log_start = log.stat().st_size if log.exists() else 0
         security = ["--insecure"]
         if self.certificates is not None:
@@ -429,11 +429,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    stat = Path(f"/proc/{pid}/stat")
     if not Path("/proc").is_dir():
         return True  # no process table to read a zombie's state from: it exists
     try:
-        state = stat.read_text().rpartition(")")[2].split()
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:  # it exited between the two looks
         return False
     return not (state and state[0] == "Z")
